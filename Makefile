@@ -1,0 +1,25 @@
+# The two commands of README: `make demo` (the main job) and `make test`. Each builds .venv if needed.
+PY := .venv/bin/python
+
+.PHONY: venv test test-core demo bench lint clean
+
+venv:
+	@bash dev/setup_venv.sh
+
+test: venv
+	$(PY) -m pytest -q tests
+
+test-core: venv
+	$(PY) -m pytest -q tests/core
+
+demo: venv
+	$(PY) -m dev.demo
+
+bench: venv
+	$(PY) -m bench.run
+
+lint: venv
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf .venv .cache demo_output

@@ -1,0 +1,106 @@
+"""The self-perceptual objective (Lin & Yang 2024, Algorithm 1), in sigma space for any parameterization.
+
+Given clean latents x0, noise eps, an online noise level sigma and an independent level sigma':
+
+    x_t      = a(sigma) x0 + b(sigma) eps                      (forward process, host's noise_scaling)
+    x0_hat   = online model's clean-image estimate at (x_t, sigma)
+    eps_hat  = (x_t - a(sigma) x0_hat) / b(sigma)               (the noise the prediction implies)
+    x_t'     = a(sigma') x0     + b(sigma') eps                 (target: the real pair, no gradient)
+    x_hat_t' = a(sigma') x0_hat + b(sigma') eps_hat             (prediction: re-noised with eps_hat, not eps)
+    L_sp     = D( f*(x_t', sigma'), f*(x_hat_t', sigma') )      (f*: frozen network up to the tapped layer)
+    L        = L_sp + mse_weight * mean((x0_hat - x0)^2)
+
+D is the mean squared (or absolute) difference per sample, optionally divided by the mean square of the
+target features (scale-free, which keeps transformer features with large norms stable).
+Gradients reach the online model only through x0_hat and eps_hat; f*'s weights are never trained.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .schedule import NoiseScaling, noise_coefficients, split_prediction
+
+DISTANCES = ("mse", "mae")
+
+
+@dataclass
+class LossParts:
+    loss: Tensor          # what to backpropagate
+    perceptual: Tensor    # L_sp, detached
+    mse: Tensor           # x0-space MSE of the online prediction, detached (logged even when its weight is 0)
+
+
+def feature_distance(pred: Tensor, target: Tensor, distance: str = "mse", normalize: bool = False) -> Tensor:
+    """Per-sample distance between feature maps, shape (B,).
+
+    mse: mean((pred - target)^2); mae: mean(|pred - target|). With ``normalize`` the result is divided by
+    mean(target^2) of that sample (detached).
+    """
+    diff = (pred - target).float()
+    if distance == "mse":
+        d = diff.square()
+    elif distance == "mae":
+        d = diff.abs()
+    else:
+        raise ValueError(f"unknown distance {distance!r}; choose one of {DISTANCES}")
+    d = d.flatten(1).mean(1)
+    if normalize:
+        d = d / target.detach().float().square().flatten(1).mean(1).clamp_min(1e-8)
+    return d
+
+
+def self_perceptual_loss(
+    predict_x0: Callable[[Tensor, Tensor], Tensor],
+    frozen_features: Callable[[Tensor, Tensor], Tensor],
+    noise_scaling: NoiseScaling,
+    x0: Tensor,
+    eps: Tensor,
+    sigma: Tensor,
+    sigma_prime: Tensor,
+    distance: str = "mse",
+    normalize: bool = False,
+    mse_weight: float = 0.0,
+    batched_frozen: bool = False,
+) -> LossParts:
+    """Self-perceptual loss for one batch (module docstring states the maths).
+
+    Args:
+        predict_x0: online model (adapter on), (x_t, sigma) -> x0_hat. The host converts the raw output
+            (eps, v or flow velocity) with its own denoising formula.
+        frozen_features: frozen model (adapter off), (x, sigma) -> features at the tapped layer. It must run
+            with the adapter switched off and should stop at the layer (FeatureTap). It may receive a batch of
+            2B when ``batched_frozen``.
+        noise_scaling: the forward process, (sigma, eps, x0) -> x_t.
+        x0, eps: clean latents and noise, (B, C, ...).
+        sigma, sigma_prime: noise levels for the online and the perceptual pass, (B,).
+        distance: "mse" or "mae"; normalize: divide by the target features' mean square.
+        mse_weight: weight of the ordinary x0-space MSE term (0 = pure self-perceptual, as in the paper).
+        batched_frozen: run target and prediction through f* as one batch of 2B. Off (default) runs the
+            target under no_grad, which records no graph for it.
+    """
+    x_t = noise_scaling(sigma, eps, x0)
+    x0_hat = predict_x0(x_t, sigma)
+    eps_hat = split_prediction(x_t, sigma, x0_hat, noise_scaling)
+
+    a_p, b_p = noise_coefficients(noise_scaling, sigma_prime, x0)
+    x_hat_tp = a_p * x0_hat + b_p * eps_hat
+    with torch.no_grad():
+        x_tp = a_p * x0 + b_p * eps
+
+    if batched_frozen:
+        feats = frozen_features(torch.cat([x_tp, x_hat_tp]), torch.cat([sigma_prime, sigma_prime]))
+        f_target, f_pred = feats.chunk(2)
+        f_target = f_target.detach()
+    else:
+        with torch.no_grad():
+            f_target = frozen_features(x_tp, sigma_prime)
+        f_pred = frozen_features(x_hat_tp, sigma_prime)
+
+    perceptual = feature_distance(f_pred, f_target, distance, normalize).mean()
+    mse = (x0_hat.float() - x0.float()).square().mean()
+    loss = perceptual + mse_weight * mse if mse_weight else perceptual
+    return LossParts(loss=loss, perceptual=perceptual.detach(), mse=mse.detach())
