@@ -1,0 +1,116 @@
+"""Self-Perceptual Sampler: sample the fine-tuned model the way the paper evaluates it (no CFG by default),
+optionally beside the base model from identical noise."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+from comfy_api.latest import io, ui
+from comfy_extras.nodes_model_advanced import RescaleCFG
+
+from .preview import unconditional
+
+
+def latent_to_rgb(model, samples: torch.Tensor) -> torch.Tensor:
+    """A rough RGB view of latents with the model's own latent->RGB factors (used when no VAE is given)."""
+    fmt = model.model.latent_format
+    factors = torch.tensor(fmt.latent_rgb_factors, dtype=torch.float32)  # (C, 3)
+    rgb = torch.einsum("bchw,cr->bhwr", fmt.process_out(samples.float()), factors)
+    if getattr(fmt, "latent_rgb_factors_bias", None) is not None:
+        rgb = rgb + torch.tensor(fmt.latent_rgb_factors_bias)
+    return ((rgb + 1) / 2).clamp(0, 1)
+
+
+def labelled_grid(columns: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+    """Side-by-side columns (each a (B, H, W, 3) batch, stacked vertically) with a label above each."""
+    font = ImageFont.load_default()
+    pad = 18
+    cols = []
+    for label, imgs in columns:
+        arr = (imgs.float().cpu().numpy() * 255).round().astype(np.uint8)
+        col = np.concatenate(list(arr), axis=0)
+        canvas = Image.new("RGB", (col.shape[1], col.shape[0] + pad), "white")
+        canvas.paste(Image.fromarray(col), (0, pad))
+        ImageDraw.Draw(canvas).text((4, 3), label, fill="black", font=font)
+        cols.append(np.asarray(canvas))
+    gap = np.full((cols[0].shape[0], 4, 3), 255, np.uint8)
+    out = cols[0]
+    for c in cols[1:]:
+        out = np.concatenate([out, gap, c], axis=1)
+    return torch.from_numpy(out.astype(np.float32) / 255.0)[None]
+
+
+def sample_model(model, latent: dict, noise, seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                 denoise, rescale):
+    if rescale > 0:
+        model = RescaleCFG().patch(model, rescale)[0]
+    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    callback = latent_preview.prepare_callback(model, steps)
+    return comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+                               denoise=denoise, noise_mask=latent.get("noise_mask"), callback=callback,
+                               disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+
+
+class SelfPerceptualSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SelfPerceptualSampler",
+            display_name="Self-Perceptual Sampler (A/B, no CFG)",
+            category="selfperc/sampling",
+            description="Samples a model without guidance by default (as the paper evaluates), optionally beside "
+                        "a base model from identical noise.",
+            inputs=[
+                io.Model.Input("model", tooltip="The fine-tuned model (e.g. the fine-tune node's output)."),
+                io.Latent.Input("latent", tooltip="An empty latent, or an encoded image with denoise < 1."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Noise seed; both models get the same noise."),
+                io.Int.Input("steps", default=30, min=1, max=10000, tooltip="Sampling steps."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
+                               tooltip="ComfyUI sampler."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal",
+                               tooltip="ComfyUI scheduler."),
+                io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance; 1.0 = none (the paper's setting for its model)."),
+                io.Float.Input("cfg_rescale", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="CFG rescale (the paper's MSE baseline: cfg 7.5, rescale 0.7)."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Below 1: SDEdit-style img2img from the input latent."),
+                io.Model.Input("base_model", optional=True,
+                               tooltip="The model before fine-tuning, for an A/B comparison."),
+                io.Conditioning.Input("positive", optional=True, tooltip="Prompt; none = unconditional."),
+                io.Conditioning.Input("negative", optional=True,
+                                      tooltip="Negative prompt (only used with cfg > 1); none = unconditional."),
+                io.Vae.Input("vae", optional=True, tooltip="Decodes the samples for the grid (else a rough "
+                                                           "latent preview)."),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="latent", tooltip="The fine-tuned model's samples."),
+                io.Image.Output(display_name="grid", tooltip="Labelled grid: base | fine-tuned (or just the "
+                                                              "samples)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, latent, seed, steps, sampler_name, scheduler, cfg, cfg_rescale, denoise,
+                base_model=None, positive=None, negative=None, vae=None):
+        positive = positive if positive is not None else unconditional(model, None)
+        negative = negative if negative is not None else unconditional(model, None)
+        noise = comfy.sample.prepare_noise(latent["samples"], seed, latent.get("batch_index"))
+        args = (noise, seed, steps, cfg, sampler_name, scheduler, positive, negative, denoise, cfg_rescale)
+        tuned = sample_model(model, latent, *args)
+        decode = (lambda s: vae.decode(s)[..., :3]) if vae is not None else (lambda s: latent_to_rgb(model, s))
+        columns = []
+        if base_model is not None:
+            base = sample_model(base_model, latent, *args)
+            columns.append(("base", decode(base)))
+        columns.append(("fine-tuned" if base_model is not None else "sample", decode(tuned)))
+        grid = labelled_grid(columns)
+        out = latent.copy()
+        out["samples"] = tuned
+        return io.NodeOutput(out, grid, ui=ui.PreviewImage(grid, cls=cls))

@@ -1,0 +1,143 @@
+"""A training folder of images with optional captions, read defensively.
+
+Policy (stated in the node's help page): files that cannot be used are skipped with a reason and counted;
+the run fails, naming the folder and the reasons, when no usable image remains. Folder symlinks are not
+followed (no loops, no escapes). Images are turned upright from EXIF, converted to RGB (transparency onto
+white, 16-bit scaled to 8-bit, CMYK/palette converted) and downscaled while decoding when very large.
+A caption is ``name.txt`` beside ``name.ext``; it must be UTF-8.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+MIN_SIDE = 8
+# Larger images are reduced while decoding (JPEG draft) or right after; beyond MAX_PIXELS they are refused
+# rather than decoded, since a single decompression bomb could exhaust the server's memory.
+MAX_PIXELS = 300_000_000
+RESIZE_MODES = ("center_crop", "buckets")
+
+
+class DatasetError(ValueError):
+    """The folder gives no usable training data; the message names the folder and why."""
+
+
+@dataclass
+class Skipped:
+    path: Path
+    reason: str
+
+
+@dataclass
+class Dataset:
+    images: list[torch.Tensor] = field(default_factory=list)   # (H, W, 3) float in [0, 1]
+    captions: list[str | None] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+def scan_folder(folder: Path) -> tuple[list[Path], list[Skipped]]:
+    """Image files under ``folder`` (recursive, sorted, folder symlinks not followed)."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise DatasetError(f"dataset folder not found: {folder}")
+    if not folder.is_dir():
+        raise DatasetError(f"dataset path is not a folder: {folder}")
+    found, skipped = [], []
+    for root, dirs, files in os.walk(folder, followlinks=False, onerror=lambda e: skipped.append(
+            Skipped(Path(e.filename or folder), f"cannot list folder: {e.strerror}"))):
+        dirs.sort()
+        for d in list(dirs):
+            if os.path.islink(os.path.join(root, d)):
+                skipped.append(Skipped(Path(root, d), "folder symlink not followed"))
+                dirs.remove(d)
+        for f in sorted(files):
+            if f.lower().endswith(IMAGE_EXTS):
+                found.append(Path(root, f))
+    return found, skipped
+
+
+def open_image(path: Path, max_side: int) -> Image.Image:
+    """Decode to an upright RGB image no larger than ``max_side`` on its long side."""
+    with Image.open(path) as im:
+        w, h = im.size
+        if w * h > MAX_PIXELS:
+            raise ValueError(f"{w}x{h} is over {MAX_PIXELS} pixels")
+        if im.format == "JPEG":
+            im.draft("RGB", (max_side, max_side))  # decode at reduced scale: no full-size buffer
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            a = np.asarray(im, dtype=np.float64)
+            a = a / (65535.0 if a.max() > 255 else 255.0)
+            im = Image.fromarray((a.clip(0, 1) * 255).round().astype(np.uint8), "L")
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            rgba = im.convert("RGBA")
+            im = Image.new("RGB", rgba.size, (255, 255, 255))
+            im.paste(rgba, mask=rgba.getchannel("A"))
+        im = im.convert("RGB")
+        if max(im.size) > max_side:
+            im.thumbnail((max_side, max_side), Image.LANCZOS)
+        return im
+
+
+def read_caption(image_path: Path) -> str | None:
+    txt = image_path.with_suffix(".txt")
+    if not txt.exists():
+        return None
+    try:
+        return txt.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"caption {txt.name} is not UTF-8 (byte {e.start})") from None
+
+
+def bucket_size(w: int, h: int, resolution: int, multiple: int = 64) -> tuple[int, int]:
+    """Width and height with about resolution^2 pixels, the image's aspect ratio, multiples of ``multiple``."""
+    scale = (resolution * resolution / (w * h)) ** 0.5
+    bw = max(multiple, int(round(w * scale / multiple)) * multiple)
+    bh = max(multiple, int(round(h * scale / multiple)) * multiple)
+    return bw, bh
+
+
+def fit(im: Image.Image, width: int, height: int) -> Image.Image:
+    """Resize to cover (width, height), then centre-crop to it."""
+    return ImageOps.fit(im, (width, height), Image.LANCZOS, centering=(0.5, 0.5))
+
+
+def to_tensor(im: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)
+
+
+def load_dataset(folder: Path, resolution: int, mode: str = "center_crop", multiple: int = 64) -> Dataset:
+    """Read every usable image of ``folder`` at ``resolution`` (module docstring states the policy)."""
+    if mode not in RESIZE_MODES:
+        raise DatasetError(f"unknown resize mode {mode!r}; choose one of {RESIZE_MODES}")
+    if resolution < multiple or resolution % multiple:
+        raise DatasetError(f"resolution {resolution} must be a multiple of {multiple}")
+    files, skipped = scan_folder(folder)
+    ds = Dataset(skipped=skipped)
+    for path in files:
+        try:
+            caption = read_caption(path)
+            im = open_image(path, max_side=4 * resolution)
+            if min(im.size) < MIN_SIDE:
+                raise ValueError(f"{im.size[0]}x{im.size[1]} is smaller than {MIN_SIDE}x{MIN_SIDE}")
+            size = bucket_size(*im.size, resolution, multiple) if mode == "buckets" else (resolution, resolution)
+            ds.images.append(to_tensor(fit(im, *size)))
+            ds.captions.append(caption)
+            ds.files.append(path)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            ds.skipped.append(Skipped(path, str(e) or type(e).__name__))
+    if not ds.images:
+        detail = "; ".join(f"{s.path.name}: {s.reason}" for s in ds.skipped[:10])
+        what = "no image files" if not files else "no usable images"
+        raise DatasetError(f"dataset folder {folder} has {what}"
+                           + (f" (extensions {', '.join(IMAGE_EXTS)})" if not files else "")
+                           + (f"; skipped: {detail}" if detail else ""))
+    return ds

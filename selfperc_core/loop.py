@@ -1,0 +1,123 @@
+"""The fine-tuning loop: batches, noise levels, the objective, the optimizer, and resumable state.
+
+Shared by the ComfyUI node and the headless trainer. All random draws come from one CPU generator whose
+state is part of the saved state, so N steps straight and N/2 + resume N/2 give the same weights.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .objective import LossParts, self_perceptual_loss
+from .schedule import NoiseScaling
+from .timesteps import draw_t, draw_t_prime
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 100
+    learning_rate: float = 1e-4
+    batch_size: int = 1
+    seed: int = 0
+    t_prime: str = "uniform"
+    t_prime_range: tuple[float, float] = (0.0, 1.0)
+    t_range: tuple[float, float] = (0.0, 1.0)
+    distance: str = "mse"
+    normalize: bool = False
+    mse_weight: float = 0.0
+    batched_frozen: bool = False
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class NonFiniteLoss(FloatingPointError):
+    def __init__(self, step: int, value: float):
+        super().__init__(f"loss became {value} at step {step}: training stopped before the update; "
+                         f"lower the learning rate (or use fp32)")
+        self.step, self.value = step, value
+
+
+class Trainer:
+    """One self-perceptual fine-tune.
+
+    Args:
+        params: the trainable (adapter) parameters.
+        latents: clean latents, one (C, h, w) tensor per image; images of one shape form a bucket.
+        conds: per-image conditioning tensors (or None each, for unconditional training).
+        predict_x0: (x_t, sigma, cond) -> x0_hat with the adapter on.
+        frozen_features: (x, sigma, cond) -> features of the frozen network (adapter off, early exit).
+        noise_scaling: the forward process (sigma, eps, x0) -> x_t.
+        sigma_of_t: maps t in [0, 1] (0 clean) to the model's sigma, elementwise.
+    """
+
+    def __init__(self, params: list[Tensor], latents: list[Tensor], conds: list[Tensor | None],
+                 predict_x0: Callable, frozen_features: Callable, noise_scaling: NoiseScaling,
+                 sigma_of_t: Callable[[Tensor], Tensor], settings: TrainSettings, device=None):
+        if len(latents) != len(conds):
+            raise ValueError(f"{len(latents)} latents but {len(conds)} conditionings")
+        self.params = list(params)
+        self.latents, self.conds = latents, conds
+        self.predict_x0, self.frozen_features = predict_x0, frozen_features
+        self.noise_scaling, self.sigma_of_t = noise_scaling, sigma_of_t
+        self.s = settings
+        self.device = device or latents[0].device
+        self.optimizer = torch.optim.AdamW(self.params, lr=settings.learning_rate, weight_decay=0.0)
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.step_count = 0
+        self.losses: list[float] = []
+        buckets: dict[tuple, list[int]] = {}
+        for i, lat in enumerate(latents):
+            buckets.setdefault(tuple(lat.shape), []).append(i)
+        self.buckets = list(buckets.values())
+
+    def _indices(self) -> list[int]:
+        sizes = torch.tensor([len(b) for b in self.buckets], dtype=torch.float)
+        bucket = self.buckets[int(torch.multinomial(sizes, 1, generator=self.generator))]
+        if len(bucket) >= self.s.batch_size:
+            pick = torch.randperm(len(bucket), generator=self.generator)[: self.s.batch_size]
+        else:  # a bucket smaller than the batch is sampled with replacement
+            pick = torch.randint(len(bucket), (self.s.batch_size,), generator=self.generator)
+        return [bucket[int(i)] for i in pick]
+
+    def step(self) -> LossParts:
+        """One optimizer step. Raises NonFiniteLoss before updating if the loss is NaN/Inf."""
+        g, s = self.generator, self.s
+        idx = self._indices()
+        x0 = torch.stack([self.latents[i] for i in idx]).to(self.device)
+        cond = None if self.conds[idx[0]] is None else torch.cat([self.conds[i] for i in idx]).to(self.device)
+        t = draw_t(len(idx), g, s.t_range)
+        tp = draw_t_prime(t, s.t_prime, g, s.t_prime_range)
+        eps = torch.randn(x0.shape, generator=g).to(device=self.device, dtype=x0.dtype)
+        sigma = self.sigma_of_t(t).to(self.device)
+        sigma_p = self.sigma_of_t(tp).to(self.device)
+
+        parts = self_perceptual_loss(
+            lambda x, sg: self.predict_x0(x, sg, cond),
+            lambda x, sg: self.frozen_features(x, sg, cond),
+            self.noise_scaling, x0, eps, sigma, sigma_p,
+            distance=s.distance, normalize=s.normalize, mse_weight=s.mse_weight, batched_frozen=s.batched_frozen)
+        value = parts.loss.item()
+        if not math.isfinite(value):
+            raise NonFiniteLoss(self.step_count + 1, value)
+        self.optimizer.zero_grad(set_to_none=True)
+        parts.loss.backward()
+        self.optimizer.step()
+        self.step_count += 1
+        self.losses.append(value)
+        return parts
+
+    def state_dict(self) -> dict:
+        """Everything but the adapter weights needed to continue exactly: optimizer, step, RNG, loss curve."""
+        return {"optimizer": self.optimizer.state_dict(), "step": self.step_count,
+                "rng": self.generator.get_state(), "losses": list(self.losses), "settings": self.s.as_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_count = int(state["step"])
+        self.generator.set_state(state["rng"])
+        self.losses = list(state["losses"])

@@ -1,0 +1,71 @@
+"""Shared fixtures: the real ComfyUI (in-process and as a server), tiny models, real-photo datasets."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from dev.host import REPO_ROOT
+
+MODELS_CACHE = REPO_ROOT / ".cache" / "models"
+ARTIFACTS = REPO_ROOT / "test-artifacts"
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> dict[str, Path]:
+    """The tiny SD1.x checkpoint and UNet file, built once and cached in .cache/models."""
+    from dev.tiny_models import write_checkpoint, write_unet
+
+    return {"checkpoint": write_checkpoint(MODELS_CACHE / "checkpoints" / "tiny_sd15.safetensors"),
+            "unet": write_unet(MODELS_CACHE / "diffusion_models" / "tiny_sd15_unet.safetensors")}
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory):
+    """The real ComfyUI imported in-process, with its folders redirected to a temporary base."""
+    from dev.host import import_comfy
+
+    import_comfy()
+    import folder_paths
+
+    base = tmp_path_factory.mktemp("comfy_inproc")
+    for sub in ("input", "output", "temp", "models/loras"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    folder_paths.set_input_directory(str(base / "input"))
+    folder_paths.set_output_directory(str(base / "output"))
+    folder_paths.set_temp_directory(str(base / "temp"))
+    folder_paths.add_model_folder_path("loras", str(base / "models" / "loras"), is_default=True)
+    return base
+
+
+@pytest.fixture(scope="session")
+def pack(comfy):
+    """This repository imported as ComfyUI imports a custom node pack (a package named after its folder)."""
+    name = "selfperc_pack"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "__init__.py",
+                                                      submodule_search_locations=[str(REPO_ROOT)])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, tiny_models):
+    """One real ComfyUI server for the session, with this pack in custom_nodes and the tiny models."""
+    from dev.host import ComfyServer
+
+    base = tmp_path_factory.mktemp("comfy_server")
+    srv = ComfyServer(base)
+    for kind, path in (("checkpoints", tiny_models["checkpoint"]), ("diffusion_models", tiny_models["unet"])):
+        os.symlink(path, srv.base / "models" / kind / path.name)
+    srv.start()
+    yield srv
+    srv.stop()
+    ARTIFACTS.mkdir(exist_ok=True)
+    shutil.copy(srv.log_path, ARTIFACTS / "server.log")
