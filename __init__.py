@@ -1,18 +1,12 @@
-"""Self-Perceptual node pack for ComfyUI (Lin & Yang, "Diffusion Model with Perceptual Loss")."""
-from typing_extensions import override
+"""Self-Perceptual node pack for ComfyUI (Lin & Yang, "Diffusion Model with Perceptual Loss").
 
-from comfy_api.latest import ComfyExtension, io
-
+ComfyUI calls ``comfy_entrypoint``; the ComfyUI-facing code is imported only then, so the package can be
+imported without a ComfyUI (e.g. by test runners).
+"""
 WEB_DIRECTORY = "./web"
 
 
-class SelfPerceptualExtension(ComfyExtension):
-    @override
-    async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        from .nodes import NODES
+async def comfy_entrypoint():
+    from .nodes import SelfPerceptualExtension
 
-        return NODES
-
-
-async def comfy_entrypoint() -> SelfPerceptualExtension:
     return SelfPerceptualExtension()

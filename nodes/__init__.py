@@ -1,6 +1,15 @@
 """The ComfyUI layer: one io.ComfyNode per module, adapting ComfyUI objects to selfperc_core."""
+from comfy_api.latest import ComfyExtension, io
+from typing_extensions import override
+
 from .distance import PerceptualDistance
 from .sample import SelfPerceptualSampler
 from .train import SelfPerceptualFineTune
 
 NODES = [SelfPerceptualFineTune, SelfPerceptualSampler, PerceptualDistance]
+
+
+class SelfPerceptualExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES

@@ -1,9 +1,8 @@
 """ComfyUI model -> the core's plain callables: forward process, sigma schedule, feature layers, predictions."""
 from __future__ import annotations
 
-import torch
-
 import comfy.model_management
+import torch
 
 MID_BLOCK = "mid_block"
 

@@ -1,10 +1,9 @@
 """Perceptual Distance: where two images differ in the frozen model's feature space (a heatmap)."""
 from __future__ import annotations
 
+import comfy.model_management
 import numpy as np
 import torch
-
-import comfy.model_management
 from comfy_api.latest import io, ui
 
 from ..selfperc_core import FeatureTap

@@ -11,10 +11,9 @@ import re
 import tempfile
 from pathlib import Path
 
+import folder_paths
 import torch
 from safetensors.torch import save_file
-
-import folder_paths
 
 # Server owners may allow dataset folders outside the input directory (absolute paths) with this variable.
 ALLOW_ANY_DATASET_PATH = "SELFPERC_ALLOW_ANY_DATASET_PATH"

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-
 from comfy.weight_adapter.base import WeightAdapterTrainBase
 from comfy.weight_adapter.lora import LoRAAdapter
 

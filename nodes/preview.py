@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 import comfy.sample
+import torch
 
 log = logging.getLogger("selfperc")
 

@@ -2,16 +2,15 @@
 optionally beside the base model from identical noise."""
 from __future__ import annotations
 
-import numpy as np
-import torch
-from PIL import Image, ImageDraw, ImageFont
-
 import comfy.sample
 import comfy.samplers
 import comfy.utils
 import latent_preview
+import numpy as np
+import torch
 from comfy_api.latest import io, ui
 from comfy_extras.nodes_model_advanced import RescaleCFG
+from PIL import Image, ImageDraw, ImageFont
 
 from .preview import unconditional
 

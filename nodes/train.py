@@ -6,22 +6,20 @@ import logging
 import time
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
-from typing_extensions import override  # noqa: F401  (kept for parity with ComfyUI's node modules)
-
 import comfy.model_management
 import comfy.sd
 import comfy.utils
 import folder_paths
+import torch
 from comfy_api.latest import io
+from tqdm.auto import tqdm
 
-from ..selfperc_core import FeatureTap, T_PRIME_STRATEGIES
-from ..selfperc_core.adapter import AdapterSwitch, checkpoint_forward, uncheckpoint_forward
-from ..selfperc_core.dataset import RESIZE_MODES, DatasetError, load_dataset
+from ..selfperc_core import T_PRIME_STRATEGIES
+from ..selfperc_core.dataset import RESIZE_MODES, load_dataset
 from ..selfperc_core.loop import NonFiniteLoss, Trainer, TrainSettings
 from ..selfperc_core.objective import DISTANCES
 from . import bridge, files, lora, preview
+from .session import training_session
 
 log = logging.getLogger("selfperc")
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -71,25 +69,6 @@ def model_fingerprint(model) -> str:
         if i > 16:
             break
     return h.hexdigest()[:16]
-
-
-def checkpointed_blocks(diffusion_model) -> list[torch.nn.Module]:
-    """The UNet's top-level blocks (as core Train LoRA checkpoints them)."""
-    blocks = list(diffusion_model.input_blocks) + list(diffusion_model.output_blocks)
-    return blocks + [m for m in (getattr(diffusion_model, "out", None),) if m is not None]
-
-
-def release(mp) -> None:
-    """Unload the training clone and drop every weight wrapper it left on the shared modules."""
-    mm = comfy.model_management
-    for i in range(len(mm.current_loaded_models) - 1, -1, -1):
-        if mm.current_loaded_models[i].model is mp:
-            mm.current_loaded_models.pop(i).model_unload()
-    for m in mp.model.modules():
-        if hasattr(m, "weight_function"):
-            m.weight_function = []
-        if hasattr(m, "bias_function"):
-            m.bias_function = []
 
 
 def resumable_loras() -> list[str]:
@@ -209,30 +188,16 @@ class SelfPerceptualFineTune(io.ComfyNode):
             existing = comfy.utils.load_torch_file(str(path), safe_load=True)
             state = torch.load(files.state_path(path), map_location="cpu", weights_only=False)
 
-        mp = model.clone()
-        switch = AdapterSwitch()
-        adapters = lora.add_lora(mp, rank, alpha, switch, settings.seed, existing)
-        params = lora.trainable_parameters(adapters)
-        comfy.model_management.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
-        dm = mp.model.diffusion_model
-        layers = bridge.feature_layers(dm)
-        if feature_layer not in layers:
-            raise ValueError(f"feature layer {feature_layer!r} does not exist in this model; it has "
-                             f"{', '.join(layers)}")
-        tap = FeatureTap(layers[feature_layer], early_exit=True)
-        blocks = checkpointed_blocks(dm) if checkpointing else []
-        for b in blocks:
-            checkpoint_forward(b, switch)
+        with training_session(model, rank, alpha, settings.seed, feature_layer, checkpointing, existing) as ses:
+            return cls._loop(model, vae, ses, latents, conds, settings, feature_layer, rank, alpha, dtype, device,
+                             out_file, save_every, preview_every, state, folder)
 
-        ms = bridge.model_sampling(mp)
-        predict = bridge.predictor(mp)
-
-        def frozen_features(x, sigma, cond):
-            with switch.off():
-                return tap(predict, x, sigma, cond)
-
+    @classmethod
+    def _loop(cls, model, vae, ses, latents, conds, settings, feature_layer, rank, alpha, dtype, device, out_file,
+              save_every, preview_every, state, folder):
+        ms = ses.model_sampling
         settings.t_range = bridge.default_t_range(ms)
-        trainer = Trainer(params, latents, conds, predict, frozen_features, bridge.noise_scaling_fn(ms),
+        trainer = Trainer(ses.params, latents, conds, ses.predict_x0, ses.frozen_features, bridge.noise_scaling_fn(ms),
                           bridge.sigma_of_t_fn(ms), settings, device=device)
         if state is not None:
             trainer.load_state_dict(state["trainer"])
@@ -254,14 +219,14 @@ class SelfPerceptualFineTune(io.ComfyNode):
                 step = trainer.step_count
                 img = None
                 if preview_every and step % preview_every == 0:
-                    img = preview.preview_image(mp, vae, latents[0].shape, conds[0], settings.seed)
+                    img = preview.preview_image(ses.mp, vae, latents[0].shape, conds[0], settings.seed)
                 pbar.update_absolute(step, total, img)
                 text = f"step {step}/{total}  loss {parts.loss.item():.5f}  (mse {parts.mse.item():.4f})"
                 preview.send_text(text, cls.hidden.unique_id)
                 bar.set_postfix(loss=f"{parts.loss.item():.5f}")
                 bar.update(1)
                 if save_every and step % save_every == 0 and step < total:
-                    last_saved = cls._save(out_file, adapters, trainer, meta)
+                    last_saved = cls._save(out_file, ses.adapters, trainer, meta)
         except NonFiniteLoss as e:
             where = f"; the last finite checkpoint is {last_saved.name}" if last_saved else ""
             raise FloatingPointError(f"{e}{where}") from None
@@ -270,14 +235,10 @@ class SelfPerceptualFineTune(io.ComfyNode):
                               f"resolution, or turn on gradient_checkpointing") from None
         finally:
             bar.close()
-            tap.remove()
-            for b in blocks:
-                uncheckpoint_forward(b)
-            release(mp)
         log.info("selfperc: %d steps in %.1fs", settings.steps, time.time() - t0)
 
-        cls._save(out_file, adapters, trainer, meta)
-        lora_sd = lora.lora_state_dict(adapters)
+        cls._save(out_file, ses.adapters, trainer, meta)
+        lora_sd = lora.lora_state_dict(ses.adapters)
         out_model, _ = comfy.sd.load_lora_for_models(model, None, lora_sd, 1.0, 0)
         name = out_file.relative_to(Path(folder_paths.get_folder_paths("loras")[0]).resolve()).as_posix()
         return io.NodeOutput(out_model, lora_sd, {"loss": list(trainer.losses)}, name,

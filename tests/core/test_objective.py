@@ -6,8 +6,7 @@ import sys
 import pytest
 import torch
 
-from selfperc_core import (AdapterSwitch, FeatureTap, checkpoint_forward, self_perceptual_loss,
-                           split_prediction)
+from selfperc_core import AdapterSwitch, FeatureTap, checkpoint_forward, self_perceptual_loss, split_prediction
 from selfperc_core.adapter import uncheckpoint_forward
 from selfperc_core.objective import feature_distance
 from tests.core.toy import FLOW, PARAMS, ToyUNet, host_callables, make_batch

@@ -1,0 +1,87 @@
+"""One training session on a ModelPatcher clone: LoRA attached, feature tap, checkpointing, and cleanup.
+
+Used by the fine-tune node (and the host tests) so that setup and teardown live in one place: whatever
+happens inside, the incoming MODEL and the shared modules come out without adapters, hooks or wrappers.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+import comfy.model_management
+import torch
+
+from ..selfperc_core import FeatureTap
+from ..selfperc_core.adapter import AdapterSwitch, checkpoint_forward, uncheckpoint_forward
+from . import bridge, lora
+
+
+@dataclass
+class Session:
+    mp: object                      # the training clone
+    switch: AdapterSwitch
+    adapters: dict
+    params: list[torch.nn.Parameter]
+    tap: FeatureTap
+    predict_x0: Callable            # (x_t, sigma, cond) -> x0_hat, adapter on
+    frozen_features: Callable       # (x, sigma, cond) -> features, adapter off, stops at the layer
+    model_sampling: object
+
+
+def checkpointed_blocks(diffusion_model) -> list[torch.nn.Module]:
+    """The UNet's top-level blocks (as core Train LoRA checkpoints them)."""
+    blocks = list(diffusion_model.input_blocks) + list(diffusion_model.output_blocks)
+    return blocks + [m for m in (getattr(diffusion_model, "out", None),) if m is not None]
+
+
+def release(mp) -> None:
+    """Unload the training clone and drop every weight wrapper it left on the shared modules."""
+    mm = comfy.model_management
+    for i in range(len(mm.current_loaded_models) - 1, -1, -1):
+        if mm.current_loaded_models[i].model is mp:
+            mm.current_loaded_models.pop(i).model_unload()
+    for m in mp.model.modules():
+        if hasattr(m, "weight_function"):
+            m.weight_function = []
+        if hasattr(m, "bias_function"):
+            m.bias_function = []
+
+
+@contextlib.contextmanager
+def training_session(model, rank: int, alpha: float, seed: int, layer: str = bridge.MID_BLOCK,
+                     checkpointing: bool = True, existing: dict | None = None, early_exit: bool = True):
+    mp = model.clone()
+    base_params = list(mp.model.parameters())
+    grad_flags = [p.requires_grad for p in base_params]
+    switch = AdapterSwitch()
+    adapters = lora.add_lora(mp, rank, alpha, switch, seed, existing)
+    blocks, tap = [], None
+    try:
+        mp.model.requires_grad_(False)  # only the adapter trains; no gradient buffers for the base weights
+        comfy.model_management.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
+        dm = mp.model.diffusion_model
+        layers = bridge.feature_layers(dm)
+        if layer not in layers:
+            raise ValueError(f"feature layer {layer!r} does not exist in this model; it has {', '.join(layers)}")
+        tap = FeatureTap(layers[layer], early_exit=early_exit)
+        if checkpointing:
+            blocks = checkpointed_blocks(dm)
+            for b in blocks:
+                checkpoint_forward(b, switch)
+        predict = bridge.predictor(mp)
+
+        def frozen_features(x, sigma, cond=None):
+            with switch.off():
+                return tap(predict, x, sigma, cond)
+
+        yield Session(mp, switch, adapters, lora.trainable_parameters(adapters), tap, predict, frozen_features,
+                      bridge.model_sampling(mp))
+    finally:
+        if tap is not None:
+            tap.remove()
+        for b in blocks:
+            uncheckpoint_forward(b)
+        release(mp)
+        for p, flag in zip(base_params, grad_flags):
+            p.requires_grad_(flag)

@@ -1,0 +1,43 @@
+"""The tiny fixture is a real SD1.x model to ComfyUI; the three parameterizations are distinct."""
+import pytest
+import torch
+
+from tests.host.models import as_parameterization, load_checkpoint
+
+pytestmark = pytest.mark.host
+
+
+def test_checkpoint_is_detected_as_sd15_and_samples(comfy, tiny_models):
+    import comfy.sample
+    import comfy.supported_models
+
+    model, clip, vae = load_checkpoint(str(tiny_models["checkpoint"]))
+    assert type(model.model.model_config) is comfy.supported_models.SD15
+    assert 20e6 < sum(p.numel() for p in model.model.diffusion_model.parameters()) < 40e6
+    cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a cat"))
+    assert cond[0][0].shape == (1, 77, 768)
+    latent = torch.zeros(1, 4, 8, 8)
+    noise = comfy.sample.prepare_noise(latent, 0)
+    out = comfy.sample.sample(model, noise, 2, 1.0, "euler", "normal", cond, cond, latent, disable_pbar=True, seed=0)
+    assert out.shape == latent.shape and torch.isfinite(out).all()
+    assert vae.decode(out).shape == (1, 64, 64, 3)
+
+
+def test_unet_only_file_loads_with_unet_loader(comfy, tiny_models):
+    import comfy.sd
+    import comfy.supported_models
+
+    model = comfy.sd.load_diffusion_model(str(tiny_models["unet"]))
+    assert type(model.model.model_config) is comfy.supported_models.SD15
+
+
+def test_three_parameterizations_have_different_model_sampling(comfy, tiny_models):
+    import comfy.model_sampling as ms
+
+    model = load_checkpoint(str(tiny_models["checkpoint"]))[0]
+    kinds = {k: as_parameterization(model, k).get_model_object("model_sampling") for k in ("eps", "v_zsnr", "flow")}
+    assert isinstance(kinds["eps"], ms.EPS) and not isinstance(kinds["eps"], ms.V_PREDICTION)
+    assert isinstance(kinds["v_zsnr"], ms.V_PREDICTION)
+    assert isinstance(kinds["flow"], ms.CONST)
+    assert len({type(v) for v in kinds.values()}) == 3
+    assert kinds["v_zsnr"].sigma_max > 100 * kinds["eps"].sigma_max  # zero terminal SNR
