@@ -16,7 +16,7 @@ _ANCHORS = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [25
 
 def colormap(v: torch.Tensor) -> torch.Tensor:
     """(B, H, W) values in [0, 1] -> (B, H, W, 3) colours."""
-    x = v.clamp(0, 1).cpu().numpy() * (len(_ANCHORS) - 1)
+    x = v.detach().clamp(0, 1).cpu().numpy() * (len(_ANCHORS) - 1)
     i = np.clip(np.floor(x).astype(int), 0, len(_ANCHORS) - 2)
     f = (x - i)[..., None]
     return torch.from_numpy(_ANCHORS[i] * (1 - f) + _ANCHORS[i + 1] * f)

@@ -31,7 +31,7 @@ def labelled_grid(columns: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
     pad = 18
     cols = []
     for label, imgs in columns:
-        arr = (imgs.float().cpu().numpy() * 255).round().astype(np.uint8)
+        arr = (imgs.detach().float().cpu().numpy() * 255).round().astype(np.uint8)
         col = np.concatenate(list(arr), axis=0)
         canvas = Image.new("RGB", (col.shape[1], col.shape[0] + pad), "white")
         canvas.paste(Image.fromarray(col), (0, pad))

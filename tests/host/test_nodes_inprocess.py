@@ -1,0 +1,179 @@
+"""The three nodes called in-process on real ModelPatchers (the server tier runs them through the API)."""
+import logging
+
+import pytest
+import torch
+
+from dev.datasets import make_dataset
+from tests.host.models import as_parameterization, load_checkpoint
+
+pytestmark = pytest.mark.host
+
+TRAIN_DEFAULTS = dict(steps=4, learning_rate=1e-3, rank=4, alpha=4.0, batch_size=2, resolution=64,
+                      resize_mode="center_crop", seed=0, feature_layer="mid_block", t_prime="uniform", t_prime_min=0.0,
+                      t_prime_max=1.0, distance="mse", normalize_features=False, mse_weight=0.0,
+                      gradient_checkpointing=True, training_dtype="auto", overwrite=False, save_every=0,
+                      preview_every=0)
+
+
+@pytest.fixture(scope="module")
+def models(comfy, tiny_models):
+    return load_checkpoint(str(tiny_models["checkpoint"]))
+
+
+@pytest.fixture(scope="module")
+def photos(comfy):
+    return make_dataset(comfy / "input" / "photos").name
+
+
+class node:
+    """A node class as ComfyUI's executor runs it: hidden inputs set, execute under inference_mode."""
+
+    def __init__(self, pack, name):
+        import selfperc_pack.nodes as n
+
+        self.cls = getattr(n, name).PREPARE_CLASS_CLONE({"unique_id": "1"})
+
+    def execute(self, **kw):
+        with torch.inference_mode():
+            return self.cls.execute(**kw)
+
+
+def train(pack, model, vae, folder, **kw):
+    args = dict(TRAIN_DEFAULTS, lora_name=kw.pop("lora_name", "t/run"))
+    args.update(kw)
+    return node(pack, "SelfPerceptualFineTune").execute(model=model, vae=vae, dataset_folder=folder, **args)
+
+
+def sample_base(model, seed=3):
+    import comfy.sample
+
+    latent = torch.zeros(1, 4, 8, 8)
+    cond = [[torch.zeros(1, 77, 768), {}]]
+    return comfy.sample.sample(model, comfy.sample.prepare_noise(latent, seed), 3, 1.0, "euler", "normal", cond, cond,
+                               latent, disable_pbar=True, seed=seed)
+
+
+@pytest.mark.parametrize("kind", ["eps", "v_zsnr", "flow"])
+def test_fine_tune_saves_a_lora_core_loraloader_loads_fully_and_base_is_untouched(pack, models, photos, comfy,
+                                                                                 kind, caplog):
+    import folder_paths
+    from safetensors import safe_open
+
+    from nodes import LoraLoaderModelOnly
+
+    model, clip, vae = models
+    model = as_parameterization(model, kind)
+    before = sample_base(model)
+    out = train(pack, model, vae, photos, clip=clip, lora_name=f"t/{kind}")
+    tuned, lora_sd, loss_map, name = out.args
+    assert name == f"t/{kind}.safetensors"
+    assert len(loss_map["loss"]) == 4 and all(torch.isfinite(torch.tensor(loss_map["loss"])))
+    path = folder_paths.get_full_path_or_raise("loras", name)
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+        assert set(f.keys()) == set(lora_sd)
+    assert meta["steps"] == "4" and meta["feature_layer"] == "mid_block" and len(meta["base_model_hash"]) == 16
+    assert meta["parameterization"] == {"eps": "eps", "v_zsnr": "v", "flow": "flow"}[kind]
+
+    with caplog.at_level(logging.WARNING):
+        loaded = LoraLoaderModelOnly().load_lora_model_only(model, name, 1.0)[0]
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    n_adapted = sum(1 for k in lora_sd if k.endswith(".lora_up.weight"))
+    assert len(loaded.patches) == n_adapted > 20
+
+    after = sample_base(model)
+    assert torch.equal(before, after), "the base MODEL samples differently after training"
+    assert not torch.equal(sample_base(tuned), before), "the trained LoRA changes nothing"
+    torch.testing.assert_close(sample_base(loaded), sample_base(tuned), rtol=1e-5, atol=1e-5)
+
+
+def test_resume_continues_exactly(pack, models, photos):
+    """4 steps straight == 2 steps, then resume for 2 (same seed): same LoRA, same loss curve."""
+    model, clip, vae = models
+    straight = train(pack, model, vae, photos, lora_name="r/straight", steps=4).args
+    half = train(pack, model, vae, photos, lora_name="r/half", steps=2).args
+    resumed = train(pack, model, vae, photos, lora_name="r/resumed", steps=2, resume_from="r/half.safetensors").args
+    assert resumed[2]["loss"] == pytest.approx(straight[2]["loss"], rel=1e-5)
+    for k in straight[1]:
+        torch.testing.assert_close(resumed[1][k], straight[1][k], rtol=1e-5, atol=1e-7)
+    assert half[2]["loss"] == pytest.approx(straight[2]["loss"][:2], rel=1e-6)
+
+
+def test_absurd_learning_rate_stops_with_the_step_named_and_keeps_last_checkpoint(pack, models, photos):
+    import folder_paths
+
+    model, clip, vae = models
+    with pytest.raises(FloatingPointError, match=r"at step \d+") as e:
+        train(pack, model, vae, photos, lora_name="nan/run", steps=40, learning_rate=1.0, save_every=1,
+              mse_weight=1.0)
+    assert "last finite checkpoint is run.safetensors" in str(e.value)
+    path = folder_paths.get_full_path_or_raise("loras", "nan/run.safetensors")
+    import comfy.utils
+    sd = comfy.utils.load_torch_file(path)
+    assert all(torch.isfinite(v).all() for v in sd.values())
+
+
+def test_existing_file_is_not_overwritten(pack, models, photos):
+    model, clip, vae = models
+    a = train(pack, model, vae, photos, lora_name="same/name", steps=1).args[3]
+    b = train(pack, model, vae, photos, lora_name="same/name", steps=1).args[3]
+    assert (a, b) == ("same/name.safetensors", "same/name_00001.safetensors")
+    c = train(pack, model, vae, photos, lora_name="same/name", steps=1, overwrite=True).args[3]
+    assert c == a
+
+
+@pytest.mark.parametrize("bad", ["../evil", "/abs/path", "a/b/c", "..", "x/../../y", ""])
+def test_lora_names_that_escape_models_loras_are_refused(pack, models, photos, bad):
+    model, clip, vae = models
+    with pytest.raises(ValueError, match="not allowed|escapes"):
+        train(pack, model, vae, photos, lora_name=bad, steps=1)
+
+
+def test_dataset_outside_input_directory_is_refused(pack, models, tmp_path, monkeypatch):
+    model, clip, vae = models
+    make_dataset(tmp_path / "outside", names=["astronaut"])
+    with pytest.raises(PermissionError, match="outside ComfyUI's input directory"):
+        train(pack, model, vae, "../" + tmp_path.name, steps=1)
+    with pytest.raises(PermissionError, match="SELFPERC_ALLOW_ANY_DATASET_PATH"):
+        train(pack, model, vae, "", dataset_path=str(tmp_path / "outside"), steps=1)
+    monkeypatch.setenv("SELFPERC_ALLOW_ANY_DATASET_PATH", "1")
+    out = train(pack, model, vae, "", dataset_path=str(tmp_path / "outside"), steps=1, lora_name="abs/ok")
+    assert out.args[3] == "abs/ok.safetensors"
+
+
+def test_distance_identical_images_zero_and_local_edit_lights_up(pack, models):
+    from dev.datasets import photo
+
+    model, clip, vae = models
+    img = torch.from_numpy(photo("astronaut")).float()[None] / 255
+    img = torch.nn.functional.interpolate(img.permute(0, 3, 1, 2), size=(128, 128)).permute(0, 2, 3, 1)
+    edited = img.clone()
+    edited[:, 80:120, 80:120, :] = torch.tensor([0.0, 1.0, 0.0])  # a green patch, bottom right
+    dist = node(pack, "PerceptualDistance")
+    kw = dict(model=model, vae=vae, noise_level=0.2, seed=0, feature_layer="mid_block", distance="mse", overlay=1.0)
+    heat_same, d_same = dist.execute(image_a=img, image_b=img.clone(), **kw).args
+    assert d_same == 0.0
+    assert torch.allclose(heat_same, heat_same[0, 0, 0])  # a flat map
+    heat, d = dist.execute(image_a=img, image_b=edited, **kw).args
+    assert d > 0 and heat.shape == img.shape
+    brightness = heat.mean(-1)[0]
+    inside = brightness[80:120, 80:120].mean()
+    outside = brightness[:48, :48].mean()
+    assert inside > 2 * outside, (inside, outside)
+
+
+def test_sampler_uses_identical_noise_and_returns_a_labelled_grid(pack, models):
+    model, clip, vae = models
+    smp = node(pack, "SelfPerceptualSampler")
+    latent = {"samples": torch.zeros(2, 4, 8, 8)}
+    kw = dict(latent=latent, seed=5, steps=3, sampler_name="euler", scheduler="normal", cfg=1.0, cfg_rescale=0.0,
+              denoise=1.0, vae=vae)
+    out_latent, grid = smp.execute(model=model, base_model=model, **kw).args
+    assert grid.shape[0] == 1 and grid.shape[2] > 2 * 64  # two columns of 64 px images
+    left, right = grid[0, 18:, :64], grid[0, 18:, -64:]
+    torch.testing.assert_close(left, right)  # same model + same noise -> the same pictures
+    alone = smp.execute(model=model, **kw).args[0]
+    torch.testing.assert_close(alone["samples"], out_latent["samples"])
+    other_seed = smp.execute(model=model, **dict(kw, seed=6)).args[0]
+    assert not torch.equal(other_seed["samples"], out_latent["samples"])
