@@ -29,6 +29,26 @@ class Session:
     model_sampling: object
 
 
+def make_trainable_tensors(module: torch.nn.Module) -> int:
+    """Replace inference-mode weights by normal tensors with the same values (no extra copy is kept).
+
+    ComfyUI loads models under torch.inference_mode; autograd cannot save such tensors for backward, and the
+    frozen passes need backward through the weights' layers (gradients flow to the input). Returns the count.
+    """
+    n = 0
+    with torch.no_grad():
+        for mod in module.modules():
+            for name, p in list(mod._parameters.items()):
+                if p is not None and p.is_inference():
+                    mod._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=False)
+                    n += 1
+            for name, b in list(mod._buffers.items()):
+                if b is not None and b.is_inference():
+                    mod._buffers[name] = b.clone()
+                    n += 1
+    return n
+
+
 def checkpointed_blocks(diffusion_model) -> list[torch.nn.Module]:
     """The UNet's top-level blocks (as core Train LoRA checkpoints them)."""
     blocks = list(diffusion_model.input_blocks) + list(diffusion_model.output_blocks)
@@ -60,6 +80,7 @@ def training_session(model, rank: int, alpha: float, seed: int, layer: str = bri
     try:
         mp.model.requires_grad_(False)  # only the adapter trains; no gradient buffers for the base weights
         comfy.model_management.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
+        make_trainable_tensors(mp.model.diffusion_model)
         dm = mp.model.diffusion_model
         layers = bridge.feature_layers(dm)
         if layer not in layers:
@@ -84,4 +105,5 @@ def training_session(model, rank: int, alpha: float, seed: int, layer: str = bri
             uncheckpoint_forward(b)
         release(mp)
         for p, flag in zip(base_params, grad_flags):
-            p.requires_grad_(flag)
+            if p.requires_grad != flag and not p.is_inference():
+                p.requires_grad_(flag)

@@ -1,0 +1,123 @@
+"""The real ComfyUI server with this pack: node registry, the harness graph, and every node through the API."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from dev.datasets import make_dataset, photo
+from dev.host import comfyui_path, execution_error, prepare_base_dir
+from tests.e2e import graphs
+
+pytestmark = pytest.mark.e2e
+OUR_NODES = {"SelfPerceptualFineTune": "selfperc/training", "SelfPerceptualSampler": "selfperc/sampling",
+             "SelfPerceptualDistance": "selfperc/analysis"}
+
+
+def outputs_of(entry: dict, node: str) -> dict:
+    return entry.get("outputs", {}).get(node, {})
+
+
+def assert_success(server, entry):
+    err = execution_error(entry)
+    assert err is None, f"{err and err.get('exception_message')}\n{server.log_tail(3000)}"
+
+
+def test_object_info_lists_our_nodes_with_tooltips(server):
+    info = server.get("/object_info")
+    for node_id, category in OUR_NODES.items():
+        assert node_id in info, node_id
+        spec = info[node_id]
+        assert spec["category"] == category
+        inputs = {**spec["input"]["required"], **spec["input"].get("optional", {})}
+        for name, (typ, *opts) in inputs.items():
+            assert opts and opts[0].get("tooltip"), f"{node_id}.{name} has no tooltip"
+    core = info["SaveLoRA"]["input"]["required"]["lora"][0]
+    assert info["SelfPerceptualFineTune"]["output"][1] == core  # LORA_MODEL: plugs into core Save LoRA
+    assert info["SelfPerceptualFineTune"]["output"][2] == info["LossGraphNode"]["input"]["required"]["loss"][0]
+
+
+def test_harness_core_graph_saves_an_image(server):
+    entry = server.run(graphs.core_sampling())
+    assert_success(server, entry)
+    img = outputs_of(entry, "7")["images"][0]
+    assert (server.base / "output" / img["subfolder"] / img["filename"]).is_file()
+
+
+def test_quick_test_for_ci_imports_the_pack_without_errors(tmp_path):
+    base = prepare_base_dir(tmp_path / "base")
+    res = subprocess.run([sys.executable, "main.py", "--cpu", "--quick-test-for-ci", "--base-directory", str(base),
+                          "--database-url", "sqlite:///:memory:"], cwd=comfyui_path(), capture_output=True,
+                         text=True, timeout=300)
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-3000:]
+    line = [ln for ln in log.splitlines() if "comfyui-selfperc" in ln]
+    assert line and not any("IMPORT FAILED" in ln for ln in line), log[-3000:]
+
+
+@pytest.fixture(scope="module")
+def photos(server):
+    return make_dataset(server.base / "input" / "photos").name
+
+
+@pytest.mark.parametrize("kind", ["eps", "v_zsnr", "flow"])
+def test_fine_tune_compare_and_reload_through_the_api(server, photos, kind):
+    entry = server.run(graphs.fine_tune(kind, photos, f"e2e/{kind}"))
+    assert_success(server, entry)
+    lora_file = f"e2e/{kind}.safetensors"
+    assert (server.base / "models" / "loras" / lora_file).is_file()
+    assert (server.base / "models" / "loras" / "e2e" / f"{kind}.state.pt").is_file()
+    grid = outputs_of(entry, "13")["images"][0]
+    with Image.open(server.base / "output" / grid["subfolder"] / grid["filename"]) as im:
+        assert im.width > 2 * 64  # base | fine-tuned
+    assert "saved e2e/" in outputs_of(entry, "10")["text"][0]
+    # core LoraLoader lists the new file at once and loads it with no unloaded keys
+    assert lora_file in server.get("/object_info/LoraLoaderModelOnly")["LoraLoaderModelOnly"]["input"]["required"][
+        "lora_name"][0]
+    log_before = server.log_tail(200000)
+    entry = server.run(graphs.load_lora_and_sample(kind, lora_file))
+    assert_success(server, entry)
+    new_log = server.log_tail(200000)[len(log_before) - 2000:]
+    assert "lora key not loaded" not in new_log
+
+
+def test_unconditional_fine_tune_without_clip(server, photos):
+    entry = server.run(graphs.fine_tune("eps", photos, "e2e/uncond", clip=False, steps=2))
+    assert_success(server, entry)
+
+
+def test_perceptual_distance_through_the_api(server):
+    a = Image.fromarray(photo("astronaut")).resize((128, 128))
+    b = a.copy()
+    b.paste((0, 255, 0), (80, 80, 120, 120))
+    a.save(server.base / "input" / "dist_a.png")
+    b.save(server.base / "input" / "dist_b.png")
+    entry = server.run(graphs.distance("dist_a.png", "dist_b.png"))
+    assert_success(server, entry)
+    img = outputs_of(entry, "33")["images"][0]
+    with Image.open(server.base / "output" / img["subfolder"] / img["filename"]) as im:
+        assert im.size == (128, 128)
+    assert outputs_of(entry, "32")["images"]  # the heatmap is shown in the node
+
+
+def run_expecting_error(server, graph) -> str:
+    """Queue a graph that must fail; return the error text (validation or execution); the server stays up."""
+    from dev.host import PromptRejected
+
+    try:
+        entry = server.run(graph)
+    except PromptRejected as e:
+        text = str(e)
+    else:
+        err = execution_error(entry)
+        assert err is not None, "the graph was expected to fail"
+        text = f"{err['exception_type']}: {err['exception_message']}"
+    assert server.alive()
+    assert server.get("/system_stats")
+    return text
+
+
+def test_missing_dataset_folder_gives_a_clear_error(server):
+    text = run_expecting_error(server, graphs.fine_tune("eps", "no_such_folder", "e2e/x"))
+    assert "no_such_folder" in text
