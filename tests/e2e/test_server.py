@@ -1,7 +1,6 @@
 """The real ComfyUI server with this pack: node registry, the harness graph, and every node through the API."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from PIL import Image

@@ -1,0 +1,192 @@
+"""The example workflows: written in ComfyUI's UI format from compact specs, and converted back to API format.
+
+``python -m dev.workflows`` regenerates workflows/*.json from the node definitions of a real ComfyUI server
+(widget order comes from /object_info, so files stay in step with the nodes). ``to_api`` turns a UI-format
+workflow into what POST /prompt takes, the way the frontend does, for tests and the demo.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from dev.host import REPO_ROOT, ComfyServer
+
+WORKFLOWS = REPO_ROOT / "workflows"
+CKPT = "v1-5-pruned-emaonly.safetensors"
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+# id: (class_type, {input: value | (from_id, slot)}, pos, size). Values not given take the node's defaults.
+FINE_TUNE = {
+    "title": "selfperc_fine_tune_compare",
+    "note": ("Self-perceptual fine-tune, then base vs fine-tuned WITHOUT guidance (cfg 1.0).\n\n"
+             "1. Pick your SD1.5 / SD2.x checkpoint in the loader.\n"
+             "2. Put a folder of images (optional name.txt captions) into ComfyUI/input/ and pick it in "
+             "dataset_folder (press R to refresh the list).\n"
+             "3. Set steps (200-1000), learning_rate (1e-5..1e-4); mse_weight 0 = pure self-perceptual as in the "
+             "paper, 1 = 1:1 mix with MSE (safer on models that already sample well).\n"
+             "The LoRA is saved to models/loras/<lora_name>.safetensors; the loss curve is plotted below."),
+    "nodes": {
+        1: ("CheckpointLoaderSimple", {"ckpt_name": CKPT}, (40, 120), (320, 100)),
+        2: ("SelfPerceptualFineTune", {"model": (1, 0), "vae": (1, 2), "clip": (1, 1), "steps": 200,
+                                       "dataset_folder": "my_dataset",
+                                       "resolution": 512}, (400, 120), (360, 760)),
+        3: ("EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 4}, (40, 420), (320, 110)),
+        4: ("SelfPerceptualSampler", {"model": (2, 0), "base_model": (1, 0), "latent": (3, 0), "vae": (1, 2),
+                                      "steps": 30}, (800, 120), (340, 380)),
+        5: ("SaveImage", {"images": (4, 1), "filename_prefix": "selfperc/compare"}, (1180, 120), (420, 460)),
+        6: ("LossGraphNode", {"loss": (2, 2), "filename_prefix": "selfperc/loss"}, (800, 560), (340, 300)),
+    },
+}
+DISTANCE = {
+    "title": "selfperc_perceptual_distance",
+    "note": ("Perceptual distance: both images are noised with the same noise and compared in the frozen "
+             "model's mid-block features. Identical images give 0 and a flat map; edited regions light up.\n\n"
+             "Pick a checkpoint and two images of the same size (LoadImage uploads into input/)."),
+    "nodes": {
+        1: ("CheckpointLoaderSimple", {"ckpt_name": CKPT}, (40, 120), (320, 100)),
+        2: ("LoadImage", {"image": "example.png"}, (40, 280), (320, 320)),
+        3: ("LoadImage", {"image": "example.png"}, (40, 640), (320, 320)),
+        4: ("SelfPerceptualDistance", {"model": (1, 0), "vae": (1, 2), "image_a": (2, 0), "image_b": (3, 0)},
+            (400, 120), (340, 300)),
+        5: ("SaveImage", {"images": (4, 0), "filename_prefix": "selfperc/heatmap"}, (780, 120), (400, 420)),
+    },
+}
+LOAD_LORA = {
+    "title": "selfperc_load_lora_compare",
+    "note": ("Load a LoRA saved by the fine-tune node with core LoraLoader and compare it with the base model "
+             "from identical noise, without guidance.\n\nPick the checkpoint it was trained on and the LoRA "
+             "(models/loras/selfperc/...)."),
+    "nodes": {
+        1: ("CheckpointLoaderSimple", {"ckpt_name": CKPT}, (40, 120), (320, 100)),
+        2: ("LoraLoaderModelOnly", {"model": (1, 0), "lora_name": "selfperc/selfperc_lora.safetensors",
+                                    "strength_model": 1.0}, (400, 120), (320, 90)),
+        3: ("EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 4}, (40, 280), (320, 110)),
+        4: ("SelfPerceptualSampler", {"model": (2, 0), "base_model": (1, 0), "latent": (3, 0), "vae": (1, 2),
+                                      "steps": 30}, (760, 120), (340, 380)),
+        5: ("SaveImage", {"images": (4, 1), "filename_prefix": "selfperc/lora_compare"}, (1140, 120), (420, 460)),
+    },
+}
+SPECS = [FINE_TUNE, DISTANCE, LOAD_LORA]
+
+
+def _inputs(spec: dict) -> list[tuple[str, str, dict]]:
+    """(name, type, options) in ComfyUI's order: required, then optional."""
+    out = []
+    for group in ("required", "optional"):
+        for name, val in spec["input"].get(group, {}).items():
+            typ, opts = val[0], (val[1] if len(val) > 1 else {})
+            out.append((name, "COMBO" if isinstance(typ, list) else typ, opts))
+    return out
+
+
+def _default(typ: str, opts: dict, raw):
+    if "default" in opts:
+        return opts["default"]
+    if typ == "COMBO":
+        options = raw if isinstance(raw, list) else opts.get("options", [])
+        return options[0] if options else ""
+    return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(typ)
+
+
+def build(spec: dict, object_info: dict) -> dict:
+    """A UI-format workflow (what ComfyUI's Save writes) for one spec."""
+    nodes, links = [], []
+    link_id = 0
+    incoming: dict[tuple[int, str], int] = {}
+    outgoing: dict[tuple[int, int], list[int]] = {}
+    for nid, (cls, given, pos, size) in spec["nodes"].items():
+        for name, val in given.items():
+            if isinstance(val, tuple):
+                link_id += 1
+                src, slot = val
+                out_type = object_info[spec["nodes"][src][0]]["output"][slot]
+                typ = next(t for n, t, _ in _inputs(object_info[cls]) if n == name)
+                links.append([link_id, src, slot, nid, None, out_type])
+                incoming[(nid, name)] = link_id
+                outgoing.setdefault((src, slot), []).append(link_id)
+    for order, (nid, (cls, given, pos, size)) in enumerate(spec["nodes"].items()):
+        info = object_info[cls]
+        inputs, widgets = [], []
+        for name, typ, opts in _inputs(info):
+            raw = (info["input"].get("required", {}) | info["input"].get("optional", {}))[name][0]
+            if typ in WIDGET_TYPES:
+                value = given.get(name, _default(typ, opts, raw))
+                widgets.append(value)
+                if opts.get("control_after_generate"):
+                    widgets.append("fixed")
+                inputs.append({"name": name, "type": typ if typ != "COMBO" else "COMBO", "widget": {"name": name},
+                               "link": None})
+            elif (nid, name) in incoming:
+                inputs.append({"name": name, "type": typ, "link": incoming[(nid, name)]})
+            else:
+                inputs.append({"name": name, "type": typ, "link": None, "shape": 7})
+        # UI slot index of linked inputs
+        for slot, inp in enumerate(inputs):
+            if inp["link"] is not None:
+                next(lk for lk in links if lk[0] == inp["link"])[4] = slot
+        inputs = [i for i in inputs if "widget" not in i or i["link"] is not None] + \
+                 [i for i in inputs if "widget" in i and i["link"] is None]
+        outputs = [{"name": n, "type": t, "links": outgoing.get((nid, s), []), "slot_index": s}
+                   for s, (t, n) in enumerate(zip(info["output"], info["output_name"]))]
+        nodes.append({"id": nid, "type": cls, "pos": list(pos), "size": list(size), "flags": {}, "order": order,
+                      "mode": 0, "inputs": inputs, "outputs": outputs,
+                      "properties": {"Node name for S&R": cls}, "widgets_values": widgets})
+    note_id = max(spec["nodes"]) + 1
+    nodes.append({"id": note_id, "type": "Note", "pos": [40, -200], "size": [720, 260], "flags": {},
+                  "order": len(nodes), "mode": 0, "inputs": [], "outputs": [], "properties": {},
+                  "widgets_values": [spec["note"]], "color": "#432", "bgcolor": "#653"})
+    # links' to_slot must index the node's inputs list as saved
+    by_id = {n["id"]: n for n in nodes}
+    for lk in links:
+        lk[4] = next(i for i, inp in enumerate(by_id[lk[3]]["inputs"]) if inp["link"] == lk[0])
+    return {"last_node_id": note_id, "last_link_id": link_id, "nodes": nodes, "links": links, "groups": [],
+            "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+
+
+def to_api(workflow: dict, object_info: dict) -> dict:
+    """UI format -> API format, as the frontend's graphToPrompt does (notes and bypassed nodes dropped)."""
+    links = {lk[0]: lk for lk in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        cls = node["type"]
+        if cls not in object_info or node.get("mode", 0) in (2, 4):
+            continue
+        values = list(node.get("widgets_values", []))
+        linked = {inp["name"]: links[inp["link"]] for inp in node.get("inputs", []) if inp.get("link") is not None}
+        inputs = {}
+        for name, typ, opts in _inputs(object_info[cls]):
+            if typ in WIDGET_TYPES:
+                value = values.pop(0) if values else None
+                if opts.get("control_after_generate") and values:
+                    values.pop(0)
+                if name not in linked and value is not None:
+                    inputs[name] = value
+            if name in linked:
+                lk = linked[name]
+                inputs[name] = [str(lk[1]), lk[2]]
+        prompt[str(node["id"])] = {"class_type": cls, "inputs": inputs}
+    return prompt
+
+
+def load(name: str) -> dict:
+    return json.loads((WORKFLOWS / name).read_text())
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        srv = ComfyServer(Path(tmp)).start()
+        try:
+            info = srv.get("/object_info")
+        finally:
+            srv.stop()
+    WORKFLOWS.mkdir(exist_ok=True)
+    for spec in SPECS:
+        path = WORKFLOWS / f"{spec['title']}.json"
+        path.write_text(json.dumps(build(spec, info), indent=2) + "\n")
+        print(path.relative_to(REPO_ROOT), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
