@@ -1,0 +1,99 @@
+"""The dataset reader's policy (pure: PIL + torch), including every awkward file the node must survive."""
+import os
+import resource
+
+import pytest
+
+from dev.bad_datasets import write_bad_files, write_large_jpeg, write_odd_modes, write_symlink_loop
+from dev.datasets import make_dataset
+from selfperc_core.dataset import DatasetError, bucket_size, load_dataset
+
+
+def test_real_photos_with_captions(tmp_path):
+    make_dataset(tmp_path / "d")
+    ds = load_dataset(tmp_path / "d", 64)
+    assert len(ds.images) == 6 and not ds.skipped
+    assert all(img.shape == (64, 64, 3) and 0 <= img.min() and img.max() <= 1 for img in ds.images)
+    assert "a photo of a cat" in ds.captions
+
+
+def test_odd_modes_all_load_and_exif_is_applied(tmp_path):
+    made = write_odd_modes(tmp_path)
+    ds = load_dataset(tmp_path, 256, "buckets")
+    assert sorted(p.name for p in ds.files) == sorted(made) and not ds.skipped
+    shapes = {p.name: img.shape for p, img in zip(ds.files, ds.images)}
+    assert shapes["exif_rotated.jpg"][0] > shapes["exif_rotated.jpg"][1], "EXIF rotation not applied (portrait)"
+    assert shapes["mode_L.png"][0] < shapes["mode_L.png"][1]  # the same photo unrotated is landscape
+    rgba = ds.images[[p.name for p in ds.files].index("mode_RGBA.png")]
+    assert rgba.min() > 0.99, "transparent pixels must become white"
+
+
+def test_bad_files_are_skipped_with_reasons_and_good_ones_kept(tmp_path):
+    bad = write_bad_files(tmp_path)
+    make_dataset(tmp_path, names=["coffee"])
+    ds = load_dataset(tmp_path, 64)
+    assert [p.name for p in ds.files] == ["coffee.jpg"]
+    reasons = {s.path.name: s.reason for s in ds.skipped}
+    assert set(bad) <= set(reasons)
+    assert "smaller than 8x8" in reasons["tiny.png"]
+    assert "not UTF-8" in reasons["badcaption.png"]
+
+
+@pytest.mark.parametrize("setup,expect", [
+    (lambda d: None, "has no image files"),
+    (lambda d: (d / "notes.txt").write_text("hi") and (d / "data.csv").write_text("1"), "has no image files"),
+    (lambda d: write_bad_files(d), "has no usable images"),
+])
+def test_no_usable_image_fails_naming_folder_and_reasons(tmp_path, setup, expect):
+    d = tmp_path / "ds"
+    d.mkdir()
+    setup(d)
+    with pytest.raises(DatasetError, match=expect) as e:
+        load_dataset(d, 64)
+    assert str(d) in str(e.value)
+    if "usable" in expect:
+        assert "corrupt.png" in str(e.value)
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(DatasetError, match="dataset folder not found: .*nope"):
+        load_dataset(tmp_path / "nope", 64)
+
+
+def test_symlink_loop_does_not_hang(tmp_path):
+    make_dataset(tmp_path, names=["chelsea"])
+    write_symlink_loop(tmp_path)
+    ds = load_dataset(tmp_path, 64)
+    assert len(ds.images) == 1
+    assert any("symlink" in s.reason for s in ds.skipped)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_unreadable_file_is_skipped(tmp_path):
+    make_dataset(tmp_path, names=["chelsea", "coffee"])
+    os.chmod(tmp_path / "coffee.jpg", 0)
+    ds = load_dataset(tmp_path, 64)
+    assert [s.path.name for s in ds.skipped] == ["coffee.jpg"]
+
+
+def test_very_large_jpeg_is_downscaled_without_exhausting_memory(tmp_path):
+    write_large_jpeg(tmp_path / "huge.jpg")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    ds = load_dataset(tmp_path, 64)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert ds.images[0].shape == (64, 64, 3)
+    assert grown_mb < 200, f"decoding grew the process by {grown_mb:.0f} MB (a full decode is ~324 MB)"
+
+
+def test_bucket_sizes_keep_aspect_and_multiples():
+    assert bucket_size(1000, 500, 512) == (704, 384)
+    w, h = bucket_size(300, 900, 256)
+    assert w % 64 == 0 and h % 64 == 0 and h > w
+
+
+def test_bad_resolution_and_mode(tmp_path):
+    make_dataset(tmp_path, names=["chelsea"])
+    with pytest.raises(DatasetError, match="multiple of 64"):
+        load_dataset(tmp_path, 100)
+    with pytest.raises(DatasetError, match="unknown resize mode"):
+        load_dataset(tmp_path, 64, "stretch")
