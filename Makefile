@@ -13,7 +13,7 @@ test-core: venv
 	$(PY) -m pytest -q tests/core
 
 demo: venv
-	$(PY) -m dev.demo
+	$(PY) -u -m dev.demo
 
 bench: venv
 	$(PY) -m bench.run

@@ -90,7 +90,7 @@ def run_demo(port: int | None) -> None:
         time.sleep(0.5)
 
         prompt = workflows.to_api(workflows.load("selfperc_fine_tune_compare.json"), info)
-        set_inputs(prompt, ckpt_name=ckpt.name, dataset_folder="demo_photos", resolution=64, width=64, height=64,
+        set_inputs(prompt, ckpt_name=ckpt.name, dataset_folder="demo_photos", resolution=demo_model.RES, width=demo_model.RES, height=demo_model.RES,
                    lora_name="selfperc/demo_lora", overwrite=True, steps=60, learning_rate=5e-5, batch_size=4,
                    save_every=0, preview_every=20)
         prompt["3"]["inputs"]["batch_size"] = 4
@@ -105,9 +105,9 @@ def run_demo(port: int | None) -> None:
 
         a = photo("chelsea")
         from PIL import Image
-        img_a = Image.fromarray(a).resize((96, 64))
+        img_a = Image.fromarray(a).resize((144, 96))
         img_b = img_a.copy()
-        img_b.paste(Image.fromarray(photo("coffee")).resize((28, 28)), (56, 20))
+        img_b.paste(Image.fromarray(photo("coffee")).resize((40, 40)), (84, 28))
         img_a.save(base / "input" / "demo_a.png")
         img_b.save(base / "input" / "demo_b.png")
         prompt = workflows.to_api(workflows.load("selfperc_perceptual_distance.json"), info)

@@ -6,7 +6,18 @@ cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
 PY="${PYTHON:-python3}"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
+PIP=(pip_quiet "$VENV/bin/python" -m pip install --disable-pip-version-check -q)
+# This machine's pip config adds local find-links folders and warns for every package it does not hold.
+pip_quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+# Browser tests drive Debian's Chromium (never a browser a tool downloads).
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] Debian chromium (browser tests)" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "[setup] no chromium and not root: browser tests will be skipped (apt-get install chromium)" >&2
+  fi
+fi
 stamp="$VENV/.selfperc-stamp"
 want="$(cat dev/torch-requirements.txt dev/host-requirements.txt dev/test-requirements.txt requirements.txt \
         pyproject.toml | sha256sum | cut -d' ' -f1) ${COMFYUI_PATH:-bundled}"

@@ -99,7 +99,7 @@ class SelfPerceptualFineTune(io.ComfyNode):
                 io.Float.Input("alpha", default=8.0, min=0.01, max=1024.0, step=0.01,
                                tooltip="LoRA alpha; the update is scaled by alpha / rank."),
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per step."),
-                io.Int.Input("resolution", default=512, min=64, max=4096, step=64,
+                io.Int.Input("resolution", default=512, min=64, max=4096, step=8,
                              tooltip="Training resolution in pixels (side, or sqrt of area for buckets)."),
                 io.Combo.Input("resize_mode", options=list(RESIZE_MODES), default="center_crop",
                                tooltip="center_crop: square crops; buckets: keep each image's aspect ratio "

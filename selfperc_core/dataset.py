@@ -120,8 +120,8 @@ def load_dataset(folder: Path, resolution: int, mode: str = "center_crop", multi
     """Read every usable image of ``folder`` at ``resolution`` (module docstring states the policy)."""
     if mode not in RESIZE_MODES:
         raise DatasetError(f"unknown resize mode {mode!r}; choose one of {RESIZE_MODES}")
-    if resolution < multiple or resolution % multiple:
-        raise DatasetError(f"resolution {resolution} must be a multiple of {multiple}")
+    if resolution < 8 or resolution % 8:
+        raise DatasetError(f"resolution {resolution} must be a multiple of 8")
     files, skipped = scan_folder(folder)
     ds = Dataset(skipped=skipped)
     for path in files:

@@ -93,7 +93,7 @@ def test_bucket_sizes_keep_aspect_and_multiples():
 
 def test_bad_resolution_and_mode(tmp_path):
     make_dataset(tmp_path, names=["chelsea"])
-    with pytest.raises(DatasetError, match="multiple of 64"):
+    with pytest.raises(DatasetError, match="multiple of 8"):
         load_dataset(tmp_path, 100)
     with pytest.raises(DatasetError, match="unknown resize mode"):
         load_dataset(tmp_path, 64, "stretch")

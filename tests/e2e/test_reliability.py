@@ -1,0 +1,103 @@
+"""Reliability through the real server: bad datasets, Cancel, isolation of the base model, back-to-back runs."""
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+from dev.bad_datasets import write_bad_files, write_odd_modes, write_symlink_loop
+from dev.datasets import make_dataset
+from dev.host import execution_error
+from tests.e2e import graphs
+from tests.e2e.test_server import assert_success, run_expecting_error
+
+pytestmark = pytest.mark.e2e
+
+
+def folder(server, name, fill):
+    d = server.base / "input" / name
+    d.mkdir(parents=True, exist_ok=True)
+    fill(d)
+    return name
+
+
+BAD = {
+    "bad_empty": (lambda d: None, ["has no image files"]),
+    "bad_only_text": (lambda d: (d / "a.txt").write_text("caption") and (d / "b.json").write_text("{}"),
+                      ["has no image files"]),
+    "bad_corrupt": (lambda d: (d / "x.png").write_bytes(b"not a png" * 20), ["no usable images", "x.png"]),
+    "bad_truncated": (lambda d: write_bad_files(d) and [p.unlink() for p in d.iterdir()
+                                                        if not p.name.startswith("truncated")],
+                      ["no usable images", "truncated.png", "truncated.jpg"]),
+    "bad_tiny": (lambda d: Image.new("RGB", (5, 4)).save(d / "tiny.png"), ["tiny.png", "smaller than 8x8"]),
+    "bad_caption": (lambda d: (Image.new("RGB", (64, 64)).save(d / "c.png"),
+                               (d / "c.txt").write_bytes("\xe9t\xe9".encode("latin-1"))), ["c.txt", "not UTF-8"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_dataset_gives_a_clear_error_and_the_server_keeps_running(server, name):
+    fill, expected = BAD[name]
+    folder(server, name, fill)
+    text = run_expecting_error(server, graphs.fine_tune("eps", name, f"bad/{name}", steps=1))
+    for piece in expected:
+        assert piece in text, text
+    assert name in text  # the folder is named
+    assert not (server.base / "models" / "loras" / "bad" / f"{name}.safetensors").exists()
+
+
+def test_mixed_folder_trains_on_the_usable_images_and_logs_the_skips(server):
+    def fill(d):
+        write_odd_modes(d)
+        write_bad_files(d)
+        write_symlink_loop(d)
+    folder(server, "mixed", fill)
+    entry = server.run(graphs.fine_tune("eps", "mixed", "rel/mixed", steps=1))
+    assert_success(server, entry)
+    log = server.log_tail(400000)
+    assert "7 images from" in log and "skipped)" in log
+    for name in ("corrupt.png", "truncated.jpg", "tiny.png", "badcaption.png", "loop"):
+        assert f"skipped {server.base / 'input' / 'mixed'}" in log and name in log
+
+
+def saved_image_pixels(server, entry, node="7"):
+    img = entry["outputs"][node]["images"][0]
+    with Image.open(server.base / "output" / img["subfolder"] / img["filename"]) as im:
+        return im.tobytes()
+
+
+def test_base_model_is_untouched_by_training_and_two_runs_back_to_back_succeed(server):
+    photos = make_dataset(server.base / "input" / "iso_photos", names=["astronaut", "coffee"]).name
+    before = saved_image_pixels(server, server.run(graphs.core_sampling()))
+    a = server.queue(graphs.fine_tune("eps", photos, "iso/a", steps=2))
+    b = server.queue(graphs.fine_tune("eps", photos, "iso/b", steps=2))
+    c = server.queue(graphs.core_sampling())
+    for pid in (a, b):
+        assert_success(server, server.wait(pid))
+    after = saved_image_pixels(server, server.wait(c))
+    assert before == after, "the base model samples differently after training"
+
+
+def test_cancel_stops_training_within_a_step_and_keeps_the_last_checkpoint(server):
+    photos = make_dataset(server.base / "input" / "cancel_photos", names=["astronaut", "coffee"]).name
+    lora_dir = server.base / "models" / "loras" / "cancel"
+    pid = server.queue(graphs.fine_tune("eps", photos, "cancel/run", steps=400, save_every=2))
+    # wait until a checkpoint exists, then interrupt
+    deadline = time.time() + 240
+    while not (lora_dir / "run.safetensors").exists():
+        assert time.time() < deadline, server.log_tail(3000)
+        time.sleep(0.2)
+    t0 = time.time()
+    status, _ = server.post("/interrupt", {})
+    assert status == 200
+    entry = server.wait(pid, timeout=120)
+    stopped_in = time.time() - t0
+    msgs = [m[0] for m in entry["status"]["messages"]]
+    assert "execution_interrupted" in msgs, msgs
+    assert stopped_in < 30, f"took {stopped_in:.1f}s to stop"
+    import safetensors.torch
+    sd = safetensors.torch.load_file(str(lora_dir / "run.safetensors"))
+    assert sd and (lora_dir / "run.state.pt").exists()
+    assert not [p for p in lora_dir.iterdir() if p.name.endswith(".tmp")], "a half-written file was left"
+    assert server.alive()
+    assert_success(server, server.run(graphs.core_sampling()))
