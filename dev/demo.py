@@ -50,8 +50,10 @@ def progress_printer(server: ComfyServer, stop: threading.Event):
                         v, m = data["data"]["value"], data["data"]["max"]
                         bar = "#" * int(30 * v / max(m, 1))
                         print(f"\r  [{bar:<30}] {v}/{m}  {text if 'loss' in text else ''}   ", end="", flush=True)
-                    elif data.get("type") == "executing" and data["data"].get("node") is None:
-                        print(flush=True)
+                    elif data.get("type") == "executing":
+                        text = ""  # the loss line belongs to the node that sent it
+                        if data["data"].get("node") is None:
+                            print(flush=True)
                 elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
                     return
 

@@ -81,6 +81,16 @@ def _inputs(spec: dict) -> list[tuple[str, str, dict]]:
     return out
 
 
+def has_control(name: str, typ: str, opts: dict) -> bool:
+    """Whether the frontend adds a 'control after generate' widget (and saves its value) after this input.
+
+    The frontend adds one for INT inputs that ask for it, and for any INT named seed / noise_seed by default.
+    """
+    if typ != "INT":
+        return False
+    return bool(opts.get("control_after_generate", name in ("seed", "noise_seed")))
+
+
 def _default(typ: str, opts: dict, raw):
     if "default" in opts:
         return opts["default"]
@@ -114,7 +124,7 @@ def build(spec: dict, object_info: dict) -> dict:
             if typ in WIDGET_TYPES:
                 value = given.get(name, _default(typ, opts, raw))
                 widgets.append(value)
-                if opts.get("control_after_generate"):
+                if has_control(name, typ, opts):
                     widgets.append("fixed")
                 inputs.append({"name": name, "type": typ if typ != "COMBO" else "COMBO", "widget": {"name": name},
                                "link": None})
@@ -159,7 +169,7 @@ def to_api(workflow: dict, object_info: dict) -> dict:
         for name, typ, opts in _inputs(object_info[cls]):
             if typ in WIDGET_TYPES:
                 value = values.pop(0) if values else None
-                if opts.get("control_after_generate") and values:
+                if has_control(name, typ, opts) and values:
                     values.pop(0)
                 if name not in linked and value is not None:
                     inputs[name] = value
