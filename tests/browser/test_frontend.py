@@ -37,6 +37,7 @@ def page(server):
         pg = browser.new_page(viewport={"width": 1600, "height": 1000})
         errors = []
         pg.on("pageerror", lambda e: errors.append(str(e)))
+        server.post("/settings/Comfy.TutorialCompleted", True)  # no template browser popping up on a first visit
         pg.goto(server.url, wait_until="domcontentloaded")
         pg.wait_for_function("() => window.app && window.app.graph && window.LiteGraph", timeout=120_000)
         pg.wait_for_timeout(1500)
@@ -47,6 +48,8 @@ def page(server):
 
 def load(page, workflow: dict):
     page.evaluate("async (wf) => { await window.app.loadGraphData(wf, true, true, 'test'); }", workflow)
+    page.evaluate("""() => { const ds = window.app.canvas.ds; ds.scale = 0.75; ds.offset = [40, 320];
+                             window.app.canvas.setDirty(true, true); }""")  # the whole graph in the screenshot
     page.wait_for_timeout(500)
 
 
