@@ -25,34 +25,40 @@ def write_odd_modes(folder: Path) -> dict[str, str]:
     """One image per awkward mode; returns {file name: what it is}. All must load."""
     folder.mkdir(parents=True, exist_ok=True)
     base = _rgb()
-    made = {}
-    base.convert("L").save(folder / "mode_L.png"); made["mode_L.png"] = "L"
-    la = base.convert("LA"); la.putalpha(128); la.save(folder / "mode_LA.png"); made["mode_LA.png"] = "LA"
-    base.convert("P", palette=Image.ADAPTIVE).save(folder / "mode_P.png"); made["mode_P.png"] = "P"
-    rgba = base.convert("RGBA"); rgba.putalpha(0); rgba.save(folder / "mode_RGBA.png"); made["mode_RGBA.png"] = "RGBA"
-    base.convert("CMYK").save(folder / "mode_CMYK.jpg"); made["mode_CMYK.jpg"] = "CMYK"
-    a16 = (np.asarray(base.convert("L"), np.uint16) * 257)
-    Image.fromarray(a16).save(folder / "mode_16bit.png"); made["mode_16bit.png"] = "I;16"
-    # EXIF orientation 6 (rotate 90 CW to view): stored 64x48 landscape, upright it is 48x64 portrait
-    exif = Image.Exif(); exif[0x0112] = 6
-    base.save(folder / "exif_rotated.jpg", exif=exif.tobytes()); made["exif_rotated.jpg"] = "EXIF 6"
-    return made
+    la = base.convert("LA")
+    la.putalpha(128)
+    rgba = base.convert("RGBA")
+    rgba.putalpha(0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW to view: stored 64x48 landscape, upright it is 48x64 portrait
+    made = {
+        "mode_L.png": (base.convert("L"), {}),
+        "mode_LA.png": (la, {}),
+        "mode_P.png": (base.convert("P", palette=Image.ADAPTIVE), {}),
+        "mode_RGBA.png": (rgba, {}),
+        "mode_CMYK.jpg": (base.convert("CMYK"), {}),
+        "mode_16bit.png": (Image.fromarray(np.asarray(base.convert("L"), np.uint16) * 257), {}),
+        "exif_rotated.jpg": (base, {"exif": exif.tobytes()}),
+    }
+    for name, (im, kw) in made.items():
+        im.save(folder / name, **kw)
+    return {name: im.mode for name, (im, _) in made.items()}
 
 
 def write_bad_files(folder: Path) -> dict[str, str]:
     """Files that must be skipped with a reason; returns {file name: why}."""
     folder.mkdir(parents=True, exist_ok=True)
-    bad = {}
-    (folder / "corrupt.png").write_bytes(b"this is not an image at all" * 10); bad["corrupt.png"] = "corrupt"
+    (folder / "corrupt.png").write_bytes(b"this is not an image at all" * 10)
     data = png_bytes(_rgb((128, 128)))
-    (folder / "truncated.png").write_bytes(data[: len(data) // 3]); bad["truncated.png"] = "truncated PNG"
-    jpg = io.BytesIO(); _rgb((128, 128)).save(jpg, format="JPEG")
+    (folder / "truncated.png").write_bytes(data[: len(data) // 3])
+    jpg = io.BytesIO()
+    _rgb((128, 128)).save(jpg, format="JPEG")
     (folder / "truncated.jpg").write_bytes(jpg.getvalue()[: len(jpg.getvalue()) // 3])
-    bad["truncated.jpg"] = "truncated JPEG"
-    _rgb((5, 4)).save(folder / "tiny.png"); bad["tiny.png"] = "smaller than 8x8"
+    _rgb((5, 4)).save(folder / "tiny.png")
     _rgb().save(folder / "badcaption.png")
-    (folder / "badcaption.txt").write_bytes("caf\xe9 au lait".encode("latin-1")); bad["badcaption.png"] = "not UTF-8"
-    return bad
+    (folder / "badcaption.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    return {"corrupt.png": "corrupt", "truncated.png": "truncated PNG", "truncated.jpg": "truncated JPEG",
+            "tiny.png": "smaller than 8x8", "badcaption.png": "caption not UTF-8"}
 
 
 def write_symlink_loop(folder: Path) -> None:

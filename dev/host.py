@@ -178,3 +178,17 @@ def execution_error(entry: dict) -> dict | None:
         if kind == "execution_error":
             return data
     return None
+
+
+def import_pack(name: str = "selfperc_pack"):
+    """This repository imported the way ComfyUI imports a custom node pack (a package named after its folder)."""
+    import importlib.util
+
+    import_comfy()
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "__init__.py",
+                                                      submodule_search_locations=[str(REPO_ROOT)])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]

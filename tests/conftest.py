@@ -1,10 +1,8 @@
 """Shared fixtures: the real ComfyUI (in-process and as a server), tiny models, real-photo datasets."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -45,14 +43,9 @@ def comfy(tmp_path_factory):
 @pytest.fixture(scope="session")
 def pack(comfy):
     """This repository imported as ComfyUI imports a custom node pack (a package named after its folder)."""
-    name = "selfperc_pack"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(REPO_ROOT)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
+    from dev.host import import_pack
+
+    return import_pack()
 
 
 @pytest.fixture(scope="session")

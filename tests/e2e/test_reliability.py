@@ -1,5 +1,4 @@
 """Reliability through the real server: bad datasets, Cancel, isolation of the base model, back-to-back runs."""
-import threading
 import time
 
 import pytest
@@ -7,7 +6,6 @@ from PIL import Image
 
 from dev.bad_datasets import write_bad_files, write_odd_modes, write_symlink_loop
 from dev.datasets import make_dataset
-from dev.host import execution_error
 from tests.e2e import graphs
 from tests.e2e.test_server import assert_success, run_expecting_error
 

@@ -177,3 +177,20 @@ def test_sampler_uses_identical_noise_and_returns_a_labelled_grid(pack, models):
     torch.testing.assert_close(alone["samples"], out_latent["samples"])
     other_seed = smp.execute(model=model, **dict(kw, seed=6)).args[0]
     assert not torch.equal(other_seed["samples"], out_latent["samples"])
+
+
+def test_out_of_memory_is_reported_with_what_to_lower_and_leaves_the_model_clean(pack, models, photos, monkeypatch):
+    """A GPU OOM cannot happen on this CPU machine: inject torch's own OOM error into a training step."""
+    import comfy.model_management
+    from selfperc_pack.selfperc_core import loop
+
+    model, clip, vae = models
+    before = sample_base(model)
+
+    def oom(self):
+        raise comfy.model_management.OOM_EXCEPTION("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(loop.Trainer, "step", oom)
+    with pytest.raises(MemoryError, match="batch_size .*resolution.*gradient_checkpointing"):
+        train(pack, model, vae, photos, lora_name="oom/run", batch_size=2)
+    assert not any(getattr(m, "weight_function", []) for m in model.model.modules())
+    assert torch.equal(sample_base(model), before)

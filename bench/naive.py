@@ -1,0 +1,24 @@
+"""The naive reference of the same objective, kept here only as the baseline every faster choice is measured
+against: a deep-copied frozen model (a second copy of the weights) and two separate FULL forward passes (no
+early exit, all up-blocks run)."""
+from __future__ import annotations
+
+import copy
+
+
+def naive_frozen_features(mp, layer_name: str = "mid_block"):
+    """(x, sigma, cond) -> features from a deep copy of the base model, running the whole network."""
+    from selfperc_pack.nodes.bridge import context_for, feature_layers
+    from selfperc_pack.selfperc_core import FeatureTap
+
+    frozen = copy.deepcopy(mp.model)
+    for m in frozen.modules():  # the copy must not carry the online model's adapter wrappers
+        if hasattr(m, "weight_function"):
+            m.weight_function = []
+            m.bias_function = []
+    frozen.requires_grad_(False)
+    tap = FeatureTap(feature_layers(frozen.diffusion_model)[layer_name], early_exit=False)
+
+    def features(x, sigma, cond=None):
+        return tap(frozen.apply_model, x, sigma, **context_for(mp, x.shape[0], cond, x.device, x.dtype))
+    return features, frozen

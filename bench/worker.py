@@ -1,0 +1,174 @@
+"""One benchmark configuration in its own process (so peak memory is per configuration).
+
+Prints one JSON line: step times (after warm-up), peak memory, and what ran.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dev.host import REPO_ROOT, import_comfy, import_pack
+
+CACHE = REPO_ROOT / ".cache" / "bench"
+
+
+def sd15_unet_config() -> dict:
+    """ComfyUI's SD1.5 UNet (as model detection reads it from a real SD1.5 file)."""
+    return dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
+                channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+                transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=1,
+                context_dim=768, num_heads=8, num_head_channels=-1, use_linear_in_transformer=False,
+                use_spatial_transformer=True, legacy=False, adm_in_channels=None, use_temporal_attention=False,
+                use_temporal_resblock=False)
+
+
+def load_model(which: str):
+    """A ComfyUI ModelPatcher: the full SD1.5 UNet (random, cached) or the tiny test UNet."""
+    import_comfy()
+    import comfy.sd
+
+    from dev.tiny_models import write_unet
+
+    if which == "sd15":
+        path = write_unet(CACHE / "sd15_unet_random.safetensors", seed=0, config=sd15_unet_config())
+    else:
+        path = write_unet(REPO_ROOT / ".cache" / "models" / "diffusion_models" / "tiny_sd15_unet.safetensors")
+    return comfy.sd.load_diffusion_model(str(path))
+
+
+def latents_for(size: int, n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 4, size, size, generator=g)
+
+
+class StepClock:
+    """Step times from ComfyUI's progress-bar hook (both nodes update their bar once per optimizer step)."""
+
+    def __init__(self):
+        self.stamps = []
+
+    def __call__(self, value, total, preview=None, node_id=None):
+        self.stamps.append(time.perf_counter())
+
+    def steps(self) -> list[float]:
+        return [b - a for a, b in zip(self.stamps, self.stamps[1:])]
+
+
+def run_core_train_lora(model, lat, a) -> list[float]:
+    """(a) ComfyUI's Train LoRA node, called as ComfyUI calls it (input lists, inference mode outside)."""
+    import comfy.utils
+    from comfy_extras.nodes_train import TrainLoraNode
+
+    clock = StepClock()
+    comfy.utils.set_progress_bar_global_hook(clock)
+    cond = [[torch.zeros(1, 77, 768), {}]]
+    dtype = "bf16" if torch.cuda.is_available() else "fp32"
+    kw = dict(model=model, latents={"samples": lat}, positive=cond, batch_size=a.batch, grad_accumulation_steps=1,
+              steps=a.warmup + a.steps + 1, learning_rate=1e-4, rank=a.rank, optimizer="AdamW",
+              loss_function="MSE", seed=0, training_dtype=dtype, lora_dtype=dtype, algorithm="LoRA",
+              gradient_checkpointing=a.checkpointing, existing_lora="[None]")
+    with torch.inference_mode():
+        TrainLoraNode.execute(**{k: [v] for k, v in kw.items()})
+    return clock.steps()
+
+
+def run_selfperc(model, lat, a, early_exit=True, batched=False, naive=False) -> list[float]:
+    """(b)-(d): the node's own training loop (Trainer.step in a training_session) on the same latents."""
+    from selfperc_pack.nodes import bridge
+    from selfperc_pack.nodes.session import training_session
+    from selfperc_pack.selfperc_core.loop import Trainer, TrainSettings
+
+    from bench.naive import naive_frozen_features
+
+    lat = model.model.process_latent_in(lat)
+    with torch.inference_mode(False), training_session(model, a.rank, float(a.rank), 0, "mid_block",
+                                                       a.checkpointing, early_exit=early_exit) as ses:
+        ms = ses.model_sampling
+        frozen = ses.frozen_features
+        if naive:
+            frozen, _copy = naive_frozen_features(ses.mp)
+        dev = bridge.device()
+        tr = Trainer(ses.params, [x for x in lat.clone()], [None] * len(lat), ses.predict_x0, frozen,
+                     bridge.noise_scaling_fn(ms), bridge.sigma_of_t_fn(ms),
+                     TrainSettings(learning_rate=1e-4, batch_size=a.batch, batched_frozen=batched), device=dev)
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        times = []
+        for _ in range(a.warmup + a.steps):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+                tr.step()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return times
+
+
+def count_flops(model, lat, a) -> dict:
+    """FLOPs of one MSE LoRA step (forward + backward) and of one forward up to the mid-block."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from selfperc_pack.nodes.session import training_session
+
+    lat = model.model.process_latent_in(lat[: a.batch])
+    sigma = torch.full((a.batch,), 1.0)
+    with torch.inference_mode(False), training_session(model, a.rank, float(a.rank), 0, "mid_block", False) as ses:
+        x = lat.clone().requires_grad_(False)
+        with FlopCounterMode(display=False) as fc:
+            out = ses.predict_x0(x, sigma, None)
+            (out - lat).square().mean().backward()
+        mse_step = fc.get_total_flops()
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            ses.frozen_features(x, sigma, None)
+        to_tap = fc.get_total_flops()
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            ses.predict_x0(x, sigma, None)
+        full_fwd = fc.get_total_flops()
+    return {"mse_step": mse_step, "forward_to_tap": to_tap, "forward_full": full_fwd}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("method", choices=["core_train_lora", "selfperc", "selfperc_no_early_exit",
+                                       "selfperc_batched", "naive", "flops"])
+    ap.add_argument("--model", default="sd15", choices=["sd15", "tiny"])
+    ap.add_argument("--size", type=int, default=32, help="latent side")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--checkpointing", type=int, default=1)
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    import_pack()
+    model = load_model(a.model)
+    lat = latents_for(a.size, max(4, a.batch))
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    if a.method == "flops":
+        print(json.dumps(count_flops(model, lat, a)))
+        return
+    t0 = time.perf_counter()
+    if a.method == "core_train_lora":
+        times = run_core_train_lora(model, lat, a)
+    else:
+        times = run_selfperc(model, lat, a, early_exit=a.method != "selfperc_no_early_exit",
+                             batched=a.method == "selfperc_batched", naive=a.method == "naive")
+    steps = times[a.warmup: a.warmup + a.steps]
+    peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    print(json.dumps({"method": a.method, "step_times": steps, "peak_memory_bytes": peak,
+                      "memory_kind": "cuda_max_allocated" if torch.cuda.is_available() else "process_peak_rss",
+                      "wall": time.perf_counter() - t0, "device": "cuda" if torch.cuda.is_available() else "cpu"}))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
