@@ -1,7 +1,7 @@
 # The two commands of README: `make demo` (the main job) and `make test`. Each builds .venv if needed.
 PY := .venv/bin/python
 
-.PHONY: venv test test-core demo bench lint clean
+.PHONY: venv test test-core demo bench bench-quick lint clean
 
 venv:
 	@bash dev/setup_venv.sh
@@ -23,3 +23,6 @@ lint: venv
 
 clean:
 	rm -rf .venv .cache demo_output
+
+bench-quick: venv
+	$(PY) -m bench.run --quick

@@ -69,12 +69,16 @@ def run_core_train_lora(model, lat, a) -> list[float]:
     comfy.utils.set_progress_bar_global_hook(clock)
     cond = [[torch.zeros(1, 77, 768), {}]]
     dtype = "bf16" if torch.cuda.is_available() else "fp32"
-    kw = dict(model=model, latents={"samples": lat}, positive=cond, batch_size=a.batch, grad_accumulation_steps=1,
+    kw = dict(model=model, positive=cond, batch_size=a.batch, grad_accumulation_steps=1,
               steps=a.warmup + a.steps + 1, learning_rate=1e-4, rank=a.rank, optimizer="AdamW",
               loss_function="MSE", seed=0, training_dtype=dtype, lora_dtype=dtype, algorithm="LoRA",
               gradient_checkpointing=a.checkpointing, existing_lora="[None]")
+    # As a dataset graph feeds it (one latent per image, an output list): this ComfyUI's node only defines
+    # its multi-resolution flag on that path and fails on a single batched LATENT.
+    inputs = {k: [v] for k, v in kw.items()}
+    inputs["latents"] = [{"samples": lat[i:i + 1]} for i in range(lat.shape[0])]
     with torch.inference_mode():
-        TrainLoraNode.execute(**{k: [v] for k, v in kw.items()})
+        TrainLoraNode.execute(**inputs)
     return clock.steps()
 
 
@@ -111,6 +115,35 @@ def run_selfperc(model, lat, a, early_exit=True, batched=False, naive=False) -> 
         return times
 
 
+def run_mse_same_lora(model, lat, a) -> list[float]:
+    """(a') an MSE LoRA step with exactly our LoRA and checkpointing (x0-space MSE, as core Train LoRA): the
+    baseline the FLOP floor is applied to, since core Train LoRA also trains bias/norm offsets on every layer."""
+    from selfperc_pack.nodes import bridge
+    from selfperc_pack.nodes.session import training_session
+    from selfperc_pack.selfperc_core.timesteps import draw_t
+
+    lat = model.model.process_latent_in(lat)
+    with torch.inference_mode(False), training_session(model, a.rank, float(a.rank), 0, "mid_block",
+                                                       a.checkpointing) as ses:
+        ms = ses.model_sampling
+        ns, sig = bridge.noise_scaling_fn(ms), bridge.sigma_of_t_fn(ms)
+        opt = torch.optim.AdamW(ses.params, lr=1e-4)
+        g = torch.Generator().manual_seed(0)
+        times = []
+        for _ in range(a.warmup + a.steps):
+            t0 = time.perf_counter()
+            idx = torch.randperm(len(lat), generator=g)[: a.batch]
+            x0 = lat[idx].clone()
+            sigma = sig(draw_t(a.batch, g))
+            x_t = ns(sigma, torch.randn(x0.shape, generator=g), x0)
+            loss = (ses.predict_x0(x_t, sigma, None) - x0).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        return times
+
+
 def count_flops(model, lat, a) -> dict:
     """FLOPs of one MSE LoRA step (forward + backward) and of one forward up to the mid-block."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -136,7 +169,7 @@ def count_flops(model, lat, a) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("method", choices=["core_train_lora", "selfperc", "selfperc_no_early_exit",
+    ap.add_argument("method", choices=["core_train_lora", "mse_same_lora", "selfperc", "selfperc_no_early_exit",
                                        "selfperc_batched", "naive", "flops"])
     ap.add_argument("--model", default="sd15", choices=["sd15", "tiny"])
     ap.add_argument("--size", type=int, default=32, help="latent side")
@@ -158,6 +191,8 @@ def main() -> None:
     t0 = time.perf_counter()
     if a.method == "core_train_lora":
         times = run_core_train_lora(model, lat, a)
+    elif a.method == "mse_same_lora":
+        times = run_mse_same_lora(model, lat, a)
     else:
         times = run_selfperc(model, lat, a, early_exit=a.method != "selfperc_no_early_exit",
                              batched=a.method == "selfperc_batched", naive=a.method == "naive")
