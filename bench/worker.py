@@ -9,7 +9,6 @@ import json
 import resource
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -146,9 +145,8 @@ def run_mse_same_lora(model, lat, a) -> list[float]:
 
 def count_flops(model, lat, a) -> dict:
     """FLOPs of one MSE LoRA step (forward + backward) and of one forward up to the mid-block."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from selfperc_pack.nodes.session import training_session
+    from torch.utils.flop_counter import FlopCounterMode
 
     lat = model.model.process_latent_in(lat[: a.batch])
     sigma = torch.full((a.batch,), 1.0)

@@ -57,7 +57,9 @@ class Trainer:
 
     def __init__(self, params: list[Tensor], latents: list[Tensor], conds: list[Tensor | None],
                  predict_x0: Callable, frozen_features: Callable, noise_scaling: NoiseScaling,
-                 sigma_of_t: Callable[[Tensor], Tensor], settings: TrainSettings, device=None):
+                 sigma_of_t: Callable[[Tensor], Tensor], settings: TrainSettings, device=None,
+                 rank: int = 0, world_size: int = 1, grad_sync: Callable[[list[Tensor]], None] | None = None,
+                 accumulation: int = 1, optimizer: torch.optim.Optimizer | None = None):
         if len(latents) != len(conds):
             raise ValueError(f"{len(latents)} latents but {len(conds)} conditionings")
         self.params = list(params)
@@ -66,7 +68,11 @@ class Trainer:
         self.noise_scaling, self.sigma_of_t = noise_scaling, sigma_of_t
         self.s = settings
         self.device = device or latents[0].device
-        self.optimizer = torch.optim.AdamW(self.params, lr=settings.learning_rate, weight_decay=0.0)
+        self.optimizer = optimizer or torch.optim.AdamW(self.params, lr=settings.learning_rate, weight_decay=0.0)
+        # Data parallel: every process draws the same GLOBAL batch (batch_size x world_size) from the shared
+        # generator and keeps its own slice, so N processes x B equals 1 process x N*B exactly.
+        self.rank, self.world_size, self.grad_sync = rank, world_size, grad_sync
+        self.accumulation = accumulation
         self.generator = torch.Generator().manual_seed(settings.seed)
         self.step_count = 0
         self.losses: list[float] = []
@@ -75,41 +81,54 @@ class Trainer:
             buckets.setdefault(tuple(lat.shape), []).append(i)
         self.buckets = list(buckets.values())
 
-    def _indices(self) -> list[int]:
+    def _indices(self, n: int) -> list[int]:
         sizes = torch.tensor([len(b) for b in self.buckets], dtype=torch.float)
         bucket = self.buckets[int(torch.multinomial(sizes, 1, generator=self.generator))]
-        if len(bucket) >= self.s.batch_size:
-            pick = torch.randperm(len(bucket), generator=self.generator)[: self.s.batch_size]
+        if len(bucket) >= n:
+            pick = torch.randperm(len(bucket), generator=self.generator)[:n]
         else:  # a bucket smaller than the batch is sampled with replacement
-            pick = torch.randint(len(bucket), (self.s.batch_size,), generator=self.generator)
+            pick = torch.randint(len(bucket), (n,), generator=self.generator)
         return [bucket[int(i)] for i in pick]
 
-    def step(self) -> LossParts:
-        """One optimizer step. Raises NonFiniteLoss before updating if the loss is NaN/Inf."""
+    def _micro_batch(self) -> LossParts:
         g, s = self.generator, self.s
-        idx = self._indices()
-        x0 = torch.stack([self.latents[i] for i in idx]).to(self.device)
-        cond = None if self.conds[idx[0]] is None else torch.cat([self.conds[i] for i in idx]).to(self.device)
+        idx = self._indices(s.batch_size * self.world_size)
         t = draw_t(len(idx), g, s.t_range)
         tp = draw_t_prime(t, s.t_prime, g, s.t_prime_range)
-        eps = torch.randn(x0.shape, generator=g).to(device=self.device, dtype=x0.dtype)
+        eps = torch.randn((len(idx),) + tuple(self.latents[idx[0]].shape), generator=g)
+        mine = slice(self.rank * s.batch_size, (self.rank + 1) * s.batch_size)
+        idx, t, tp, eps = idx[mine], t[mine], tp[mine], eps[mine]
+        x0 = torch.stack([self.latents[i] for i in idx]).to(self.device)
+        eps = eps.to(device=self.device, dtype=x0.dtype)
+        cond = None if self.conds[idx[0]] is None else torch.cat([self.conds[i] for i in idx]).to(self.device)
         sigma = self.sigma_of_t(t).to(self.device)
         sigma_p = self.sigma_of_t(tp).to(self.device)
-
-        parts = self_perceptual_loss(
+        return self_perceptual_loss(
             lambda x, sg: self.predict_x0(x, sg, cond),
             lambda x, sg: self.frozen_features(x, sg, cond),
             self.noise_scaling, x0, eps, sigma, sigma_p,
             distance=s.distance, normalize=s.normalize, mse_weight=s.mse_weight, batched_frozen=s.batched_frozen)
-        value = parts.loss.item()
-        if not math.isfinite(value):
-            raise NonFiniteLoss(self.step_count + 1, value)
+
+    def step(self) -> LossParts:
+        """One optimizer step (over ``accumulation`` micro-batches). Raises NonFiniteLoss before updating if
+        the loss is NaN/Inf. The returned loss is this process's mean over its micro-batches."""
         self.optimizer.zero_grad(set_to_none=True)
-        parts.loss.backward()
+        loss = perceptual = mse = 0.0
+        for _ in range(self.accumulation):
+            parts = self._micro_batch()
+            value = parts.loss.item()
+            if not math.isfinite(value):
+                raise NonFiniteLoss(self.step_count + 1, value)
+            (parts.loss / self.accumulation).backward()
+            loss, perceptual, mse = loss + value, perceptual + parts.perceptual, mse + parts.mse
+        if self.grad_sync is not None:
+            self.grad_sync(self.params)
         self.optimizer.step()
         self.step_count += 1
-        self.losses.append(value)
-        return parts
+        n = self.accumulation
+        out = LossParts(loss=torch.tensor(loss / n), perceptual=perceptual / n, mse=mse / n)
+        self.losses.append(loss / n)
+        return out
 
     def state_dict(self) -> dict:
         """Everything but the adapter weights needed to continue exactly: optimizer, step, RNG, loss curve."""

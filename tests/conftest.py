@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import tests  # noqa: F401  bind this repo's tests namespace first: the ComfyUI tree put on sys.path has one too
 from dev.host import REPO_ROOT
 
 MODELS_CACHE = REPO_ROOT / ".cache" / "models"

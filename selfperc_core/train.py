@@ -1,0 +1,187 @@
+"""Headless self-perceptual trainer on accelerate + diffusers: `python -m selfperc_core.train ...`, and the
+same under `accelerate launch` (multi-GPU, multi-node, or multi-CPU with gloo).
+
+The model folder is a diffusers layout: unet/ (UNet2DConditionModel), vae/ (AutoencoderKL), scheduler/
+(prediction_type, rescale_betas_zero_snr). The loss, the loop, the dataset rules, the feature tap and the adapter
+switch are the core's; this file only wires them to diffusers, peft and accelerate. Training is unconditional
+(zero text context), as the ComfyUI node without a CLIP.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from .adapter import checkpoint_forward
+from .dataset import RESIZE_MODES, load_dataset
+from .diffusers_host import DiffusersSchedule, PeftSwitch, comfy_lora_state_dict, lora_targets, unet_predictor
+from .features import FeatureTap
+from .loop import Trainer, TrainSettings
+from .objective import DISTANCES
+from .timesteps import T_PRIME_STRATEGIES
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m selfperc_core.train", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, required=True, help="diffusers model folder (unet/, vae/, scheduler/)")
+    ap.add_argument("--data", type=Path, required=True, help="folder of training images")
+    ap.add_argument("--out", type=Path, required=True, help="output folder (LoRA, checkpoints, log)")
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--batch-size", type=int, default=1, help="per process")
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--resolution", type=int, default=512)
+    ap.add_argument("--resize-mode", choices=RESIZE_MODES, default="center_crop")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--full", action="store_true", help="full fine-tune (frozen model = a real frozen copy)")
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--alpha", type=float, default=8.0)
+    ap.add_argument("--t-prime", choices=T_PRIME_STRATEGIES, default="uniform")
+    ap.add_argument("--t-prime-range", type=float, nargs=2, default=(0.0, 1.0))
+    ap.add_argument("--distance", choices=DISTANCES, default="mse")
+    ap.add_argument("--normalize", action="store_true")
+    ap.add_argument("--mse-weight", type=float, default=0.0)
+    ap.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
+                    help="default: accelerate's config / launch flag")
+    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--save-every", type=int, default=0, help="accelerate state every N steps (resumable)")
+    ap.add_argument("--resume", type=Path, default=None, help="an accelerate state folder from --save-every")
+    ap.add_argument("--log-json", type=Path, default=None, help="write per-step global losses here (main process)")
+    return ap.parse_args(argv)
+
+
+class _Module(torch.nn.Module):
+    """Wraps a list of parameters so accelerate's state saving includes them."""
+
+    def __init__(self, params):
+        super().__init__()
+        self.params = torch.nn.ParameterList(params)
+
+
+def encode(vae, images: list[torch.Tensor], device) -> list[torch.Tensor]:
+    """VAE-encode once (latent cache), scaled by the VAE's scaling_factor: the UNet's latent space."""
+    out = []
+    with torch.no_grad():
+        for img in images:
+            x = img.permute(2, 0, 1)[None].to(device) * 2 - 1
+            lat = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+            out.append(lat[0].float().cpu())
+    return out
+
+
+def main(argv=None) -> None:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from tqdm.auto import tqdm
+
+    a = parse_args(argv)
+    acc = Accelerator(mixed_precision=a.mixed_precision, cpu=not torch.cuda.is_available() or None)
+    set_seed(a.seed)
+    dev = acc.device
+    ds = load_dataset(a.data, a.resolution, a.resize_mode)
+    if acc.is_main_process:
+        for s in ds.skipped:
+            print(f"selfperc: skipped {s.path}: {s.reason}")
+        print(f"selfperc: {len(ds.images)} images ({len(ds.skipped)} skipped), {acc.num_processes} process(es)")
+
+    vae = AutoencoderKL.from_pretrained(a.model / "vae").to(dev).eval()
+    latents = encode(vae, ds.images, dev)
+    del vae
+    schedule = DiffusersSchedule(DDPMScheduler.from_pretrained(a.model / "scheduler"))
+    unet = UNet2DConditionModel.from_pretrained(a.model / "unet").to(dev)
+    unet.requires_grad_(False)
+    ctx_dim = unet.config.cross_attention_dim
+
+    if a.full:
+        frozen = copy.deepcopy(unet).eval()
+        unet.requires_grad_(True)
+        params, switch, tap_net = list(unet.parameters()), None, frozen
+    else:
+        from peft import LoraConfig
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(a.seed)
+            unet.add_adapter(LoraConfig(r=a.rank, lora_alpha=a.alpha, init_lora_weights="gaussian",
+                                        target_modules=lora_targets(unet)))
+        params = [p for p in unet.parameters() if p.requires_grad]
+        for p in params:
+            p.data = p.data.float()
+        switch, tap_net = PeftSwitch(unet), unet
+    if a.gradient_checkpointing:
+        for blk in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+            checkpoint_forward(blk, switch)
+
+    predict = unet_predictor(unet, schedule, ctx_dim)
+    frozen_predict = unet_predictor(tap_net, schedule, ctx_dim)
+    tap = FeatureTap(tap_net.mid_block)
+
+    def frozen_features(x, sigma, cond=None):
+        if switch is None:
+            return tap(frozen_predict, x, sigma, cond)
+        with switch.off():
+            return tap(frozen_predict, x, sigma, cond)
+
+    def grad_sync(ps):  # mean of the processes' gradients (no DDP wrapper: the frozen passes reuse the net)
+        if acc.num_processes > 1:
+            for p in ps:
+                if p.grad is not None:
+                    p.grad = acc.reduce(p.grad, reduction="mean")
+
+    opt = acc.prepare_optimizer(torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)) \
+        if hasattr(acc, "prepare_optimizer") else acc.prepare(torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0))
+    settings = TrainSettings(steps=a.steps, learning_rate=a.lr, batch_size=a.batch_size, seed=a.seed,
+                             t_prime=a.t_prime, t_prime_range=tuple(a.t_prime_range), distance=a.distance,
+                             normalize=a.normalize, mse_weight=a.mse_weight,
+                             t_range=(0.0, 0.9) if schedule.prediction_type == "epsilon" else (0.0, 1.0))
+    trainer = Trainer(params, latents, [None] * len(latents), predict, frozen_features, schedule.noise_scaling,
+                      schedule.sigma_of_t, settings, device=dev, rank=acc.process_index,
+                      world_size=acc.num_processes, grad_sync=grad_sync, accumulation=a.grad_accum, optimizer=opt)
+    weights = _Module(params)
+    acc.register_for_checkpointing(trainer, weights)
+    if a.resume is not None:
+        acc.load_state(str(a.resume))
+    a.out.mkdir(parents=True, exist_ok=True)
+    global_losses = []
+    bar = tqdm(total=a.steps, initial=trainer.step_count, desc="self-perceptual", disable=not acc.is_main_process)
+    while trainer.step_count < a.steps:
+        with acc.autocast():
+            parts = trainer.step()
+        loss = acc.reduce(parts.loss.to(dev), reduction="mean").item()
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss} at step {trainer.step_count}")
+        global_losses.append(loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.5f}")
+        if a.save_every and trainer.step_count % a.save_every == 0:
+            acc.save_state(str(a.out / f"state-{trainer.step_count:06d}"))
+    bar.close()
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        _write_outputs(a, unet, global_losses, trainer)
+    acc.wait_for_everyone()
+    acc.end_training()
+
+
+def _write_outputs(a, unet, global_losses, trainer) -> None:
+    from safetensors.torch import save_file
+
+    meta = {"selfperc_objective": "self-perceptual (Lin & Yang 2024)", "steps": str(trainer.step_count),
+            "settings": json.dumps({k: str(v) for k, v in vars(a).items()})}
+    if a.full:
+        unet.save_pretrained(a.out / "unet")
+    else:
+        tmp = a.out / ".selfperc_lora.safetensors.tmp"
+        save_file(comfy_lora_state_dict(unet), str(tmp), metadata=meta)
+        os.replace(tmp, a.out / "selfperc_lora.safetensors")
+    if a.log_json:
+        a.log_json.write_text(json.dumps({"losses": global_losses, "steps": trainer.step_count}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""The headless trainer (selfperc_core.train) on accelerate + diffusers, with the core's objective unchanged."""
+import json
+import logging
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dev.datasets import make_dataset
+from dev.diffusers_fixture import write_model_folder
+from dev.host import REPO_ROOT
+
+pytestmark = pytest.mark.host
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_model_folder(tmp_path_factory.mktemp("diffusers") / "eps")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data") / "photos", captions=False)
+
+
+def train(model_dir, data_dir, out, *extra, launcher=None):
+    cmd = (launcher or [sys.executable]) + ["-m", "selfperc_core.train", "--model", str(model_dir), "--data",
+                                            str(data_dir), "--out", str(out), "--resolution", "64",
+                                            "--log-json", str(out / "log.json"), *map(str, extra)]
+    res = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return json.loads((out / "log.json").read_text()), load_file(str(out / "selfperc_lora.safetensors"))
+
+
+def test_two_processes_equal_one_process_with_the_double_batch(model_dir, data_dir, tmp_path):
+    """accelerate launch, 2 CPU processes (torch.distributed, gloo) x batch 1 == 1 process x batch 2."""
+    one, lora_one = train(model_dir, data_dir, tmp_path / "one", "--steps", 2, "--batch-size", 2)
+    two, lora_two = train(model_dir, data_dir, tmp_path / "two", "--steps", 2, "--batch-size", 1, launcher=ACCELERATE + [
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no"])
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    assert lora_one.keys() == lora_two.keys()
+    # Gradients agree to float rounding (gloo sums in another order); AdamW's first steps move each weight by
+    # about lr * sign(grad), so a gradient that is ~0 may flip one weight by up to 2 * lr * steps.
+    diffs = torch.cat([(lora_two[k] - lora_one[k]).abs().flatten() for k in lora_one])
+    assert diffs.max() <= 2 * 1e-4 * 2 + 1e-6
+    assert diffs.mean() < 1e-7
+    # only the main process writes
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["log.json", "selfperc_lora.safetensors"]
+
+
+def test_resume_from_accelerate_state_continues_exactly(model_dir, data_dir, tmp_path):
+    straight, lora_a = train(model_dir, data_dir, tmp_path / "a", "--steps", 3, "--batch-size", 2)
+    train(model_dir, data_dir, tmp_path / "b", "--steps", 1, "--batch-size", 2, "--save-every", 1)
+    resumed, lora_b = train(model_dir, data_dir, tmp_path / "b", "--steps", 3, "--batch-size", 2,
+                            "--resume", tmp_path / "b" / "state-000001")
+    assert resumed["losses"] == pytest.approx(straight["losses"][1:], rel=1e-5)
+    for k in lora_a:
+        torch.testing.assert_close(lora_b[k], lora_a[k], rtol=1e-4, atol=1e-6)
+
+
+def test_lora_loads_in_comfyui_with_no_unloaded_keys(comfy, tiny_models, model_dir, data_dir, tmp_path, caplog):
+    import folder_paths
+
+    from nodes import LoraLoaderModelOnly
+    from tests.host.models import load_checkpoint
+    from tests.host.test_nodes_inprocess import sample_base
+
+    _, lora = train(model_dir, data_dir, tmp_path / "c", "--steps", 2, "--batch-size", 2, "--lr", "1e-3")
+    dest = folder_paths.get_folder_paths("loras")[0]
+    shutil.copy(tmp_path / "c" / "selfperc_lora.safetensors", f"{dest}/headless.safetensors")
+    model = load_checkpoint(str(tiny_models["checkpoint"]))[0]  # the same UNet weights, ComfyUI layout
+    with caplog.at_level(logging.WARNING):
+        loaded = LoraLoaderModelOnly().load_lora_model_only(model, "headless.safetensors", 1.0)[0]
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    assert len(loaded.patches) == sum(1 for k in lora if k.endswith(".lora_down.weight")) > 20
+    assert not torch.equal(sample_base(loaded), sample_base(model))
+
+
+@pytest.mark.parametrize("prediction_type,zsnr", [("epsilon", False), ("v_prediction", True)])
+def test_diffusers_predictions_match_comfyui_for_the_same_weights(comfy, tiny_models, tmp_path, prediction_type,
+                                                                  zsnr):
+    """The headless host's sigma-space conventions are ComfyUI's: same x0_hat from the same UNet weights."""
+    from diffusers import DDPMScheduler
+
+    from dev.diffusers_fixture import diffusers_unet_from_comfy
+    from selfperc_core.diffusers_host import DiffusersSchedule, unet_predictor
+    from tests.host.models import as_parameterization, load_checkpoint
+
+    model = load_checkpoint(str(tiny_models["checkpoint"]))[0]
+    model = as_parameterization(model, "eps" if prediction_type == "epsilon" else "v_zsnr")
+    sched = DiffusersSchedule(DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                            prediction_type=prediction_type, rescale_betas_zero_snr=zsnr))
+    ms = model.get_model_object("model_sampling")
+    t = torch.tensor([100.0, 500.0, 969.0]) / 999  # on training timesteps (both round to the nearest one)
+    sig = sched.sigma_of_t(t)
+    torch.testing.assert_close(sig, torch.tensor([float(ms.percent_to_sigma(1 - float(v))) for v in t]),
+                               rtol=2e-3, atol=1e-4)
+    x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * sig.view(-1, 1, 1, 1)
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([model])  # applies the model_sampling patch to the BaseModel
+    with torch.no_grad():
+        ours = unet_predictor(diffusers_unet_from_comfy(), sched, 768)(x, sig)
+        theirs = model.model.apply_model(x, sig, c_crossattn=torch.zeros(3, 77, 768))
+    torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3)
+
+
+def test_v_prediction_zero_snr_and_full_fine_tune_run(tmp_path, data_dir):
+    v_dir = write_model_folder(tmp_path / "v", prediction_type="v_prediction", zsnr=True)
+    log, lora = train(v_dir, data_dir, tmp_path / "v_out", "--steps", 2, "--batch-size", 2,
+                      "--gradient-checkpointing")
+    assert all(torch.isfinite(torch.tensor(log["losses"])))
+    cmd = [sys.executable, "-m", "selfperc_core.train", "--model", str(v_dir), "--data", str(data_dir), "--out",
+           str(tmp_path / "full"), "--resolution", "64", "--steps", "1", "--full", "--lr", "1e-6"]
+    res = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "full" / "unet" / "config.json").exists()
