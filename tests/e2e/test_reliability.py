@@ -79,6 +79,7 @@ def test_base_model_is_untouched_by_training_and_two_runs_back_to_back_succeed(s
 def test_cancel_stops_training_within_a_step_and_keeps_the_last_checkpoint(server):
     photos = make_dataset(server.base / "input" / "cancel_photos", names=["astronaut", "coffee"]).name
     lora_dir = server.base / "models" / "loras" / "cancel"
+    before = saved_image_pixels(server, server.run(graphs.core_sampling()))
     pid = server.queue(graphs.fine_tune("eps", photos, "cancel/run", steps=400, save_every=2))
     # wait until a checkpoint exists, then interrupt
     deadline = time.time() + 240
@@ -98,4 +99,6 @@ def test_cancel_stops_training_within_a_step_and_keeps_the_last_checkpoint(serve
     assert sd and (lora_dir / "run.state.pt").exists()
     assert not [p for p in lora_dir.iterdir() if p.name.endswith(".tmp")], "a half-written file was left"
     assert server.alive()
-    assert_success(server, server.run(graphs.core_sampling()))
+    after = server.run(graphs.core_sampling())
+    assert_success(server, after)
+    assert saved_image_pixels(server, after) == before, "a cancelled run left something on the base model"
