@@ -38,7 +38,17 @@ def comfy(tmp_path_factory):
     folder_paths.set_output_directory(str(base / "output"))
     folder_paths.set_temp_directory(str(base / "temp"))
     folder_paths.add_model_folder_path("loras", str(base / "models" / "loras"), is_default=True)
-    return base
+    yield base
+    # free ModelPatchers while ComfyUI's modules still exist (else their __del__ complains at exit)
+    import gc
+
+    import comfy.model_management
+
+    comfy.model_management.unload_all_models()
+    from tests.host.models import load_checkpoint
+
+    load_checkpoint.cache_clear()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

@@ -58,6 +58,15 @@ def test_mixed_folder_trains_on_the_usable_images_and_logs_the_skips(server):
         assert f"skipped {server.base / 'input' / 'mixed'}" in log and name in log
 
 
+def test_very_large_image_is_downscaled_and_trains(server):
+    from dev.bad_datasets import write_large_jpeg
+
+    folder(server, "huge", lambda d: write_large_jpeg(d / "huge.jpg"))
+    entry = server.run(graphs.fine_tune("eps", "huge", "rel/huge", steps=2))
+    assert_success(server, entry)
+    assert "1 images from" in server.log_tail(400000)
+
+
 def saved_image_pixels(server, entry, node="7"):
     img = entry["outputs"][node]["images"][0]
     with Image.open(server.base / "output" / img["subfolder"] / img["filename"]) as im:

@@ -86,13 +86,14 @@ def test_unconditional_fine_tune_without_clip(server, photos):
     assert_success(server, entry)
 
 
-def test_perceptual_distance_through_the_api(server):
+@pytest.mark.parametrize("kind", ["eps", "v_zsnr", "flow"])
+def test_perceptual_distance_through_the_api(server, kind):
     a = Image.fromarray(photo("astronaut")).resize((128, 128))
     b = a.copy()
     b.paste((0, 255, 0), (80, 80, 120, 120))
     a.save(server.base / "input" / "dist_a.png")
     b.save(server.base / "input" / "dist_b.png")
-    entry = server.run(graphs.distance("dist_a.png", "dist_b.png"))
+    entry = server.run(graphs.distance("dist_a.png", "dist_b.png", kind))
     assert_success(server, entry)
     img = outputs_of(entry, "33")["images"][0]
     with Image.open(server.base / "output" / img["subfolder"] / img["filename"]) as im:

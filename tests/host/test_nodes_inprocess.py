@@ -194,3 +194,17 @@ def test_out_of_memory_is_reported_with_what_to_lower_and_leaves_the_model_clean
         train(pack, model, vae, photos, lora_name="oom/run", batch_size=2)
     assert not any(getattr(m, "weight_function", []) for m in model.model.modules())
     assert torch.equal(sample_base(model), before)
+
+
+def test_progress_bar_gets_every_step_and_a_sample_preview(pack, models, photos, monkeypatch):
+    import comfy.utils
+
+    seen = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK",
+                        lambda value, total, preview, node_id=None: seen.append((value, total, preview)))
+    model, clip, vae = models
+    train(pack, model, vae, photos, lora_name="pbar/run", steps=4, preview_every=2)
+    steps = [v for v, t, p in seen if t == 4]
+    assert steps[-4:] == [1, 2, 3, 4]
+    previews = [p for v, t, p in seen if t == 4 and p is not None]
+    assert len(previews) == 2 and previews[0][0] == "JPEG" and previews[0][1].size == (64, 64)
