@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from dev.host import REPO_ROOT
 
@@ -50,8 +51,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     a = ap.parse_args()
     model = "tiny" if a.quick else "sd15"
-    size, steps, warmup = (8, 3, 1) if a.quick else (32, a.steps or 4, 1)
-    sizes = [8, 12] if a.quick else [16, 24, 32]
+    size, steps, warmup = (8, 3, 1) if a.quick else (32, a.steps or 3, 1)
+    sizes = [8, 12] if a.quick else [16, 32]
     out_dir = REPO_ROOT / "bench" / ("out" if a.quick else "")
     out_dir.mkdir(parents=True, exist_ok=True)
     common = dict(model=model, steps=steps, warmup=warmup, rank=8)
@@ -75,6 +76,7 @@ def main() -> None:
                            "time_d1/b": med["d1"] / med["b"], "time_d2/b": med["d2"] / med["b"],
                            "memory_b/a": mem["b"] / mem["a"], "memory_c/a": mem["c"] / mem["a"]}
         res["tables"][f"checkpointing_{'on' if ckpt else 'off'}"] = table
+        save(res, out_dir, a.quick)  # keep what is measured even if a later part is cut short
     scaling = []
     for s in sizes:
         for b in (1, 2):
@@ -83,12 +85,17 @@ def main() -> None:
             rb = summary(worker("selfperc", size=s, batch=b, checkpointing=1, **common))
             scaling.append({"latent_size": s, "batch": b, "a_median_s": ra["median_s"], "b_median_s": rb["median_s"],
                             "b/a": rb["median_s"] / ra["median_s"]})
-    res["scaling"] = scaling
+            res["scaling"] = scaling
+            save(res, out_dir, a.quick)
     res["total_s"] = time.time() - t0
-    name = "quick-results" if a.quick else "results"
+    save(res, out_dir, a.quick)
+    print(markdown(res))
+
+
+def save(res: dict, out_dir: Path, quick: bool) -> None:
+    name = "quick-results" if quick else "results"
     (out_dir / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
     (out_dir / f"{name}.md").write_text(markdown(res))
-    print(markdown(res))
 
 
 def markdown(res: dict) -> str:
@@ -114,7 +121,7 @@ def markdown(res: dict) -> str:
         lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in r.items()] + [""]
     lines += ["## Scaling (checkpointing on)", "", "| latent | batch | (a) median s | (b) median s | b/a |",
               "|---|---|---|---|---|"]
-    for s in res["scaling"]:
+    for s in res.get("scaling", []):
         lines.append(f"| {s['latent_size']} | {s['batch']} | {s['a_median_s']:.3f} | {s['b_median_s']:.3f} | "
                      f"{s['b/a']:.2f} |")
     return "\n".join(lines) + "\n"
