@@ -50,9 +50,15 @@ def make_trainable_tensors(module: torch.nn.Module) -> int:
 
 
 def checkpointed_blocks(diffusion_model) -> list[torch.nn.Module]:
-    """The UNet's top-level blocks (as core Train LoRA checkpoints them)."""
-    blocks = list(diffusion_model.input_blocks) + list(diffusion_model.output_blocks)
-    return blocks + [m for m in (getattr(diffusion_model, "out", None),) if m is not None]
+    """The layers inside the UNet's blocks (ResBlocks, transformers, resamplers), as core Train LoRA picks them.
+
+    The blocks themselves (TimestepEmbedSequential) are never called: the UNet iterates their children, so
+    only the children can be checkpointed.
+    """
+    layers = []
+    for blk in [*diffusion_model.input_blocks, diffusion_model.middle_block, *diffusion_model.output_blocks]:
+        layers.extend(blk)
+    return layers + [m for m in (getattr(diffusion_model, "out", None),) if m is not None]
 
 
 def release(mp) -> None:
