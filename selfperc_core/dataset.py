@@ -60,7 +60,11 @@ def scan_folder(folder: Path) -> tuple[list[Path], list[Skipped]]:
                 dirs.remove(d)
         for f in sorted(files):
             if f.lower().endswith(IMAGE_EXTS):
-                found.append(Path(root, f))
+                path = Path(root, f)
+                if not path.is_file():  # FIFO (would block the read), device, broken link
+                    skipped.append(Skipped(path, "not a regular readable file"))
+                    continue
+                found.append(path)
     return found, skipped
 
 

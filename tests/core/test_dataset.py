@@ -76,6 +76,16 @@ def test_unreadable_file_is_skipped(tmp_path):
     assert [s.path.name for s in ds.skipped] == ["coffee.jpg"]
 
 
+def test_special_files_are_skipped_without_blocking(tmp_path):
+    """Unreadable entries a root process can still meet: a FIFO (a read would block forever), a dangling link."""
+    make_dataset(tmp_path, names=["chelsea"])
+    os.mkfifo(tmp_path / "pipe.png")
+    os.symlink(tmp_path / "gone.png", tmp_path / "dangling.jpg")
+    ds = load_dataset(tmp_path, 64)
+    assert len(ds.images) == 1
+    assert {s.path.name for s in ds.skipped} == {"pipe.png", "dangling.jpg"}
+
+
 def test_very_large_jpeg_is_downscaled_without_exhausting_memory(tmp_path):
     write_large_jpeg(tmp_path / "huge.jpg")
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
