@@ -92,7 +92,7 @@ def run_demo(port: int | None) -> None:
         time.sleep(0.5)
 
         prompt = workflows.to_api(workflows.load("selfperc_fine_tune_compare.json"), info)
-        set_inputs(prompt, ckpt_name=ckpt.name, dataset_folder="demo_photos", resolution=demo_model.RES, width=demo_model.RES, height=demo_model.RES,
+        workflows.set_widgets(prompt, ckpt_name=ckpt.name, dataset_folder="demo_photos", resolution=demo_model.RES, width=demo_model.RES, height=demo_model.RES,
                    lora_name="selfperc/demo_lora", overwrite=True, steps=60, learning_rate=5e-5, batch_size=4,
                    save_every=0, preview_every=20)
         prompt["3"]["inputs"]["batch_size"] = 4
@@ -113,7 +113,7 @@ def run_demo(port: int | None) -> None:
         img_a.save(base / "input" / "demo_a.png")
         img_b.save(base / "input" / "demo_b.png")
         prompt = workflows.to_api(workflows.load("selfperc_perceptual_distance.json"), info)
-        set_inputs(prompt, ckpt_name=ckpt.name)
+        workflows.set_widgets(prompt, ckpt_name=ckpt.name)
         prompt["2"]["inputs"]["image"], prompt["3"]["inputs"]["image"] = "demo_a.png", "demo_b.png"
         print("[demo] workflow 2: perceptual distance (a cat photo vs the same with a pasted patch)")
         entry = srv.run(prompt, timeout=600)
@@ -128,13 +128,6 @@ def run_demo(port: int | None) -> None:
     print("[demo] This shows the mechanics on a tiny model; no quality gain is claimed (see README).")
     print("[demo] Open the UI on the same model and files:  .venv/bin/python -m dev.demo --serve  "
           "(then http://127.0.0.1:8188)")
-
-
-def set_inputs(prompt: dict, **values) -> None:
-    for node in prompt.values():
-        for key, val in values.items():
-            if key in node["inputs"] and not isinstance(node["inputs"][key], list):
-                node["inputs"][key] = val
 
 
 def check(entry: dict, srv: ComfyServer) -> None:

@@ -180,6 +180,15 @@ def to_api(workflow: dict, object_info: dict) -> dict:
     return prompt
 
 
+def set_widgets(prompt: dict, **values) -> dict:
+    """Set widget inputs by name across an API-format prompt (what a user sets: checkpoint, folder, sizes)."""
+    for node in prompt.values():
+        for key, val in values.items():
+            if key in node["inputs"] and not isinstance(node["inputs"][key], list):
+                node["inputs"][key] = val
+    return prompt
+
+
 def load(name: str) -> dict:
     return json.loads((WORKFLOWS / name).read_text())
 

@@ -32,19 +32,10 @@ def test_workflow_files_match_the_live_node_definitions(server, name):
         "regenerate with `python -m dev.workflows`"
 
 
-def adapt(prompt: dict, **values) -> dict:
-    """Swap what a user would set (checkpoint, dataset, images, sizes) for the tiny test ones."""
-    for node in prompt.values():
-        for key, val in values.items():
-            if key in node["inputs"] and not isinstance(node["inputs"][key], list):
-                node["inputs"][key] = val
-    return prompt
-
-
 def test_fine_tune_workflow_then_load_lora_workflow_run(server):
     info = server.get("/object_info")
     folder = make_dataset(server.base / "input" / "wf_photos", names=["astronaut", "coffee", "camera"]).name
-    prompt = adapt(workflows.to_api(workflows.load("selfperc_fine_tune_compare.json"), info),
+    prompt = workflows.set_widgets(workflows.to_api(workflows.load("selfperc_fine_tune_compare.json"), info),
                    ckpt_name="tiny_sd15.safetensors", dataset_folder=folder, resolution=64, width=64, height=64,
                    batch_size=1, lora_name="selfperc/wf_lora", steps=2)
     prompt["4"]["inputs"]["steps"] = 2
@@ -52,7 +43,7 @@ def test_fine_tune_workflow_then_load_lora_workflow_run(server):
     assert execution_error(entry) is None, execution_error(entry)
     assert (server.base / "models" / "loras" / "selfperc" / "wf_lora.safetensors").is_file()
 
-    prompt = adapt(workflows.to_api(workflows.load("selfperc_load_lora_compare.json"), info),
+    prompt = workflows.set_widgets(workflows.to_api(workflows.load("selfperc_load_lora_compare.json"), info),
                    ckpt_name="tiny_sd15.safetensors", lora_name="selfperc/wf_lora.safetensors", width=64, height=64,
                    batch_size=1, steps=2)
     entry = server.run(prompt)
@@ -67,7 +58,7 @@ def test_distance_workflow_runs(server):
     b = a.copy()
     b.paste((255, 0, 0), (10, 10, 40, 40))
     b.save(server.base / "input" / "wf_b.png")
-    prompt = adapt(workflows.to_api(workflows.load("selfperc_perceptual_distance.json"), info),
+    prompt = workflows.set_widgets(workflows.to_api(workflows.load("selfperc_perceptual_distance.json"), info),
                    ckpt_name="tiny_sd15.safetensors")
     prompt["2"]["inputs"]["image"], prompt["3"]["inputs"]["image"] = "wf_a.png", "wf_b.png"
     entry = server.run(prompt)
