@@ -55,6 +55,31 @@ def add_lora(model_patcher, rank: int, alpha: float, switch: AdapterSwitch, seed
     return adapters
 
 
+def bypass_when_off(model: torch.nn.Module, switch: AdapterSwitch) -> int:
+    """While ``switch`` is off, take the gated adapters out of the layers' weight_function lists.
+
+    ComfyUI copies every weight that has a weight function before calling it (comfy.ops.cast_bias_weight),
+    even when the function returns the weight unchanged; without this the frozen passes copied every weight
+    they touched. With the list emptied the layer runs its plain forward. Other functions (e.g. ComfyUI's
+    low-VRAM patches, which are part of the frozen model) stay. Call after the model is loaded (the lists are
+    filled at load). Returns how many layers it manages.
+    """
+    layers = [m for m in model.modules() if any(isinstance(f, GatedAdapter) for f in getattr(m, "weight_function", ()))]
+    saved: dict[int, list] = {}
+
+    def toggle(enabled: bool) -> None:
+        for m in layers:
+            if enabled:
+                if id(m) in saved:
+                    m.weight_function = saved.pop(id(m))
+            else:
+                saved[id(m)] = m.weight_function
+                m.weight_function = [f for f in m.weight_function if not isinstance(f, GatedAdapter)]
+
+    switch.on_change(toggle)
+    return len(layers)
+
+
 def trainable_parameters(adapters: dict[str, torch.nn.Module]) -> list[torch.nn.Parameter]:
     return [p for a in adapters.values() for p in (a.lora_up.weight, a.lora_down.weight)]
 

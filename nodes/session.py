@@ -87,6 +87,7 @@ def training_session(model, rank: int, alpha: float, seed: int, layer: str = bri
         mp.model.requires_grad_(False)  # only the adapter trains; no gradient buffers for the base weights
         comfy.model_management.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
         make_trainable_tensors(mp.model.diffusion_model)
+        lora.bypass_when_off(mp.model, switch)
         dm = mp.model.diffusion_model
         layers = bridge.feature_layers(dm)
         if layer not in layers:

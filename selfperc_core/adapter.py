@@ -17,19 +17,35 @@ import torch.utils.checkpoint
 
 
 class AdapterSwitch:
-    """A shared on/off flag for every adapter of one training run."""
+    """A shared on/off flag for every adapter of one training run.
+
+    Listeners (``on_change``) hear every change of state: a host whose wrappers cost something even when they
+    return the weight unchanged can take them out of the forward while the switch is off.
+    """
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
+        self._listeners: list[Callable[[bool], None]] = []
+
+    def on_change(self, listener: Callable[[bool], None]) -> None:
+        """Call ``listener(enabled)`` after every change of state."""
+        self._listeners.append(listener)
+
+    def _set(self, enabled: bool) -> None:
+        if enabled != self.enabled:
+            self.enabled = enabled
+            for listener in self._listeners:
+                listener(enabled)
 
     @contextlib.contextmanager
     def state(self, enabled: bool):
         """Set the switch for the duration of the block, then restore the previous state."""
-        prev, self.enabled = self.enabled, enabled
+        prev = self.enabled
+        self._set(enabled)
         try:
             yield self
         finally:
-            self.enabled = prev
+            self._set(prev)
 
     def off(self):
         """Adapter off: the network is the frozen base model."""

@@ -134,6 +134,40 @@ def test_gradient_checkpointing_on_and_off_agree(pack, base, kind):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
+def test_frozen_passes_run_the_plain_layers_without_copying_weights(pack, base, monkeypatch):
+    """ComfyUI copies a weight whenever its layer has a weight function; the frozen passes must not pay that
+    (the adapter is off, the weight is the base weight), in the forward nor in checkpointing's recompute."""
+    import comfy.ops
+    from selfperc_pack.nodes import bridge
+
+    calls = []
+    real = comfy.ops.cast_bias_weight
+
+    def counting(s, *a, **k):
+        calls.append(torch.is_grad_enabled())
+        return real(s, *a, **k)
+
+    monkeypatch.setattr(comfy.ops, "cast_bias_weight", counting)
+    batch = fixed_batch(base.get_model_object("model_sampling"))
+    with session(pack, base, checkpointing=True) as ses:
+        nonzero_lora(ses)
+        x = batch[0].requires_grad_(True)
+        feats = ses.frozen_features(x, batch[2], None)
+        feats.square().sum().backward()  # recomputes the checkpointed layers with the switch replayed off
+        assert calls == [], f"{len(calls)} weight casts in the frozen pass"
+        assert ses.switch.enabled
+        ses.predict_x0(batch[0], batch[2], None)
+        assert calls, "the online pass must go through the adapters (the counter works)"
+        with torch.no_grad():
+            on = ses.predict_x0(batch[0], batch[2], None)
+            with ses.switch.off():
+                off = ses.predict_x0(batch[0], batch[2], None)
+    with torch.no_grad():
+        plain = base.model.apply_model(batch[0], batch[2], **bridge.context_for(base, 2, None, "cpu", torch.float32))
+    torch.testing.assert_close(off, plain, rtol=0, atol=0)
+    assert not torch.allclose(on, plain)
+
+
 @pytest.mark.parametrize("kind", PARAMETERIZATIONS)
 def test_only_adapter_trains_and_base_is_bit_identical(pack, base, kind):
     from selfperc_pack.nodes import bridge
