@@ -1,45 +1,67 @@
-"""Trainable LoRA on a ModelPatcher with comfy.weight_adapter, gated by the core's AdapterSwitch."""
+"""Trainable LoRA on the diffusion model, from comfy.weight_adapter, applied in bypass form behind the switch.
+
+ComfyUI's own training (core Train LoRA) patches every weight on every forward (W' = W + s * up @ down): each
+step copies all weights and computes a full weight gradient per layer. Here each LoRA runs beside its layer
+instead, y = layer(x) + s * up(down(x)), in a forward hook: the same function (a layer is linear in its
+weight), so the saved file is the same ComfyUI LoRA, but a step needs only input gradients through the base
+weights, and with the switch off (the frozen network) the layers run exactly as loaded.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
-from comfy.weight_adapter.base import WeightAdapterTrainBase
+import torch.nn.functional as F
 from comfy.weight_adapter.lora import LoRAAdapter
 
 from ..selfperc_core import AdapterSwitch
 
-
-class GatedAdapter(WeightAdapterTrainBase):
-    """A training adapter that leaves the weight unchanged while the switch is off (the frozen network)."""
-
-    def __init__(self, adapter: torch.nn.Module, switch: AdapterSwitch):
-        super().__init__()
-        self.adapter = adapter
-        self.switch = switch
-
-    def __call__(self, w):
-        return self.adapter(w) if self.switch.enabled else w
-
-    def passive_memory_usage(self):
-        return self.adapter.passive_memory_usage()
+LORA_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+_CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 
 
-def add_lora(model_patcher, rank: int, alpha: float, switch: AdapterSwitch, seed: int,
-             existing: dict[str, torch.Tensor] | None = None) -> dict[str, torch.nn.Module]:
-    """Attach a LoRA to every linear/conv weight of the diffusion model of ``model_patcher`` (a clone).
+def lora_delta(layer: torch.nn.Module, x: torch.Tensor, lora: torch.nn.Module) -> torch.Tensor:
+    """s * (up @ down) applied to ``x`` the way ``layer`` applies its weight (a LoraDiff's parameters)."""
+    up, down = lora.lora_up.weight.to(x.dtype), lora.lora_down.weight.to(x.dtype)
+    scale = lora.alpha / lora.rank
+    if isinstance(layer, torch.nn.Linear):
+        return F.linear(F.linear(x, down), up) * scale
+    w = layer.weight
+    if layer.groups == 1:  # down: a rank-channel conv with the layer's kernel, stride, padding; up: 1x1
+        h = layer._conv_forward(x, down.view(down.shape[0], *w.shape[1:]), None)
+        return _CONV[w.ndim](h, up.view(*up.shape, *[1] * (w.ndim - 2))) * scale
+    return layer._conv_forward(x, (up @ down).view(w.shape), None) * scale  # grouped: exact, a full conv's cost
 
-    Returns {module name (as in the saved keys, 'diffusion_model.…'): LoraDiff}. ``existing`` (a saved
-    state dict in this pack's key format) resumes those weights instead of a fresh init.
+
+@dataclass
+class Lora:
+    """The trainable LoRA of one session: {module name ('diffusion_model.…'): LoraDiff} and its hooks."""
+    adapters: dict[str, torch.nn.Module]
+    handles: list = field(default_factory=list)
+
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for a in self.adapters.values() for p in (a.lora_up.weight, a.lora_down.weight)]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+def add_lora(model: torch.nn.Module, rank: int, alpha: float, switch: AdapterSwitch, seed: int, device,
+             existing: dict[str, torch.Tensor] | None = None) -> Lora:
+    """Hook a LoRA onto every Linear/Conv layer of ``model.diffusion_model`` (a ComfyUI BaseModel).
+
+    The LoRA acts only while ``switch`` is on. ``existing`` (a saved state dict in this pack's key format)
+    resumes those weights instead of a fresh init. Call ``remove()`` on the result to take the hooks off.
     """
-    adapters = {}
+    lora = Lora({})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # create_train draws its init from the global generator
-        for name, module in model_patcher.model.named_modules():
-            if not name.startswith("diffusion_model.") or not hasattr(module, "weight_function"):
+        for name, module in model.named_modules(prefix=""):
+            if not name.startswith("diffusion_model.") or not isinstance(module, LORA_LAYERS):
                 continue
-            weight = getattr(module, "weight", None)
-            if weight is None or weight.ndim < 2:
-                continue
-            train = LoRAAdapter.create_train(weight, rank=rank, alpha=alpha)
+            train = LoRAAdapter.create_train(module.weight, rank=rank, alpha=alpha)
             if existing is not None:
                 up, down = existing.get(f"{name}.lora_up.weight"), existing.get(f"{name}.lora_down.weight")
                 if up is None or down is None:
@@ -49,39 +71,19 @@ def add_lora(model_patcher, rank: int, alpha: float, switch: AdapterSwitch, seed
                 with torch.no_grad():
                     train.lora_up.weight.copy_(up)
                     train.lora_down.weight.copy_(down)
-            train = train.to(device=weight.device)
-            model_patcher.add_weight_wrapper(f"{name}.weight", GatedAdapter(train, switch))
-            adapters[name] = train
-    return adapters
+            lora.adapters[name] = train.to(device=device)
+    for name, train in lora.adapters.items():
+        lora.handles.append(model.get_submodule(name).register_forward_hook(_hook(train, switch), with_kwargs=True))
+    return lora
 
 
-def bypass_when_off(model: torch.nn.Module, switch: AdapterSwitch) -> int:
-    """While ``switch`` is off, take the gated adapters out of the layers' weight_function lists.
-
-    ComfyUI copies every weight that has a weight function before calling it (comfy.ops.cast_bias_weight),
-    even when the function returns the weight unchanged; without this the frozen passes copied every weight
-    they touched. With the list emptied the layer runs its plain forward. Other functions (e.g. ComfyUI's
-    low-VRAM patches, which are part of the frozen model) stay. Call after the model is loaded (the lists are
-    filled at load). Returns how many layers it manages.
-    """
-    layers = [m for m in model.modules() if any(isinstance(f, GatedAdapter) for f in getattr(m, "weight_function", ()))]
-    saved: dict[int, list] = {}
-
-    def toggle(enabled: bool) -> None:
-        for m in layers:
-            if enabled:
-                if id(m) in saved:
-                    m.weight_function = saved.pop(id(m))
-            else:
-                saved[id(m)] = m.weight_function
-                m.weight_function = [f for f in m.weight_function if not isinstance(f, GatedAdapter)]
-
-    switch.on_change(toggle)
-    return len(layers)
-
-
-def trainable_parameters(adapters: dict[str, torch.nn.Module]) -> list[torch.nn.Parameter]:
-    return [p for a in adapters.values() for p in (a.lora_up.weight, a.lora_down.weight)]
+def _hook(train: torch.nn.Module, switch: AdapterSwitch):
+    def hook(layer, args, kwargs, out):
+        if not switch.enabled:
+            return None  # the frozen network: the layer's own output
+        x = args[0] if args else kwargs["input"]
+        return out + lora_delta(layer, x, train).to(out.dtype)
+    return hook
 
 
 def lora_state_dict(adapters: dict[str, torch.nn.Module], dtype=torch.float32) -> dict[str, torch.Tensor]:

@@ -62,16 +62,11 @@ def checkpointed_blocks(diffusion_model) -> list[torch.nn.Module]:
 
 
 def release(mp) -> None:
-    """Unload the training clone and drop every weight wrapper it left on the shared modules."""
+    """Unload the training clone (ComfyUI restores the shared modules' weights from its patch backups)."""
     mm = comfy.model_management
     for i in range(len(mm.current_loaded_models) - 1, -1, -1):
         if mm.current_loaded_models[i].model is mp:
             mm.current_loaded_models.pop(i).model_unload()
-    for m in mp.model.modules():
-        if hasattr(m, "weight_function"):
-            m.weight_function = []
-        if hasattr(m, "bias_function"):
-            m.bias_function = []
 
 
 @contextlib.contextmanager
@@ -81,13 +76,12 @@ def training_session(model, rank: int, alpha: float, seed: int, layer: str = bri
     base_params = list(mp.model.parameters())
     grad_flags = [p.requires_grad for p in base_params]
     switch = AdapterSwitch()
-    adapters = lora.add_lora(mp, rank, alpha, switch, seed, existing)
-    blocks, tap = [], None
+    blocks, tap, lora_ = [], None, None
     try:
+        lora_ = lora.add_lora(mp.model, rank, alpha, switch, seed, mp.load_device, existing)
         mp.model.requires_grad_(False)  # only the adapter trains; no gradient buffers for the base weights
         comfy.model_management.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
         make_trainable_tensors(mp.model.diffusion_model)
-        lora.bypass_when_off(mp.model, switch)
         dm = mp.model.diffusion_model
         layers = bridge.feature_layers(dm)
         if layer not in layers:
@@ -103,11 +97,13 @@ def training_session(model, rank: int, alpha: float, seed: int, layer: str = bri
             with switch.off():
                 return tap(predict, x, sigma, cond)
 
-        yield Session(mp, switch, adapters, lora.trainable_parameters(adapters), tap, predict, frozen_features,
+        yield Session(mp, switch, lora_.adapters, lora_.params(), tap, predict, frozen_features,
                       bridge.model_sampling(mp))
     finally:
         if tap is not None:
             tap.remove()
+        if lora_ is not None:
+            lora_.remove()
         for b in blocks:
             uncheckpoint_forward(b)
         release(mp)

@@ -138,7 +138,7 @@ class SelfPerceptualFineTune(io.ComfyNode):
                               tooltip="Encodes captions. Without it training is unconditional."),
                 io.Combo.Input("resume_from", options=resumable_loras(), default=NONE, optional=True,
                                tooltip="Continue a saved run (LoRA + its .state.pt: optimizer, step, RNG)."),
-                io.Boolean.Input("batched_frozen", default=False, optional=True,
+                io.Boolean.Input("batched_frozen", default=TrainSettings.batched_frozen, optional=True,
                                  tooltip="Run the two frozen passes as one batch (faster on some GPUs)."),
                 io.String.Input("dataset_path", default="", optional=True,
                                 tooltip="Absolute dataset folder; only if the server owner set "
@@ -157,7 +157,8 @@ class SelfPerceptualFineTune(io.ComfyNode):
     def execute(cls, model, vae, dataset_folder, steps, learning_rate, rank, alpha, batch_size, resolution,
                 resize_mode, seed, feature_layer, t_prime, t_prime_min, t_prime_max, distance,
                 normalize_features, mse_weight, gradient_checkpointing, training_dtype, lora_name, overwrite,
-                save_every, preview_every, clip=None, resume_from=NONE, batched_frozen=False, dataset_path=""):
+                save_every, preview_every, clip=None, resume_from=NONE,
+                batched_frozen=TrainSettings.batched_frozen, dataset_path=""):
         settings = TrainSettings(steps=steps, learning_rate=learning_rate, batch_size=batch_size, seed=seed,
                                  t_prime=t_prime, t_prime_range=(t_prime_min, t_prime_max), distance=distance,
                                  normalize=normalize_features, mse_weight=mse_weight, batched_frozen=batched_frozen)

@@ -1,7 +1,7 @@
 """The adapter switch: the frozen network is the online network with its adapter (LoRA) turned off.
 
-No second copy of the weights is kept. The host's adapter wrappers read ``switch.enabled`` whenever they
-compute a weight; the objective turns it off for the perceptual passes.
+No second copy of the weights is kept. The host's adapters read ``switch.enabled`` whenever they run; the
+objective turns it off for the perceptual passes.
 
 Gradient checkpointing recomputes a block's forward during backward, when the switch may be in another
 state than during the original forward; ``checkpoint_forward`` records the state at call time and replays it
@@ -17,35 +17,19 @@ import torch.utils.checkpoint
 
 
 class AdapterSwitch:
-    """A shared on/off flag for every adapter of one training run.
-
-    Listeners (``on_change``) hear every change of state: a host whose wrappers cost something even when they
-    return the weight unchanged can take them out of the forward while the switch is off.
-    """
+    """A shared on/off flag for every adapter of one training run."""
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
-        self._listeners: list[Callable[[bool], None]] = []
-
-    def on_change(self, listener: Callable[[bool], None]) -> None:
-        """Call ``listener(enabled)`` after every change of state."""
-        self._listeners.append(listener)
-
-    def _set(self, enabled: bool) -> None:
-        if enabled != self.enabled:
-            self.enabled = enabled
-            for listener in self._listeners:
-                listener(enabled)
 
     @contextlib.contextmanager
     def state(self, enabled: bool):
         """Set the switch for the duration of the block, then restore the previous state."""
-        prev = self.enabled
-        self._set(enabled)
+        prev, self.enabled = self.enabled, enabled
         try:
             yield self
         finally:
-            self._set(prev)
+            self.enabled = prev
 
     def off(self):
         """Adapter off: the network is the frozen base model."""

@@ -249,15 +249,3 @@ def test_core_never_imports_comfyui():
             "bad=[m for m in sys.modules if m.split('.')[0] in ('comfy','comfy_api','folder_paths','nodes')];"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
-
-
-def test_switch_listeners_hear_each_change_once_and_the_restore():
-    switch, heard = AdapterSwitch(), []
-    switch.on_change(heard.append)
-    with switch.off():
-        with switch.off():  # no change, nothing to hear
-            pass
-        with pytest.raises(RuntimeError):
-            with switch.state(True):
-                raise RuntimeError
-    assert heard == [False, True, False, True] and switch.enabled
