@@ -21,13 +21,17 @@ import time
 from pathlib import Path
 
 from dev.host import REPO_ROOT
+from selfperc_core.loop import TrainSettings
 
+# (d2) toggles whatever the shipped default of the frozen passes is
+_D2 = (("selfperc_separate", "(b) with separate frozen passes") if TrainSettings().batched_frozen
+       else ("selfperc_batched", "(b) with batched frozen passes"))
 MAIN = [("a", "core_train_lora", "core Train LoRA (MSE)"),
         ("a2", "mse_same_lora", "MSE step with our LoRA (floor baseline)"),
         ("b", "selfperc", "self-perceptual, shipped defaults"),
         ("c", "naive", "naive reference (frozen copy, 2 full passes)"),
         ("d1", "selfperc_no_early_exit", "(b) with early exit off"),
-        ("d2", "selfperc_batched", "(b) with batched frozen passes")]
+        ("d2", *_D2)]
 
 
 def worker(method: str, **kw) -> dict:

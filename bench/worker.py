@@ -5,6 +5,7 @@ Prints one JSON line: step times (after warm-up), peak memory, and what ran.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import sys
@@ -81,8 +82,9 @@ def run_core_train_lora(model, lat, a) -> list[float]:
     return clock.steps()
 
 
-def run_selfperc(model, lat, a, early_exit=True, batched=False, naive=False) -> list[float]:
-    """(b)-(d): the node's own training loop (Trainer.step in a training_session) on the same latents."""
+@contextlib.contextmanager
+def selfperc_trainer(model, lat, a, early_exit=True, batched=None, naive=False):
+    """The node's own training loop (Trainer in a training_session) on ``lat``; ``batched=None``: the default."""
     from selfperc_pack.nodes import bridge
     from selfperc_pack.nodes.session import training_session
     from selfperc_pack.selfperc_core.loop import Trainer, TrainSettings
@@ -90,18 +92,27 @@ def run_selfperc(model, lat, a, early_exit=True, batched=False, naive=False) -> 
     from bench.naive import naive_frozen_features
 
     lat = model.model.process_latent_in(lat)
+    settings = TrainSettings(learning_rate=1e-4, batch_size=a.batch)
+    if batched is not None:
+        settings.batched_frozen = batched
     with torch.inference_mode(False), training_session(model, a.rank, float(a.rank), 0, "mid_block",
                                                        a.checkpointing, early_exit=early_exit) as ses:
         ms = ses.model_sampling
         frozen = ses.frozen_features
         if naive:
             frozen, _copy = naive_frozen_features(ses.mp)
-        dev = bridge.device()
-        tr = Trainer(ses.params, [x for x in lat.clone()], [None] * len(lat), ses.predict_x0, frozen,
-                     bridge.noise_scaling_fn(ms), bridge.sigma_of_t_fn(ms),
-                     TrainSettings(learning_rate=1e-4, batch_size=a.batch, batched_frozen=batched), device=dev)
-        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-        times = []
+        yield Trainer(ses.params, [x for x in lat.clone()], [None] * len(lat), ses.predict_x0, frozen,
+                      bridge.noise_scaling_fn(ms), bridge.sigma_of_t_fn(ms), settings, device=bridge.device())
+
+
+def run_selfperc(model, lat, a, **choices) -> list[float]:
+    """(b)-(d): timed Trainer steps (autocast bf16 on a GPU, as the node)."""
+    from selfperc_pack.nodes import bridge
+
+    dev = bridge.device()
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    times = []
+    with selfperc_trainer(model, lat, a, **choices) as tr:
         for _ in range(a.warmup + a.steps):
             if dev.type == "cuda":
                 torch.cuda.synchronize()
@@ -111,7 +122,7 @@ def run_selfperc(model, lat, a, early_exit=True, batched=False, naive=False) -> 
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
-        return times
+    return times
 
 
 def run_mse_same_lora(model, lat, a) -> list[float]:
@@ -168,7 +179,7 @@ def count_flops(model, lat, a) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("method", choices=["core_train_lora", "mse_same_lora", "selfperc", "selfperc_no_early_exit",
-                                       "selfperc_batched", "naive", "flops"])
+                                       "selfperc_batched", "selfperc_separate", "naive", "flops"])
     ap.add_argument("--model", default="sd15", choices=["sd15", "tiny"])
     ap.add_argument("--size", type=int, default=32, help="latent side")
     ap.add_argument("--batch", type=int, default=1)
@@ -192,8 +203,9 @@ def main() -> None:
     elif a.method == "mse_same_lora":
         times = run_mse_same_lora(model, lat, a)
     else:
-        times = run_selfperc(model, lat, a, early_exit=a.method != "selfperc_no_early_exit",
-                             batched=a.method == "selfperc_batched", naive=a.method == "naive")
+        batched = {"selfperc_batched": True, "selfperc_separate": False, "naive": False}.get(a.method)
+        times = run_selfperc(model, lat, a, early_exit=a.method != "selfperc_no_early_exit", batched=batched,
+                             naive=a.method == "naive")
     steps = times[a.warmup: a.warmup + a.steps]
     peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
