@@ -1,7 +1,7 @@
 # The two commands of README: `make demo` (the main job) and `make test`. Each builds .venv if needed.
 PY := .venv/bin/python
 
-.PHONY: venv test test-core demo bench bench-quick lint clean
+.PHONY: venv test test-core demo bench bench-quick bench-profile lint clean
 
 venv:
 	@bash dev/setup_venv.sh
@@ -26,3 +26,6 @@ clean:
 
 bench-quick: venv
 	$(PY) -m bench.run --quick
+
+bench-profile: venv
+	$(PY) -m bench.profile
