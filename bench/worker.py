@@ -47,25 +47,58 @@ def latents_for(size: int, n: int) -> torch.Tensor:
     return torch.randn(n, 4, size, size, generator=g)
 
 
-class StepClock:
-    """Step times from ComfyUI's progress-bar hook (both nodes update their bar once per optimizer step)."""
+def reset_peak_memory() -> bool:
+    """Start the peak-memory count now (after loading and warm-up, so it is the peak of the timed steps).
 
-    def __init__(self):
-        self.stamps = []
+    CUDA: torch's allocator peak. CPU on Linux: the kernel's peak RSS (VmHWM) is reset by writing 5 to
+    /proc/self/clear_refs; elsewhere the process peak since start is all there is.
+    """
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory(reset_worked: bool) -> tuple[int, str]:
+    """(bytes, what they are) for the timed steps."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated(), "CUDA max allocated over the timed steps"
+    if reset_worked:
+        with open("/proc/self/status") as f:
+            hwm = next(line for line in f if line.startswith("VmHWM:"))
+        return int(hwm.split()[1]) * 1024, "peak RSS over the timed steps (VmHWM reset after warm-up)"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS since start (incl. loading)"
+
+
+class StepClock:
+    """Step times from ComfyUI's progress-bar hook (both nodes update their bar once per optimizer step).
+
+    Resets the peak-memory count when the timed steps begin (after ``warmup`` steps).
+    """
+
+    def __init__(self, warmup: int):
+        self.stamps, self.warmup, self.reset_worked = [], warmup, False
 
     def __call__(self, value, total, preview=None, node_id=None):
         self.stamps.append(time.perf_counter())
+        if len(self.stamps) == self.warmup + 1:
+            self.reset_worked = reset_peak_memory()
 
     def steps(self) -> list[float]:
         return [b - a for a, b in zip(self.stamps, self.stamps[1:])]
 
 
-def run_core_train_lora(model, lat, a) -> list[float]:
+def run_core_train_lora(model, lat, a) -> tuple[list[float], bool]:
     """(a) ComfyUI's Train LoRA node, called as ComfyUI calls it (input lists, inference mode outside)."""
     import comfy.utils
     from comfy_extras.nodes_train import TrainLoraNode
 
-    clock = StepClock()
+    clock = StepClock(a.warmup)
     comfy.utils.set_progress_bar_global_hook(clock)
     cond = [[torch.zeros(1, 77, 768), {}]]
     dtype = "bf16" if torch.cuda.is_available() else "fp32"
@@ -79,7 +112,7 @@ def run_core_train_lora(model, lat, a) -> list[float]:
     inputs["latents"] = [{"samples": lat[i:i + 1]} for i in range(lat.shape[0])]
     with torch.inference_mode():
         TrainLoraNode.execute(**inputs)
-    return clock.steps()
+    return clock.steps(), clock.reset_worked
 
 
 @contextlib.contextmanager
@@ -105,15 +138,17 @@ def selfperc_trainer(model, lat, a, early_exit=True, batched=None, naive=False):
                       bridge.noise_scaling_fn(ms), bridge.sigma_of_t_fn(ms), settings, device=bridge.device())
 
 
-def run_selfperc(model, lat, a, **choices) -> list[float]:
+def run_selfperc(model, lat, a, **choices) -> tuple[list[float], bool]:
     """(b)-(d): timed Trainer steps (autocast bf16 on a GPU, as the node)."""
     from selfperc_pack.nodes import bridge
 
     dev = bridge.device()
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    times = []
+    times, reset_worked = [], False
     with selfperc_trainer(model, lat, a, **choices) as tr:
-        for _ in range(a.warmup + a.steps):
+        for i in range(a.warmup + a.steps):
+            if i == a.warmup:
+                reset_worked = reset_peak_memory()
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -122,10 +157,10 @@ def run_selfperc(model, lat, a, **choices) -> list[float]:
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
-    return times
+    return times, reset_worked
 
 
-def run_mse_same_lora(model, lat, a) -> list[float]:
+def run_mse_same_lora(model, lat, a) -> tuple[list[float], bool]:
     """(a') an MSE LoRA step with exactly our LoRA and checkpointing (x0-space MSE, as core Train LoRA): the
     baseline the FLOP floor is applied to, since core Train LoRA also trains bias/norm offsets on every layer."""
     from selfperc_pack.nodes import bridge
@@ -139,8 +174,10 @@ def run_mse_same_lora(model, lat, a) -> list[float]:
         ns, sig = bridge.noise_scaling_fn(ms), bridge.sigma_of_t_fn(ms)
         opt = torch.optim.AdamW(ses.params, lr=1e-4)
         g = torch.Generator().manual_seed(0)
-        times = []
-        for _ in range(a.warmup + a.steps):
+        times, reset_worked = [], False
+        for i in range(a.warmup + a.steps):
+            if i == a.warmup:
+                reset_worked = reset_peak_memory()
             t0 = time.perf_counter()
             idx = torch.randperm(len(lat), generator=g)[: a.batch]
             x0 = lat[idx].clone()
@@ -151,7 +188,7 @@ def run_mse_same_lora(model, lat, a) -> list[float]:
             loss.backward()
             opt.step()
             times.append(time.perf_counter() - t0)
-        return times
+        return times, reset_worked
 
 
 def count_flops(model, lat, a) -> dict:
@@ -192,25 +229,21 @@ def main() -> None:
     import_pack()
     model = load_model(a.model)
     lat = latents_for(a.size, max(4, a.batch))
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
     if a.method == "flops":
         print(json.dumps(count_flops(model, lat, a)))
         return
     t0 = time.perf_counter()
     if a.method == "core_train_lora":
-        times = run_core_train_lora(model, lat, a)
+        times, reset_worked = run_core_train_lora(model, lat, a)
     elif a.method == "mse_same_lora":
-        times = run_mse_same_lora(model, lat, a)
+        times, reset_worked = run_mse_same_lora(model, lat, a)
     else:
         batched = {"selfperc_batched": True, "selfperc_separate": False, "naive": False}.get(a.method)
-        times = run_selfperc(model, lat, a, early_exit=a.method != "selfperc_no_early_exit", batched=batched,
+        times, reset_worked = run_selfperc(model, lat, a, early_exit=a.method != "selfperc_no_early_exit", batched=batched,
                              naive=a.method == "naive")
     steps = times[a.warmup: a.warmup + a.steps]
-    peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    print(json.dumps({"method": a.method, "step_times": steps, "peak_memory_bytes": peak,
-                      "memory_kind": "cuda_max_allocated" if torch.cuda.is_available() else "process_peak_rss",
+    peak, memory_kind = peak_memory(reset_worked)
+    print(json.dumps({"method": a.method, "step_times": steps, "peak_memory_bytes": peak, "memory_kind": memory_kind,
                       "wall": time.perf_counter() - t0, "device": "cuda" if torch.cuda.is_available() else "cpu"}))
     sys.stdout.flush()
 
