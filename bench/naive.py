@@ -10,12 +10,15 @@ def naive_frozen_features(mp, layer_name: str = "mid_block"):
     """(x, sigma, cond) -> features from a deep copy of the base model, running the whole network."""
     from selfperc_pack.nodes.bridge import context_for, feature_layers
     from selfperc_pack.selfperc_core import FeatureTap
+    from selfperc_pack.selfperc_core.adapter import uncheckpoint_forward
 
     frozen = copy.deepcopy(mp.model)
-    for m in frozen.modules():  # the copy must not carry the online model's adapter wrappers
-        if hasattr(m, "weight_function"):
-            m.weight_function = []
-            m.bias_function = []
+    for m in frozen.modules():
+        # The copy must be the plain base model: deepcopy also copies the session's LoRA and feature-tap hooks,
+        # and a checkpointed layer's forward (a closure) would still call the ORIGINAL layer.
+        m._forward_hooks.clear()
+        m._forward_hooks_with_kwargs.clear()
+        uncheckpoint_forward(m)
     frozen.requires_grad_(False)
     tap = FeatureTap(feature_layers(frozen.diffusion_model)[layer_name], early_exit=False)
 

@@ -138,26 +138,32 @@ def selfperc_trainer(model, lat, a, early_exit=True, batched=None, naive=False):
                       bridge.noise_scaling_fn(ms), bridge.sigma_of_t_fn(ms), settings, device=bridge.device())
 
 
-def run_selfperc(model, lat, a, **choices) -> tuple[list[float], bool]:
-    """(b)-(d): timed Trainer steps (autocast bf16 on a GPU, as the node)."""
+def timed_steps(step, a) -> tuple[list[float], bool]:
+    """Run ``step()`` warm-up + timed times as the node runs its steps (bf16 autocast on a GPU, synchronized);
+    the peak-memory count restarts when the timed steps begin."""
     from selfperc_pack.nodes import bridge
 
     dev = bridge.device()
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     times, reset_worked = [], False
-    with selfperc_trainer(model, lat, a, **choices) as tr:
-        for i in range(a.warmup + a.steps):
-            if i == a.warmup:
-                reset_worked = reset_peak_memory()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
-                tr.step()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
+    for i in range(a.warmup + a.steps):
+        if i == a.warmup:
+            reset_worked = reset_peak_memory()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+            step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
     return times, reset_worked
+
+
+def run_selfperc(model, lat, a, **choices) -> tuple[list[float], bool]:
+    """(b)-(d): timed Trainer steps."""
+    with selfperc_trainer(model, lat, a, **choices) as tr:
+        return timed_steps(tr.step, a)
 
 
 def run_mse_same_lora(model, lat, a) -> tuple[list[float], bool]:
@@ -174,21 +180,18 @@ def run_mse_same_lora(model, lat, a) -> tuple[list[float], bool]:
         ns, sig = bridge.noise_scaling_fn(ms), bridge.sigma_of_t_fn(ms)
         opt = torch.optim.AdamW(ses.params, lr=1e-4)
         g = torch.Generator().manual_seed(0)
-        times, reset_worked = [], False
-        for i in range(a.warmup + a.steps):
-            if i == a.warmup:
-                reset_worked = reset_peak_memory()
-            t0 = time.perf_counter()
+        dev = bridge.device()
+
+        def step():
             idx = torch.randperm(len(lat), generator=g)[: a.batch]
-            x0 = lat[idx].clone()
-            sigma = sig(draw_t(a.batch, g))
-            x_t = ns(sigma, torch.randn(x0.shape, generator=g), x0)
+            x0 = lat[idx].to(dev)
+            sigma = sig(draw_t(a.batch, g)).to(dev)
+            x_t = ns(sigma, torch.randn(x0.shape, generator=g).to(dev), x0)
             loss = (ses.predict_x0(x_t, sigma, None) - x0).square().mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
-            times.append(time.perf_counter() - t0)
-        return times, reset_worked
+        return timed_steps(step, a)
 
 
 def count_flops(model, lat, a) -> dict:
