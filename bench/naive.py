@@ -6,11 +6,15 @@ from __future__ import annotations
 import copy
 
 
-def naive_frozen_features(mp, layer_name: str = "mid_block"):
-    """(x, sigma, cond) -> features from a deep copy of the base model, running the whole network."""
+def naive_frozen_features(mp, layer_name: str = "mid_block", checkpointing: bool = False):
+    """(x, sigma, cond) -> features from a deep copy of the base model, running the whole network.
+
+    ``checkpointing``: checkpoint the copy's layers as the session checkpoints the online model's, so (c) runs
+    under the same gradient-checkpointing setting as (b)."""
     from selfperc_pack.nodes.bridge import context_for, feature_layers
+    from selfperc_pack.nodes.session import checkpointed_blocks
     from selfperc_pack.selfperc_core import FeatureTap
-    from selfperc_pack.selfperc_core.adapter import uncheckpoint_forward
+    from selfperc_pack.selfperc_core.adapter import checkpoint_forward, uncheckpoint_forward
 
     frozen = copy.deepcopy(mp.model)
     for m in frozen.modules():
@@ -20,6 +24,9 @@ def naive_frozen_features(mp, layer_name: str = "mid_block"):
         m._forward_hooks_with_kwargs.clear()
         uncheckpoint_forward(m)
     frozen.requires_grad_(False)
+    if checkpointing:
+        for layer in checkpointed_blocks(frozen.diffusion_model):
+            checkpoint_forward(layer, None)  # no adapter in the copy: nothing to replay
     tap = FeatureTap(feature_layers(frozen.diffusion_model)[layer_name], early_exit=False)
 
     def features(x, sigma, cond=None):

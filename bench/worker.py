@@ -133,7 +133,7 @@ def selfperc_trainer(model, lat, a, early_exit=True, batched=None, naive=False):
         ms = ses.model_sampling
         frozen = ses.frozen_features
         if naive:
-            frozen, _copy = naive_frozen_features(ses.mp)
+            frozen, _copy = naive_frozen_features(ses.mp, checkpointing=a.checkpointing)
         yield Trainer(ses.params, [x for x in lat.clone()], [None] * len(lat), ses.predict_x0, frozen,
                       bridge.noise_scaling_fn(ms), bridge.sigma_of_t_fn(ms), settings, device=bridge.device())
 
