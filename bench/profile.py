@@ -1,47 +1,93 @@
 """`make bench-profile`: where the time of a self-perceptual step goes, against the naive reference.
 
-Two parts, one process, the same model, latents and LoRA as `make bench` (SD1.5 UNet, checkpointing off):
-  1. the step's components timed on their own (median of 3 after a warm-up): the online forward + backward,
-     the frozen pass to the tap without grad (target), with grad + backward to its input (prediction), and the
-     same two through the naive full network. From them, the step time each method would take if nothing but
-     its passes cost anything, so b/c's best case on this machine is known from measurement, not FLOPs alone;
+Two parts, one process, the same model, latents and LoRA as `make bench` (SD1.5 UNet), with gradient
+checkpointing off and on:
+  1. the step's components timed on their own (median of 5 after a warm-up), with the peak memory each adds:
+     the online forward + backward, the frozen pass to the tap without grad (target), with grad + backward to
+     its input (prediction), and the same two through the naive full network. From them, the step time each
+     method would take if nothing but its passes cost anything, so b/c's best case on this machine is known from
+     measurement, not FLOPs alone. With checkpointing on, also the prediction pass run NOT checkpointed, to
+     show what its recompute costs in time and saves in memory;
   2. torch.profiler over one Trainer step of (b) and (c): the operators that take the time.
 Writes bench/profile.md (and .json).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
-import time
 from types import SimpleNamespace
 
 import torch
 
-from bench.worker import latents_for, load_model, selfperc_trainer
+from bench.worker import latents_for, load_model, seconds, selfperc_trainer
 from dev.host import REPO_ROOT, import_pack
 
+ONLINE = "online forward+backward (adapter on)"
+TAP_TARGET, TAP_PRED = "tap: forward, no grad (target)", "tap: forward + backward to input (prediction)"
+FULL_TARGET = "naive: full forward, no grad (target)"
+FULL_PRED = "naive: full forward + backward to input (prediction)"
 
-def timed(fn, n: int = 3) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+
+def extra_peak_mb(fn) -> float:
+    """Peak memory one run of ``fn`` adds above what is allocated before it (tensor memory, MB).
+
+    CUDA: the allocator's peak. CPU: process RSS cannot show it (freed memory stays resident), so the CPU
+    allocator's allocations and frees are replayed from a torch.profiler trace, in op order.
+    """
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        seconds(fn)
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        seconds(fn)
+    live = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += e.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def timed(fn, n: int = 5) -> dict:
+    """Median seconds of ``n`` runs after a warm-up (min, max too), then one more run for its peak memory."""
+    seconds(fn)  # warm-up
+    times = [seconds(fn) for _ in range(n)]
+    return {"s": statistics.median(times), "min": min(times), "max": max(times), "extra_mb": extra_peak_mb(fn)}
+
+
+@contextlib.contextmanager
+def not_checkpointed(ses):
+    """The session's model without checkpointing (for the frozen prediction pass alone)."""
+    from selfperc_pack.nodes.session import checkpointed_blocks
+    from selfperc_pack.selfperc_core.adapter import checkpoint_forward, uncheckpoint_forward
+
+    blocks = checkpointed_blocks(ses.mp.model.diffusion_model)
+    for b in blocks:
+        uncheckpoint_forward(b)
+    try:
+        yield
+    finally:
+        for b in blocks:
+            checkpoint_forward(b, ses.switch)
 
 
 def components(model, lat, a) -> dict:
+    from selfperc_pack.nodes import bridge
     from selfperc_pack.nodes.session import training_session
 
     from bench.naive import naive_frozen_features
 
-    x0 = model.model.process_latent_in(lat[:a.batch])
-    sigma = torch.full((a.batch,), 2.0)
+    x0 = model.model.process_latent_in(lat[:a.batch]).to(bridge.device())
+    sigma = torch.full((a.batch,), 2.0, device=x0.device)
     out = {}
-    with torch.inference_mode(False), training_session(model, a.rank, float(a.rank), 0, "mid_block", False) as ses:
-        naive, _copy = naive_frozen_features(ses.mp)
+    with torch.inference_mode(False), training_session(model, a.rank, float(a.rank), 0, "mid_block",
+                                                       a.checkpointing) as ses:
+        naive, _copy = naive_frozen_features(ses.mp, checkpointing=a.checkpointing)
 
         def online():
             ses.predict_x0(x0, sigma, None).square().mean().backward()
@@ -58,46 +104,74 @@ def components(model, lat, a) -> dict:
                     features(x0, sigma, None)
             return run
 
-        out["online forward+backward (adapter on)"] = timed(online)
-        out["tap: forward, no grad (target)"] = timed(no_grad(ses.frozen_features))
-        out["tap: forward + backward to input (prediction)"] = timed(fwd_bwd(ses.frozen_features))
-        out["naive: full forward, no grad (target)"] = timed(no_grad(naive))
-        out["naive: full forward + backward to input (prediction)"] = timed(fwd_bwd(naive))
+        out[ONLINE] = timed(online)
+        out[TAP_TARGET] = timed(no_grad(ses.frozen_features))
+        out[TAP_PRED] = timed(fwd_bwd(ses.frozen_features))
+        out[FULL_TARGET] = timed(no_grad(naive))
+        out[FULL_PRED] = timed(fwd_bwd(naive))
+        if a.checkpointing:
+            with not_checkpointed(ses):
+                out[TAP_PRED + ", this pass not checkpointed"] = timed(
+                    fwd_bwd(ses.frozen_features))
     return out
 
 
 def op_table(model, lat, a, naive: bool, top: int = 12) -> tuple[float, list[dict]]:
-    """One profiled Trainer step (after a warm-up step): total seconds, the operators by self CPU time."""
+    """One profiled Trainer step (after a warm-up step): total seconds, the operators by self time (on a GPU,
+    self GPU time)."""
     from torch.profiler import ProfilerActivity, profile
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    cuda = torch.cuda.is_available()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with selfperc_trainer(model, lat, a, naive=naive) as tr:
-        tr.step()
-        t0 = time.perf_counter()
+        seconds(tr.step)
         with profile(activities=acts) as prof:
-            tr.step()
-        total = time.perf_counter() - t0
-    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
-    return total, [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "calls": e.count} for e in rows]
+            total = seconds(tr.step)
+
+    def self_us(e):
+        return e.self_device_time_total if cuda else e.self_cpu_time_total
+    rows = sorted(prof.key_averages(), key=self_us, reverse=True)[:top]
+    return total, [{"op": e.key, "self_s": self_us(e) / 1e6, "calls": e.count} for e in rows]
+
+
+def best_case(comp: dict, flops: dict | None, checkpointing: bool) -> dict:
+    """Step times if only the passes cost anything, and b/c from the FLOP count for comparison."""
+    b = comp[ONLINE]["s"] + comp[TAP_TARGET]["s"] + comp[TAP_PRED]["s"]
+    c = comp[ONLINE]["s"] + comp[FULL_TARGET]["s"] + comp[FULL_PRED]["s"]
+    res = {"b": b, "c": c, "b/c": b / c, "b/c_flops": float("nan")}
+    if flops:
+        # Units of FLOPs; a backward to the input only ~ its forward; checkpointing re-runs each forward that
+        # gradients pass through once more (the online pass, and the prediction pass up to the tap).
+        tap, full, step = flops["forward_to_tap"], flops["forward_full"], flops["mse_step"]
+        rc = 1 if checkpointing else 0
+        online = step + rc * full
+        res["b/c_flops"] = (online + 3 * tap + rc * tap) / (online + 2 * full + tap + rc * tap)
+    return res
 
 
 def markdown(res: dict) -> str:
-    c = res["components"]
     lines = ["# Where the time of a self-perceptual step goes (bench/profile.py)", "",
-             f"SD1.5 UNet (random weights), latent {res['size']}x{res['size']}, batch {res['batch']}, LoRA rank "
-             f"{res['rank']}, checkpointing off, device {res['device']}.", "",
-             "## Components (median of 3, seconds)", "", "| component | s |", "|---|---|"]
-    lines += [f"| {k} | {v:.3f} |" for k, v in c.items()]
-    m = res["model"]
-    lines += ["", "Step time if only these passes cost anything (the optimizer and loss are negligible):", "",
-              f"- (b) = online + tap target + tap prediction = **{m['b']:.2f} s**",
-              f"- (c) = online + full target + full prediction = **{m['c']:.2f} s**",
-              f"- best-case b/c on this machine = **{m['b/c']:.2f}** (FLOP-count view: {m['b/c_flops']:.2f})", ""]
-    for key, label in (("b", "(b) shipped defaults"), ("c", "(c) naive reference")):
-        total, rows = res["profile"][key]
-        lines += [f"## torch.profiler, one step of {label}: {total:.2f} s (with profiler overhead)", "",
-                  "| operator | self CPU s | calls |", "|---|---|---|"]
-        lines += [f"| {r['op']} | {r['self_s']:.3f} | {r['calls']} |" for r in rows] + [""]
+             f"{res['model_name']} (random weights), latent {res['size']}x{res['size']}, batch {res['batch']}, LoRA rank "
+             f"{res['rank']}, device {res['device']}. Extra peak MB: the most tensor memory a component allocates "
+             "above what is allocated before it (CUDA: allocator peak; CPU: replayed from a profiler trace).", ""]
+    for setting in res["settings"]:
+        c, m = setting["components"], setting["model"]
+        on = "on" if setting["checkpointing"] else "off"
+        lines += [f"## Gradient checkpointing {on}", "",
+                  "### Components (median of 5 after a warm-up)", "",
+                  "| component | s | min-max s | extra peak MB |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['s']:.3f} | {v['min']:.3f}-{v['max']:.3f} | {v['extra_mb']:.0f} |"
+                  for k, v in c.items()]
+        lines += ["", "Step time if only these passes cost anything (the optimizer and loss are negligible):", "",
+                  f"- (b) = online + tap target + tap prediction = **{m['b']:.2f} s**",
+                  f"- (c) = online + full target + full prediction = **{m['c']:.2f} s**",
+                  f"- best-case b/c on this machine = **{m['b/c']:.2f}** (FLOP-count view: {m['b/c_flops']:.2f})",
+                  ""]
+        for key, label in (("b", "(b) shipped defaults"), ("c", "(c) naive reference")):
+            total, rows = setting["profile"][key]
+            lines += [f"### torch.profiler, one step of {label}: {total:.2f} s (with profiler overhead)", "",
+                      f"| operator | self {'GPU' if res['device'] == 'cuda' else 'CPU'} s | calls |", "|---|---|---|"]
+            lines += [f"| {r['op']} | {r['self_s']:.3f} | {r['calls']} |" for r in rows] + [""]
     return "\n".join(lines) + "\n"
 
 
@@ -106,29 +180,28 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--model", default="sd15", choices=["sd15", "tiny"])
+    ap.add_argument("--checkpointing", type=int, choices=[0, 1], nargs="+", default=[0, 1])
     ap.add_argument("--flops", type=str, default=None,
                     help="results.json of `make bench` (default: the one for --model), for the FLOP-count view")
     args = ap.parse_args()
-    a = SimpleNamespace(batch=args.batch, rank=8, checkpointing=False)
     torch.manual_seed(0)
     import_pack()
     model = load_model(args.model)
     lat = latents_for(args.size, max(4, args.batch))
-    comp = components(model, lat, a)
-    online = comp["online forward+backward (adapter on)"]
-    b = online + comp["tap: forward, no grad (target)"] + comp["tap: forward + backward to input (prediction)"]
-    c = (online + comp["naive: full forward, no grad (target)"]
-         + comp["naive: full forward + backward to input (prediction)"])
     try:
         default = REPO_ROOT / "bench" / ("results.json" if args.model == "sd15" else "out/quick-results.json")
-        f = json.loads(open(args.flops or default).read())["flops"]
-        tap, full, step = f["forward_to_tap"], f["forward_full"], f["mse_step"]
-        flops_bc = (step + 3 * tap) / (step + 2 * full + tap)  # prediction backward ~ its forward (input grads)
+        flops = json.loads(open(args.flops or default).read())["flops"]
     except (OSError, KeyError, ValueError):
-        flops_bc = float("nan")
-    res = {"size": args.size, "batch": args.batch, "rank": 8, "device": "cuda" if torch.cuda.is_available() else "cpu",
-           "components": comp, "model": {"b": b, "c": c, "b/c": b / c, "b/c_flops": flops_bc},
-           "profile": {"b": op_table(model, lat, a, naive=False), "c": op_table(model, lat, a, naive=True)}}
+        flops = None
+    settings = []
+    for ckpt in args.checkpointing:
+        a = SimpleNamespace(batch=args.batch, rank=8, checkpointing=bool(ckpt))
+        comp = components(model, lat, a)
+        settings.append({"checkpointing": bool(ckpt), "components": comp, "model": best_case(comp, flops, a.checkpointing),
+                         "profile": {"b": op_table(model, lat, a, naive=False),
+                                     "c": op_table(model, lat, a, naive=True)}})
+    res = {"model_name": "SD1.5 UNet" if args.model == "sd15" else "tiny test UNet", "size": args.size, "batch": args.batch, "rank": 8, "device": "cuda" if torch.cuda.is_available() else "cpu",
+           "settings": settings}
     out = REPO_ROOT / "bench" / ("profile" if args.model == "sd15" else "out/quick-profile")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")

@@ -138,25 +138,34 @@ def selfperc_trainer(model, lat, a, early_exit=True, batched=None, naive=False):
                       bridge.noise_scaling_fn(ms), bridge.sigma_of_t_fn(ms), settings, device=bridge.device())
 
 
-def timed_steps(step, a) -> tuple[list[float], bool]:
-    """Run ``step()`` warm-up + timed times as the node runs its steps (bf16 autocast on a GPU, synchronized);
-    the peak-memory count restarts when the timed steps begin."""
+def as_the_node_runs():
+    """The precision the node trains in: bf16 autocast on a GPU, fp32 on a CPU."""
     from selfperc_pack.nodes import bridge
 
     dev = bridge.device()
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+
+
+def seconds(fn) -> float:
+    """Wall time of ``fn()`` in the node's precision, synchronized on a GPU."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with as_the_node_runs():
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def timed_steps(step, a) -> tuple[list[float], bool]:
+    """Run ``step()`` warm-up + timed times as the node runs its steps; the peak-memory count restarts when the
+    timed steps begin."""
     times, reset_worked = [], False
     for i in range(a.warmup + a.steps):
         if i == a.warmup:
             reset_worked = reset_peak_memory()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
-            step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        times.append(seconds(step))
     return times, reset_worked
 
 
@@ -196,11 +205,12 @@ def run_mse_same_lora(model, lat, a) -> tuple[list[float], bool]:
 
 def count_flops(model, lat, a) -> dict:
     """FLOPs of one MSE LoRA step (forward + backward) and of one forward up to the mid-block."""
+    from selfperc_pack.nodes import bridge
     from selfperc_pack.nodes.session import training_session
     from torch.utils.flop_counter import FlopCounterMode
 
-    lat = model.model.process_latent_in(lat[: a.batch])
-    sigma = torch.full((a.batch,), 1.0)
+    lat = model.model.process_latent_in(lat[: a.batch]).to(bridge.device())
+    sigma = torch.full((a.batch,), 1.0, device=lat.device)
     with torch.inference_mode(False), training_session(model, a.rank, float(a.rank), 0, "mid_block", False) as ses:
         x = lat.clone().requires_grad_(False)
         with FlopCounterMode(display=False) as fc:
