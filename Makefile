@@ -1,7 +1,7 @@
 # The two commands of README: `make demo` (the main job) and `make test`. Each builds .venv if needed.
 PY := .venv/bin/python
 
-.PHONY: venv test test-core demo bench bench-quick bench-profile lint clean
+.PHONY: venv test test-core demo bench bench-quick bench-profile bench-pairs lint clean
 
 venv:
 	@bash dev/setup_venv.sh
@@ -29,3 +29,6 @@ bench-quick: venv
 
 bench-profile: venv
 	$(PY) -m bench.profile
+
+bench-pairs: venv
+	$(PY) -m bench.pairs
