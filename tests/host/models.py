@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import functools
 
+import torch
+
 PARAMETERIZATIONS = ("eps", "v_zsnr", "flow")
 
 
@@ -25,3 +27,21 @@ def as_parameterization(model, kind: str):
     if kind == "flow":
         return ModelSamplingSD3().patch(model, 3.0)[0]
     raise ValueError(kind)
+
+
+def session(pack, model, **kw):
+    """A training session on ``model`` with small test defaults (``pack``: the pack is imported)."""
+    from selfperc_pack.nodes.session import training_session
+
+    kw.setdefault("rank", 4)
+    kw.setdefault("alpha", 4.0)
+    kw.setdefault("seed", 0)
+    return training_session(model, **kw)
+
+
+def nonzero_lora(ses, seed=1):
+    """Random LoRA weights (a fresh LoRA's up matrices are zero: it would change nothing)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in ses.params:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)

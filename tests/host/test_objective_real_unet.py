@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tests.host.models import PARAMETERIZATIONS, as_parameterization, load_checkpoint
+from tests.host.models import PARAMETERIZATIONS, as_parameterization, load_checkpoint, nonzero_lora, session
 
 pytestmark = pytest.mark.host
 
@@ -20,22 +20,6 @@ def fixed_batch(ms, B=2, seed=0):
     eps = torch.randn(B, 4, 8, 8, generator=g)
     sig = bridge.sigma_of_t_fn(ms)
     return x0, eps, sig(torch.tensor([0.3, 0.8])[:B]), sig(torch.tensor([0.6, 0.1])[:B])
-
-
-def session(pack, model, **kw):
-    from selfperc_pack.nodes.session import training_session
-
-    kw.setdefault("rank", 4)
-    kw.setdefault("alpha", 4.0)
-    kw.setdefault("seed", 0)
-    return training_session(model, **kw)
-
-
-def nonzero_lora(ses, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in ses.params:
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
 def loss_and_grads(ses, batch, **kw):
