@@ -12,7 +12,7 @@ import json
 import statistics
 import sys
 
-from bench.run import summary, worker
+from bench.run import STEPS, WARMUP, summary, worker
 from dev.host import REPO_ROOT
 
 
@@ -38,8 +38,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny test UNet (checks the harness)")
     a = ap.parse_args()
     model, size = ("tiny", 8) if a.quick else ("sd15", 32)
-    common = dict(model=model, size=size, batch=1, rank=8, steps=3, warmup=1)
-    res = {"model": model, "size": size, "steps": 3, "warmup": 1, "settings": {}}
+    common = dict(model=model, size=size, batch=1, rank=8, steps=STEPS, warmup=WARMUP)
+    res = {"model": model, "size": size, "steps": STEPS, "warmup": WARMUP, "settings": {}}
     out = REPO_ROOT / "bench" / ("out/quick-pairs" if a.quick else "pairs")
     out.parent.mkdir(parents=True, exist_ok=True)
     for ckpt in (1, 0):

@@ -111,8 +111,7 @@ def components(model, lat, a) -> dict:
         out[FULL_PRED] = timed(fwd_bwd(naive))
         if a.checkpointing:
             with not_checkpointed(ses):
-                out[TAP_PRED + ", this pass not checkpointed"] = timed(
-                    fwd_bwd(ses.frozen_features))
+                out[TAP_PRED + ", this pass not checkpointed"] = timed(fwd_bwd(ses.frozen_features))
     return out
 
 
@@ -197,10 +196,12 @@ def main() -> None:
     for ckpt in args.checkpointing:
         a = SimpleNamespace(batch=args.batch, rank=8, checkpointing=bool(ckpt))
         comp = components(model, lat, a)
-        settings.append({"checkpointing": bool(ckpt), "components": comp, "model": best_case(comp, flops, a.checkpointing),
+        settings.append({"checkpointing": a.checkpointing, "components": comp,
+                         "model": best_case(comp, flops, a.checkpointing),
                          "profile": {"b": op_table(model, lat, a, naive=False),
                                      "c": op_table(model, lat, a, naive=True)}})
-    res = {"model_name": "SD1.5 UNet" if args.model == "sd15" else "tiny test UNet", "size": args.size, "batch": args.batch, "rank": 8, "device": "cuda" if torch.cuda.is_available() else "cpu",
+    res = {"model_name": "SD1.5 UNet" if args.model == "sd15" else "tiny test UNet", "size": args.size,
+           "batch": args.batch, "rank": 8, "device": "cuda" if torch.cuda.is_available() else "cpu",
            "settings": settings}
     out = REPO_ROOT / "bench" / ("profile" if args.model == "sd15" else "out/quick-profile")
     out.parent.mkdir(parents=True, exist_ok=True)

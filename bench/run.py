@@ -26,6 +26,7 @@ from selfperc_core.loop import TrainSettings
 # (d2) toggles whatever the shipped default of the frozen passes is
 _D2 = (("selfperc_separate", "(b) with separate frozen passes") if TrainSettings().batched_frozen
        else ("selfperc_batched", "(b) with batched frozen passes"))
+STEPS, WARMUP = 3, 1  # timed steps after warm-up steps, per configuration process (also bench/pairs.py)
 MAIN = [("a", "core_train_lora", "core Train LoRA (MSE)"),
         ("a2", "mse_same_lora", "MSE step with our LoRA (floor baseline)"),
         ("b", "selfperc", "self-perceptual, shipped defaults"),
@@ -55,7 +56,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     a = ap.parse_args()
     model = "tiny" if a.quick else "sd15"
-    size, steps, warmup = (8, 3, 1) if a.quick else (32, a.steps or 3, 1)
+    size, steps, warmup = (8, STEPS, WARMUP) if a.quick else (32, a.steps or STEPS, WARMUP)
     sizes = [8, 12] if a.quick else [16, 24, 32]
     out_dir = REPO_ROOT / "bench" / ("out" if a.quick else "")
     out_dir.mkdir(parents=True, exist_ok=True)

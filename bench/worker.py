@@ -138,22 +138,17 @@ def selfperc_trainer(model, lat, a, early_exit=True, batched=None, naive=False):
                       bridge.noise_scaling_fn(ms), bridge.sigma_of_t_fn(ms), settings, device=bridge.device())
 
 
-def as_the_node_runs():
-    """The precision the node trains in: bf16 autocast on a GPU, fp32 on a CPU."""
+def seconds(fn) -> float:
+    """Wall time of ``fn()`` as the node trains (bf16 autocast on a GPU, fp32 on a CPU), synchronized on a GPU."""
     from selfperc_pack.nodes import bridge
 
-    dev = bridge.device()
-    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
-
-
-def seconds(fn) -> float:
-    """Wall time of ``fn()`` in the node's precision, synchronized on a GPU."""
-    if torch.cuda.is_available():
+    cuda = bridge.device().type == "cuda"
+    if cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    with as_the_node_runs():
+    with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda):
         fn()
-    if torch.cuda.is_available():
+    if cuda:
         torch.cuda.synchronize()
     return time.perf_counter() - t0
 
