@@ -29,8 +29,11 @@ def test_lora_beside_the_layer_equals_comfyuis_patched_weight(comfy, pack, kind)
     from selfperc_pack.nodes import lora
     from selfperc_pack.selfperc_core import AdapterSwitch
 
+    torch.manual_seed(0)
     layer, shape = layers()[kind]
+    # ComfyUI's ops skip init (weights are always loaded): the bias would be whatever memory held, once 3e23.
     torch.nn.init.normal_(layer.weight)
+    torch.nn.init.normal_(layer.bias)
     model = torch.nn.Module()
     model.diffusion_model = torch.nn.ModuleDict({"layer": layer})
     switch = AdapterSwitch()
