@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import torch
 
-from bench.worker import latents_for, load_model, seconds, selfperc_trainer
+from bench.worker import latents_for, load_model, on_cuda, seconds, selfperc_trainer
 from dev.host import REPO_ROOT, import_pack
 
 ONLINE = "online forward+backward (adapter on)"
@@ -36,7 +36,7 @@ def extra_peak_mb(fn) -> float:
     CUDA: the allocator's peak. CPU: process RSS cannot show it (freed memory stays resident), so the CPU
     allocator's allocations and frees are replayed from a torch.profiler trace, in op order.
     """
-    if torch.cuda.is_available():
+    if on_cuda():
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -120,7 +120,7 @@ def op_table(model, lat, a, naive: bool, top: int = 12) -> tuple[float, list[dic
     self GPU time)."""
     from torch.profiler import ProfilerActivity, profile
 
-    cuda = torch.cuda.is_available()
+    cuda = on_cuda()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with selfperc_trainer(model, lat, a, naive=naive) as tr:
         seconds(tr.step)
@@ -201,7 +201,7 @@ def main() -> None:
                          "profile": {"b": op_table(model, lat, a, naive=False),
                                      "c": op_table(model, lat, a, naive=True)}})
     res = {"model_name": "SD1.5 UNet" if args.model == "sd15" else "tiny test UNet", "size": args.size,
-           "batch": args.batch, "rank": 8, "device": "cuda" if torch.cuda.is_available() else "cpu",
+           "batch": args.batch, "rank": 8, "device": "cuda" if on_cuda() else "cpu",
            "settings": settings}
     out = REPO_ROOT / "bench" / ("profile" if args.model == "sd15" else "out/quick-profile")
     out.parent.mkdir(parents=True, exist_ok=True)

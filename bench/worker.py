@@ -47,13 +47,21 @@ def latents_for(size: int, n: int) -> torch.Tensor:
     return torch.randn(n, 4, size, size, generator=g)
 
 
+def on_cuda() -> bool:
+    """Whether ComfyUI's compute device, the one the nodes train on, is a GPU: one answer for the timing, memory
+    and dtype choices (torch.cuda.is_available() differs from it under ComfyUI's --cpu)."""
+    from selfperc_pack.nodes import bridge
+
+    return bridge.device().type == "cuda"
+
+
 def reset_peak_memory() -> bool:
     """Start the peak-memory count now (after loading and warm-up, so it is the peak of the timed steps).
 
     CUDA: torch's allocator peak. CPU on Linux: the kernel's peak RSS (VmHWM) is reset by writing 5 to
     /proc/self/clear_refs; elsewhere the process peak since start is all there is.
     """
-    if torch.cuda.is_available():
+    if on_cuda():
         torch.cuda.reset_peak_memory_stats()
         return True
     try:
@@ -66,7 +74,7 @@ def reset_peak_memory() -> bool:
 
 def peak_memory(reset_worked: bool) -> tuple[int, str]:
     """(bytes, what they are) for the timed steps."""
-    if torch.cuda.is_available():
+    if on_cuda():
         return torch.cuda.max_memory_allocated(), "CUDA max allocated over the timed steps"
     if reset_worked:
         with open("/proc/self/status") as f:
@@ -101,7 +109,7 @@ def run_core_train_lora(model, lat, a) -> tuple[list[float], bool]:
     clock = StepClock(a.warmup)
     comfy.utils.set_progress_bar_global_hook(clock)
     cond = [[torch.zeros(1, 77, 768), {}]]
-    dtype = "bf16" if torch.cuda.is_available() else "fp32"
+    dtype = "bf16" if on_cuda() else "fp32"
     kw = dict(model=model, positive=cond, batch_size=a.batch, grad_accumulation_steps=1,
               steps=a.warmup + a.steps + 1, learning_rate=1e-4, rank=a.rank, optimizer="AdamW",
               loss_function="MSE", seed=0, training_dtype=dtype, lora_dtype=dtype, algorithm="LoRA",
@@ -140,9 +148,7 @@ def selfperc_trainer(model, lat, a, early_exit=True, batched=None, naive=False):
 
 def seconds(fn) -> float:
     """Wall time of ``fn()`` as the node trains (bf16 autocast on a GPU, fp32 on a CPU), synchronized on a GPU."""
-    from selfperc_pack.nodes import bridge
-
-    cuda = bridge.device().type == "cuda"
+    cuda = on_cuda()
     if cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -252,7 +258,7 @@ def main() -> None:
     steps = times[a.warmup: a.warmup + a.steps]
     peak, memory_kind = peak_memory(reset_worked)
     print(json.dumps({"method": a.method, "step_times": steps, "peak_memory_bytes": peak, "memory_kind": memory_kind,
-                      "wall": time.perf_counter() - t0, "device": "cuda" if torch.cuda.is_available() else "cpu"}))
+                      "wall": time.perf_counter() - t0, "device": "cuda" if on_cuda() else "cpu"}))
     sys.stdout.flush()
 
 
