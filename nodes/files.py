@@ -8,16 +8,20 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import folder_paths
 import torch
 from safetensors.torch import save_file
 
+from ..selfperc_core.state import StateFileError, atomic_write, load_state_file, save_state_file
+
 # Server owners may allow dataset folders outside the input directory (absolute paths) with this variable.
 ALLOW_ANY_DATASET_PATH = "SELFPERC_ALLOW_ANY_DATASET_PATH"
-STATE_SUFFIX = ".state.pt"
+# The resume sidecar: a safetensors file (tensors + a JSON header, no pickle) under a suffix that ComfyUI's model
+# lists do not show, so it never appears as a LoRA. The old pickle sidecar is recognised only to be refused.
+STATE_SUFFIX = ".selfperc_state"
+LEGACY_STATE_SUFFIX = ".state.pt"
 
 
 def dataset_folders() -> list[str]:
@@ -76,35 +80,45 @@ def lora_path(name: str, overwrite: bool) -> Path:
     raise FileExistsError(f"too many files named {base.name}_*.safetensors")
 
 
-def _atomic(path: Path, write) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
-
-
 def save_lora(path: Path, sd: dict[str, torch.Tensor], metadata: dict) -> Path:
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    return _atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=meta))
+    return atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=meta))
 
 
 def save_state(path: Path, state: dict) -> Path:
-    """The resume sidecar (optimizer, step, RNG) beside the LoRA: '<lora>.state.pt'."""
-    return _atomic(path, lambda tmp: torch.save(state, tmp))
+    """The resume sidecar (optimizer, step, RNG, loss curve) beside the LoRA: '<lora>.selfperc_state'."""
+    return save_state_file(path, state)
 
 
 def state_path(lora_file: Path) -> Path:
     return lora_file.with_name(lora_file.stem + STATE_SUFFIX)
 
 
+def load_resume(lora_file: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The LoRA weights and resume state of an earlier run, read without unpickling anything.
+
+    The state's size is bounded by the LoRA's before it is read (AdamW keeps two moments per weight).
+    Raises StateFileError naming the file for a missing, oversized or foreign state file.
+    """
+    from safetensors.torch import load_file
+
+    if lora_file.suffix != ".safetensors":
+        raise StateFileError(f"{lora_file.name}: only .safetensors LoRAs can be resumed (other formats are pickles)")
+    state_file = state_path(lora_file)
+    if not state_file.is_file():
+        legacy = lora_file.with_name(lora_file.stem + LEGACY_STATE_SUFFIX)
+        if legacy.exists():
+            raise StateFileError(f"{legacy.name} is an old pickle resume file: it is never loaded, because "
+                                 "loading a pickle can run code; start a new run (this version writes "
+                                 f"{STATE_SUFFIX} files)")
+        raise StateFileError(f"no resume state {state_file.name} beside {lora_file.name}")
+    weights = load_file(str(lora_file))
+    state = load_state_file(state_file, max_bytes=4 * lora_file.stat().st_size + (16 << 20))
+    if not (isinstance(state, dict) and isinstance(state.get("trainer"), dict)
+            and {"optimizer", "step", "rng", "losses"} <= set(state["trainer"])):
+        raise StateFileError(f"resume file {state_file.name} does not hold a fine-tune state")
+    return weights, state
+
+
 def save_image_png(path: Path, image) -> Path:
-    return _atomic(path, lambda tmp: image.save(tmp, format="PNG"))
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))

@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 
 from .adapter import checkpoint_forward
-from .dataset import RESIZE_MODES, load_dataset
+from .dataset import RESIZE_MODES, as_float, load_dataset
 from .diffusers_host import DiffusersSchedule, PeftSwitch, comfy_lora_state_dict, lora_targets, unet_predictor
 from .features import FeatureTap
 from .loop import Trainer, TrainSettings
 from .objective import DISTANCES
+from .state import load_state_file, save_state_file
 from .timesteps import T_PRIME_STRATEGIES
 
 
@@ -49,18 +50,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
                     help="default: accelerate's config / launch flag")
     ap.add_argument("--gradient-checkpointing", action="store_true")
-    ap.add_argument("--save-every", type=int, default=0, help="accelerate state every N steps (resumable)")
-    ap.add_argument("--resume", type=Path, default=None, help="an accelerate state folder from --save-every")
+    ap.add_argument("--save-every", type=int, default=0, help="resumable state every N steps (OUT/state-NNNNNN)")
+    ap.add_argument("--resume", type=Path, default=None, help="a state folder written by --save-every")
     ap.add_argument("--log-json", type=Path, default=None, help="write per-step global losses here (main process)")
     return ap.parse_args(argv)
 
 
-class _Module(torch.nn.Module):
-    """Wraps a list of parameters so accelerate's state saving includes them."""
+STATE_FILE = "trainer.selfperc_state"
 
-    def __init__(self, params):
-        super().__init__()
-        self.params = torch.nn.ParameterList(params)
+
+def save_checkpoint(folder: Path, trainer: Trainer, params: list[torch.Tensor]) -> None:
+    """Resumable state without pickle (accelerate's own checkpoints unpickle custom objects on load): the
+    trainer (optimizer, step, RNG, losses) and the trained weights, in one safetensors state file."""
+    save_state_file(folder / STATE_FILE, {"trainer": trainer.state_dict(), "params": list(params)})
+
+
+def load_checkpoint(folder: Path, trainer: Trainer, params: list[torch.Tensor]) -> None:
+    state = load_state_file(folder / STATE_FILE)
+    saved = state.get("params") if isinstance(state, dict) else None
+    if not isinstance(saved, list) or len(saved) != len(params) or any(
+            not isinstance(s, torch.Tensor) or s.shape != p.shape for s, p in zip(saved, params)):
+        raise ValueError(f"{folder / STATE_FILE} does not hold this run's weights (other rank, model or --full)")
+    with torch.no_grad():
+        for p, s in zip(params, saved):
+            p.copy_(s)
+    trainer.load_state_dict(state["trainer"])
 
 
 def encode(vae, images: list[torch.Tensor], device) -> list[torch.Tensor]:
@@ -68,7 +82,7 @@ def encode(vae, images: list[torch.Tensor], device) -> list[torch.Tensor]:
     out = []
     with torch.no_grad():
         for img in images:
-            x = img.permute(2, 0, 1)[None].to(device) * 2 - 1
+            x = as_float(img).permute(2, 0, 1)[None].to(device) * 2 - 1
             lat = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
             out.append(lat[0].float().cpu())
     return out
@@ -142,10 +156,8 @@ def main(argv=None) -> None:
     trainer = Trainer(params, latents, [None] * len(latents), predict, frozen_features, schedule.noise_scaling,
                       schedule.sigma_of_t, settings, device=dev, rank=acc.process_index,
                       world_size=acc.num_processes, grad_sync=grad_sync, accumulation=a.grad_accum, optimizer=opt)
-    weights = _Module(params)
-    acc.register_for_checkpointing(trainer, weights)
     if a.resume is not None:
-        acc.load_state(str(a.resume))
+        load_checkpoint(a.resume, trainer, params)  # every process reads the same state
     a.out.mkdir(parents=True, exist_ok=True)
     global_losses = []
     bar = tqdm(total=a.steps, initial=trainer.step_count, desc="self-perceptual", disable=not acc.is_main_process)
@@ -158,8 +170,8 @@ def main(argv=None) -> None:
         global_losses.append(loss)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.5f}")
-        if a.save_every and trainer.step_count % a.save_every == 0:
-            acc.save_state(str(a.out / f"state-{trainer.step_count:06d}"))
+        if a.save_every and trainer.step_count % a.save_every == 0 and acc.is_main_process:
+            save_checkpoint(a.out / f"state-{trainer.step_count:06d}", trainer, params)
     bar.close()
     acc.wait_for_everyone()
     if acc.is_main_process:

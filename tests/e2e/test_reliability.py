@@ -105,7 +105,7 @@ def test_cancel_stops_training_within_a_step_and_keeps_the_last_checkpoint(serve
     assert stopped_in < 30, f"took {stopped_in:.1f}s to stop"
     import safetensors.torch
     sd = safetensors.torch.load_file(str(lora_dir / "run.safetensors"))
-    assert sd and (lora_dir / "run.state.pt").exists()
+    assert sd and (lora_dir / "run.selfperc_state").exists()
     assert not [p for p in lora_dir.iterdir() if p.name.endswith(".tmp")], "a half-written file was left"
     assert server.alive()
     after = server.run(graphs.core_sampling())

@@ -66,7 +66,7 @@ def test_fine_tune_compare_and_reload_through_the_api(server, photos, kind):
     assert_success(server, entry)
     lora_file = f"e2e/{kind}.safetensors"
     assert (server.base / "models" / "loras" / lora_file).is_file()
-    assert (server.base / "models" / "loras" / "e2e" / f"{kind}.state.pt").is_file()
+    assert (server.base / "models" / "loras" / "e2e" / f"{kind}.selfperc_state").is_file()
     grid = outputs_of(entry, "13")["images"][0]
     with Image.open(server.base / "output" / grid["subfolder"] / grid["filename"]) as im:
         assert im.width > 2 * 64  # base | fine-tuned

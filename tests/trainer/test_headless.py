@@ -120,3 +120,22 @@ def test_v_prediction_zero_snr_and_full_fine_tune_run(tmp_path, data_dir):
     res = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "full" / "unet" / "config.json").exists()
+
+
+def test_resume_never_unpickles_a_planted_state(model_dir, data_dir, tmp_path):
+    """A pickle planted as the state file (or accelerate's custom_checkpoint pickle) is refused, never run."""
+    import pickle
+
+    from tests.core.test_state import _Payload
+
+    marker = tmp_path / "pwned"
+    state = tmp_path / "planted"
+    state.mkdir()
+    (state / "trainer.selfperc_state").write_bytes(pickle.dumps({"trainer": _Payload(marker)}))
+    (state / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(_Payload(marker)))
+    cmd = [sys.executable, "-m", "selfperc_core.train", "--model", str(model_dir), "--data", str(data_dir), "--out",
+           str(tmp_path / "out"), "--resolution", "64", "--steps", "2", "--resume", str(state)]
+    res = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert res.returncode != 0
+    assert "trainer.selfperc_state is not a valid selfperc state file" in res.stderr, res.stderr[-2000:]
+    assert not marker.exists(), "the planted pickle ran"
