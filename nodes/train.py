@@ -15,7 +15,7 @@ from comfy_api.latest import io
 from tqdm.auto import tqdm
 
 from ..selfperc_core import T_PRIME_STRATEGIES
-from ..selfperc_core.dataset import RESIZE_MODES, load_dataset
+from ..selfperc_core.dataset import RESIZE_MODES, as_float, load_dataset
 from ..selfperc_core.loop import NonFiniteLoss, Trainer, TrainSettings
 from ..selfperc_core.objective import DISTANCES
 from . import bridge, files, lora, preview
@@ -24,6 +24,24 @@ from .session import training_session
 log = logging.getLogger("selfperc")
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NONE = "[None]"
+# Pixels per step (batch x resolution^2) are bounded before any work: 64 MP is e.g. batch 64 at 1024 px or
+# batch 16 at 2048 px, beyond what any GPU we know trains; past it a run only ends in an out-of-memory.
+MAX_STEP_PIXELS = 64 * 1024 * 1024
+# The decoded images (uint8) may take at most this share of the memory available when training starts.
+CACHE_MEMORY_SHARE = 0.5
+
+
+def check_sizes(batch_size: int, resolution: int) -> None:
+    if batch_size * resolution * resolution > MAX_STEP_PIXELS:
+        raise ValueError(f"batch_size {batch_size} x resolution {resolution}^2 is "
+                         f"{batch_size * resolution * resolution / 2**20:.0f} MP per step, over the "
+                         f"{MAX_STEP_PIXELS // 2**20} MP bound: lower batch_size or resolution")
+
+
+def cache_budget() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available * CACHE_MEMORY_SHARE)
 
 
 def training_dtype(choice: str, device: torch.device) -> torch.dtype:
@@ -40,7 +58,7 @@ def encode_latents(model, vae, images: list[torch.Tensor]) -> list[torch.Tensor]
     """VAE-encode each image once (the latent cache), in the model's latent space."""
     out = []
     for img in images:
-        lat = vae.encode(img[None, :, :, :3])
+        lat = vae.encode(as_float(img)[None, :, :, :3])
         out.append(model.model.process_latent_in(lat.float())[0].cpu())
     return out
 
@@ -137,7 +155,8 @@ class SelfPerceptualFineTune(io.ComfyNode):
                 io.Clip.Input("clip", optional=True,
                               tooltip="Encodes captions. Without it training is unconditional."),
                 io.Combo.Input("resume_from", options=resumable_loras(), default=NONE, optional=True,
-                               tooltip="Continue a saved run (LoRA + its .state.pt: optimizer, step, RNG)."),
+                               tooltip="Continue a saved run (LoRA + its .selfperc_state: optimizer, step, RNG). "
+                                       "Pickle files are never loaded."),
                 io.Boolean.Input("batched_frozen", default=TrainSettings.batched_frozen, optional=True,
                                  tooltip="Run the two frozen passes as one batch (faster on some GPUs)."),
                 io.String.Input("dataset_path", default="", optional=True,
@@ -164,44 +183,52 @@ class SelfPerceptualFineTune(io.ComfyNode):
                                  normalize=normalize_features, mse_weight=mse_weight, batched_frozen=batched_frozen)
         if t_prime_max - t_prime_min < 0.01:
             raise ValueError(f"t_prime_min {t_prime_min} must be below t_prime_max {t_prime_max}")
+        check_sizes(batch_size, resolution)
         out_file = files.lora_path(lora_name, overwrite)  # refuse a bad name before any work
+        existing, state = None, None
+        if resume_from and resume_from != NONE:
+            with torch.inference_mode(False):  # the optimizer updates these tensors in place
+                existing, state = files.load_resume(Path(folder_paths.get_full_path_or_raise("loras", resume_from)))
         folder = files.resolve_dataset(dataset_folder, dataset_path or "")
-        ds = load_dataset(folder, resolution, resize_mode)
+        ds = load_dataset(folder, resolution, resize_mode, max_cache_bytes=cache_budget())
         for s in ds.skipped:
             log.warning("selfperc: skipped %s: %s", s.path, s.reason)
+        for s in ds.notes:
+            log.warning("selfperc: %s: %s", s.path, s.reason)
         log.info("selfperc: %d images from %s (%d skipped)", len(ds.images), folder, len(ds.skipped))
 
         with torch.inference_mode(False):
             return cls._train(model, vae, clip, ds, settings, feature_layer, rank, alpha, gradient_checkpointing,
-                              training_dtype, out_file, save_every, preview_every, resume_from, folder)
+                              training_dtype, out_file, save_every, preview_every, (existing, state, resume_from),
+                              folder)
 
     @classmethod
     def _train(cls, model, vae, clip, ds, settings, feature_layer, rank, alpha, checkpointing, dtype_choice,
-               out_file, save_every, preview_every, resume_from, folder):
+               out_file, save_every, preview_every, resume, folder):
         device = bridge.device()
         dtype = training_dtype(dtype_choice, device)
         latents = encode_latents(model, vae, ds.images)
         conds = encode_captions(clip, ds.captions)
-
-        existing, state = None, None
-        if resume_from and resume_from != NONE:
-            path = Path(folder_paths.get_full_path_or_raise("loras", resume_from))
-            existing = comfy.utils.load_torch_file(str(path), safe_load=True)
-            state = torch.load(files.state_path(path), map_location="cpu", weights_only=False)
+        existing, state, resume_name = resume
 
         with training_session(model, rank, alpha, settings.seed, feature_layer, checkpointing, existing) as ses:
             return cls._loop(model, vae, ses, latents, conds, settings, feature_layer, rank, alpha, dtype, device,
-                             out_file, save_every, preview_every, state, folder)
+                             out_file, save_every, preview_every, (state, resume_name), folder)
 
     @classmethod
     def _loop(cls, model, vae, ses, latents, conds, settings, feature_layer, rank, alpha, dtype, device, out_file,
-              save_every, preview_every, state, folder):
+              save_every, preview_every, resume, folder):
         ms = ses.model_sampling
         settings.t_range = bridge.default_t_range(ms)
         trainer = Trainer(ses.params, latents, conds, ses.predict_x0, ses.frozen_features, bridge.noise_scaling_fn(ms),
                           bridge.sigma_of_t_fn(ms), settings, device=device)
+        state, resume_name = resume
         if state is not None:
-            trainer.load_state_dict(state["trainer"])
+            try:
+                trainer.load_state_dict(state["trainer"])
+            except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                raise files.StateFileError(f"the resume state of {resume_name} does not match this run ({e}); "
+                                           "resume with the settings the run was started with") from None
         start = trainer.step_count
         total = start + settings.steps
         meta = cls._metadata(model, settings, feature_layer, rank, alpha, dtype, folder, ms, len(latents))

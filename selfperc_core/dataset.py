@@ -4,10 +4,15 @@ Policy (stated in the node's help page): files that cannot be used are skipped w
 the run fails, naming the folder and the reasons, when no usable image remains. Folder symlinks are not
 followed (no loops, no escapes). Images are turned upright from EXIF, converted to RGB (transparency onto
 white, 16-bit scaled to 8-bit, CMYK/palette converted) and downscaled while decoding when very large.
-A caption is ``name.txt`` beside ``name.ext``; it must be UTF-8.
+A caption is ``name.txt`` beside ``name.ext``; it must be UTF-8, and only its first MAX_CAPTION_CHARS
+characters are read (a longer one is cut, with a note naming the file).
+
+Sizes are bounded before any image is decoded: at most MAX_IMAGES image files, and the decoded cache
+(``cache_bytes``: 3 bytes a pixel, uint8) is checked against the host's memory budget by the caller.
 """
 from __future__ import annotations
 
+import codecs
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -23,6 +28,12 @@ MIN_SIDE = 8
 # rather than decoded, since a single decompression bomb could exhaust the server's memory.
 MAX_PIXELS = 178_000_000  # PIL refuses twice its 89.5 MP warning limit too
 RESIZE_MODES = ("center_crop", "buckets")
+# Characters, not tokens: the bound applies before any tokenizer runs (a multi-megabyte caption made CLIP's
+# tokenizer produce a million tokens). 2,000 characters is ~400-500 CLIP/T5 tokens, beyond the 77-token CLIP
+# window (ComfyUI encodes longer prompts in 77-token chunks) and the 256-512 tokens T5 encoders are used with.
+MAX_CAPTION_CHARS = 2000
+MAX_IMAGES = 100_000  # image files in one dataset folder (subfolders included)
+MAX_SCAN_ENTRIES = 1_000_000  # directory entries looked at while scanning, whatever they are
 
 
 class DatasetError(ValueError):
@@ -37,10 +48,21 @@ class Skipped:
 
 @dataclass
 class Dataset:
-    images: list[torch.Tensor] = field(default_factory=list)   # (H, W, 3) float in [0, 1]
+    images: list[torch.Tensor] = field(default_factory=list)   # (H, W, 3) uint8; as_float() gives [0, 1]
     captions: list[str | None] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    notes: list[Skipped] = field(default_factory=list)          # used, with a change (e.g. caption cut)
+
+
+def as_float(image: torch.Tensor) -> torch.Tensor:
+    """A dataset image (uint8, H x W x 3) as float in [0, 1]."""
+    return image.float() / 255.0
+
+
+def cache_bytes(n_images: int, resolution: int) -> int:
+    """Memory the decoded images take before encoding (uint8 RGB at about resolution^2 pixels each)."""
+    return n_images * resolution * resolution * 3
 
 
 def scan_folder(folder: Path) -> tuple[list[Path], list[Skipped]]:
@@ -50,9 +72,13 @@ def scan_folder(folder: Path) -> tuple[list[Path], list[Skipped]]:
         raise DatasetError(f"dataset folder not found: {folder}")
     if not folder.is_dir():
         raise DatasetError(f"dataset path is not a folder: {folder}")
-    found, skipped = [], []
+    found, skipped, seen = [], [], 0
     for root, dirs, files in os.walk(folder, followlinks=False, onerror=lambda e: skipped.append(
             Skipped(Path(e.filename or folder), f"cannot list folder: {e.strerror}"))):
+        seen += len(dirs) + len(files)
+        if seen > MAX_SCAN_ENTRIES or len(found) > MAX_IMAGES:
+            raise DatasetError(f"dataset folder {folder} holds more than {MAX_IMAGES} images or "
+                               f"{MAX_SCAN_ENTRIES} entries: pick a smaller folder")
         dirs.sort()
         for d in list(dirs):
             if os.path.islink(os.path.join(root, d)):
@@ -65,6 +91,9 @@ def scan_folder(folder: Path) -> tuple[list[Path], list[Skipped]]:
                     skipped.append(Skipped(path, "not a regular readable file"))
                     continue
                 found.append(path)
+    if len(found) > MAX_IMAGES:
+        raise DatasetError(f"dataset folder {folder} has {len(found)} images, more than {MAX_IMAGES}: "
+                           "pick a smaller folder")
     return found, skipped
 
 
@@ -93,14 +122,29 @@ def open_image(path: Path, max_side: int) -> Image.Image:
         return im
 
 
-def read_caption(image_path: Path) -> str | None:
+def read_caption(image_path: Path, max_chars: int = MAX_CAPTION_CHARS) -> tuple[str | None, bool]:
+    """(caption, cut): the text of ``name.txt`` beside the image, at most ``max_chars`` characters.
+
+    Only the first 4 * max_chars bytes are read (UTF-8 needs at most 4 bytes a character), so the file's
+    size never matters; ``cut`` says the caption was longer and was cut.
+    """
     txt = image_path.with_suffix(".txt")
     if not txt.exists():
-        return None
-    try:
-        return txt.read_bytes().decode("utf-8").strip()
+        return None, False
+    if not txt.is_file():
+        raise ValueError(f"caption {txt.name} is not a regular file")
+    limit = 4 * max_chars
+    with open(txt, "rb") as f:
+        data = f.read(limit + 1)
+    longer = len(data) > limit
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:  # final=False: a character cut by the byte limit is left out, not an error
+        text = decoder.decode(data[:limit], final=not longer)
     except UnicodeDecodeError as e:
         raise ValueError(f"caption {txt.name} is not UTF-8 (byte {e.start})") from None
+    text = text.strip()
+    cut = longer or len(text) > max_chars
+    return text[:max_chars].strip(), cut
 
 
 def bucket_size(w: int, h: int, resolution: int, multiple: int = 64) -> tuple[int, int]:
@@ -117,20 +161,29 @@ def fit(im: Image.Image, width: int, height: int) -> Image.Image:
 
 
 def to_tensor(im: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)
+    return torch.from_numpy(np.array(im, dtype=np.uint8))
 
 
-def load_dataset(folder: Path, resolution: int, mode: str = "center_crop", multiple: int = 64) -> Dataset:
-    """Read every usable image of ``folder`` at ``resolution`` (module docstring states the policy)."""
+def load_dataset(folder: Path, resolution: int, mode: str = "center_crop", multiple: int = 64,
+                 max_cache_bytes: int | None = None) -> Dataset:
+    """Read every usable image of ``folder`` at ``resolution`` (module docstring states the policy).
+
+    ``max_cache_bytes`` bounds the decoded images' memory (``cache_bytes``), checked before decoding any.
+    """
     if mode not in RESIZE_MODES:
         raise DatasetError(f"unknown resize mode {mode!r}; choose one of {RESIZE_MODES}")
     if resolution < 8 or resolution % 8:
         raise DatasetError(f"resolution {resolution} must be a multiple of 8")
     files, skipped = scan_folder(folder)
+    need = cache_bytes(len(files), resolution)
+    if max_cache_bytes is not None and need > max_cache_bytes:
+        raise DatasetError(f"dataset folder {folder}: {len(files)} images at {resolution}px need "
+                           f"{need / 2**30:.1f} GiB in memory before encoding, more than the "
+                           f"{max_cache_bytes / 2**30:.1f} GiB allowed; use fewer images or a lower resolution")
     ds = Dataset(skipped=skipped)
     for path in files:
         try:
-            caption = read_caption(path)
+            caption, cut = read_caption(path)
             im = open_image(path, max_side=4 * resolution)
             if min(im.size) < MIN_SIDE:
                 raise ValueError(f"{im.size[0]}x{im.size[1]} is smaller than {MIN_SIDE}x{MIN_SIDE}")
@@ -138,6 +191,9 @@ def load_dataset(folder: Path, resolution: int, mode: str = "center_crop", multi
             ds.images.append(to_tensor(fit(im, *size)))
             ds.captions.append(caption)
             ds.files.append(path)
+            if cut:
+                ds.notes.append(Skipped(path.with_suffix(".txt"),
+                                        f"caption cut to its first {MAX_CAPTION_CHARS} characters"))
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             ds.skipped.append(Skipped(path, str(e) or type(e).__name__))
     if not ds.images:

@@ -35,6 +35,17 @@ class TrainSettings:
         return asdict(self)
 
 
+def batch_conds(conds: list[Tensor]) -> Tensor:
+    """Stack per-image token sequences (1, L_i, D) of different lengths into one batch.
+
+    Each is repeated to the least common multiple of the lengths (as ComfyUI batches cross-attention
+    conditioning): attention over a sequence repeated k times gives the same output as over the sequence once.
+    """
+    lengths = [c.shape[1] for c in conds]
+    n = math.lcm(*lengths)
+    return torch.cat([c.repeat(1, n // c.shape[1], *([1] * (c.ndim - 2))) for c in conds])
+
+
 class NonFiniteLoss(FloatingPointError):
     def __init__(self, step: int, value: float):
         super().__init__(f"loss became {value} at step {step}: training stopped before the update; "
@@ -100,7 +111,7 @@ class Trainer:
         idx, t, tp, eps = idx[mine], t[mine], tp[mine], eps[mine]
         x0 = torch.stack([self.latents[i] for i in idx]).to(self.device)
         eps = eps.to(device=self.device, dtype=x0.dtype)
-        cond = None if self.conds[idx[0]] is None else torch.cat([self.conds[i] for i in idx]).to(self.device)
+        cond = None if self.conds[idx[0]] is None else batch_conds([self.conds[i] for i in idx]).to(self.device)
         sigma = self.sigma_of_t(t).to(self.device)
         sigma_p = self.sigma_of_t(tp).to(self.device)
         return self_perceptual_loss(

@@ -3,17 +3,19 @@ import os
 import resource
 
 import pytest
+import torch
 
 from dev.bad_datasets import write_bad_files, write_large_jpeg, write_odd_modes, write_symlink_loop
 from dev.datasets import make_dataset
-from selfperc_core.dataset import DatasetError, bucket_size, load_dataset
+from selfperc_core.dataset import MAX_CAPTION_CHARS, DatasetError, as_float, bucket_size, cache_bytes, load_dataset
 
 
 def test_real_photos_with_captions(tmp_path):
     make_dataset(tmp_path / "d")
     ds = load_dataset(tmp_path / "d", 64)
     assert len(ds.images) == 6 and not ds.skipped
-    assert all(img.shape == (64, 64, 3) and 0 <= img.min() and img.max() <= 1 for img in ds.images)
+    assert all(img.shape == (64, 64, 3) and img.dtype == torch.uint8 for img in ds.images)
+    assert all(0 <= as_float(img).min() and as_float(img).max() <= 1 for img in ds.images)
     assert "a photo of a cat" in ds.captions
 
 
@@ -25,7 +27,7 @@ def test_odd_modes_all_load_and_exif_is_applied(tmp_path):
     assert shapes["exif_rotated.jpg"][0] > shapes["exif_rotated.jpg"][1], "EXIF rotation not applied (portrait)"
     assert shapes["mode_L.png"][0] < shapes["mode_L.png"][1]  # the same photo unrotated is landscape
     rgba = ds.images[[p.name for p in ds.files].index("mode_RGBA.png")]
-    assert rgba.min() > 0.99, "transparent pixels must become white"
+    assert as_float(rgba).min() > 0.99, "transparent pixels must become white"
 
 
 def test_bad_files_are_skipped_with_reasons_and_good_ones_kept(tmp_path):
@@ -107,3 +109,40 @@ def test_bad_resolution_and_mode(tmp_path):
         load_dataset(tmp_path, 100)
     with pytest.raises(DatasetError, match="unknown resize mode"):
         load_dataset(tmp_path, 64, "stretch")
+
+
+def test_multi_megabyte_caption_is_cut_with_a_note_naming_the_file(tmp_path):
+    make_dataset(tmp_path, names=["chelsea", "coffee"], captions=False)
+    (tmp_path / "chelsea.txt").write_text("a cat " * 1_000_000)  # 6 MB
+    (tmp_path / "coffee.txt").write_text("a cup of coffee")
+    ds = load_dataset(tmp_path, 64)
+    caps = dict(zip((p.name for p in ds.files), ds.captions))
+    assert len(caps["chelsea.png"]) <= MAX_CAPTION_CHARS and caps["chelsea.png"].startswith("a cat a cat")
+    assert caps["coffee.jpg"] == "a cup of coffee"
+    assert [(n.path.name, n.reason) for n in ds.notes] == [
+        ("chelsea.txt", f"caption cut to its first {MAX_CAPTION_CHARS} characters")]
+
+
+def test_caption_cut_inside_a_multibyte_character_stays_valid(tmp_path):
+    make_dataset(tmp_path, names=["chelsea"], captions=False)
+    (tmp_path / "chelsea.txt").write_bytes(b"x" + "\u732b".encode() * 5000)  # 3-byte characters, cut mid-way
+    ds = load_dataset(tmp_path, 64)
+    assert ds.captions[0].startswith("x\u732b") and len(ds.captions[0]) == MAX_CAPTION_CHARS
+    assert not ds.skipped
+
+
+def test_decoded_cache_is_bounded_before_decoding(tmp_path):
+    make_dataset(tmp_path, names=["chelsea", "coffee"])
+    assert cache_bytes(2, 512) == 2 * 512 * 512 * 3
+    with pytest.raises(DatasetError, match="2 images at 512px need .* GiB in memory before encoding"):
+        load_dataset(tmp_path, 512, max_cache_bytes=cache_bytes(2, 512) - 1)
+    assert len(load_dataset(tmp_path, 64, max_cache_bytes=cache_bytes(2, 64)).images) == 2
+
+
+def test_too_many_files_is_refused_before_decoding(tmp_path, monkeypatch):
+    import selfperc_core.dataset as dataset
+
+    make_dataset(tmp_path, names=["chelsea", "coffee", "astronaut"])
+    monkeypatch.setattr(dataset, "MAX_IMAGES", 2)
+    with pytest.raises(DatasetError, match="has 3 images, more than 2"):
+        load_dataset(tmp_path, 64)

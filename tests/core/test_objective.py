@@ -249,3 +249,17 @@ def test_core_never_imports_comfyui():
             "bad=[m for m in sys.modules if m.split('.')[0] in ('comfy','comfy_api','folder_paths','nodes')];"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_conditionings_of_different_lengths_batch_like_comfyui():
+    """Repeating a token sequence leaves attention's output unchanged, so captions of 77 and 154 tokens batch."""
+    from selfperc_core.loop import batch_conds
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1, 77, 8, generator=g), torch.randn(1, 154, 8, generator=g)
+    out = batch_conds([a, b])
+    assert out.shape == (2, 154, 8)
+    q = torch.randn(1, 5, 8, generator=g)
+    att = torch.nn.functional.scaled_dot_product_attention
+    torch.testing.assert_close(att(q, out[:1], out[:1]), att(q, a, a))
+    assert torch.equal(out[1:], b)
