@@ -11,8 +11,8 @@ def naive_frozen_features(mp, layer_name: str = "mid_block", checkpointing: bool
 
     ``checkpointing``: checkpoint the copy's layers as the session checkpoints the online model's, so (c) runs
     under the same gradient-checkpointing setting as (b)."""
-    from selfperc_pack.nodes.bridge import context_for, feature_layers
-    from selfperc_pack.nodes.session import checkpointed_blocks
+    from selfperc_pack.nodes.conditioning import collate, empty_conditioning, model_inputs
+    from selfperc_pack.nodes.taps import checkpointed_blocks, tap_point
     from selfperc_pack.selfperc_core import FeatureTap
     from selfperc_pack.selfperc_core.adapter import checkpoint_forward, uncheckpoint_forward
 
@@ -27,8 +27,11 @@ def naive_frozen_features(mp, layer_name: str = "mid_block", checkpointing: bool
     if checkpointing:
         for layer in checkpointed_blocks(frozen.diffusion_model):
             checkpoint_forward(layer, None)  # no adapter in the copy: nothing to replay
-    tap = FeatureTap(feature_layers(frozen.diffusion_model)[layer_name], early_exit=False)
+    point = tap_point(frozen.diffusion_model, layer_name)
+    tap = FeatureTap(point.module, early_exit=False)
 
     def features(x, sigma, cond=None):
-        return tap(frozen.apply_model, x, sigma, **context_for(mp, x.shape[0], cond, x.device, x.dtype))
+        if cond is None:
+            cond = collate([model_inputs(mp, empty_conditioning(mp), tuple(x.shape[1:]))] * x.shape[0])
+        return point.features(tap(frozen.apply_model, x, sigma, **cond), tuple(x.shape))
     return features, frozen

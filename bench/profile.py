@@ -63,7 +63,7 @@ def timed(fn, n: int = 5) -> dict:
 @contextlib.contextmanager
 def not_checkpointed(ses):
     """The session's model without checkpointing (for the frozen prediction pass alone)."""
-    from selfperc_pack.nodes.session import checkpointed_blocks
+    from selfperc_pack.nodes.taps import checkpointed_blocks
     from selfperc_pack.selfperc_core.adapter import checkpoint_forward, uncheckpoint_forward
 
     blocks = checkpointed_blocks(ses.mp.model.diffusion_model)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import resource
 import sys
@@ -138,12 +139,11 @@ def selfperc_trainer(model, lat, a, early_exit=True, batched=None, naive=False):
         settings.batched_frozen = batched
     with torch.inference_mode(False), training_session(model, a.rank, float(a.rank), 0, "mid_block",
                                                        a.checkpointing, early_exit=early_exit) as ses:
-        ms = ses.model_sampling
-        frozen = ses.frozen_features
+        host = ses.host
         if naive:
             frozen, _copy = naive_frozen_features(ses.mp, checkpointing=a.checkpointing)
-        yield Trainer(ses.params, [x for x in lat.clone()], [None] * len(lat), ses.predict_x0, frozen,
-                      bridge.noise_scaling_fn(ms), bridge.sigma_of_t_fn(ms), settings, device=bridge.device())
+            host = dataclasses.replace(host, frozen_features=frozen)
+        yield Trainer(ses.params, [x for x in lat.clone()], [None] * len(lat), host, settings, device=bridge.device())
 
 
 def seconds(fn) -> float:
@@ -195,7 +195,7 @@ def run_mse_same_lora(model, lat, a) -> tuple[list[float], bool]:
         def step():
             idx = torch.randperm(len(lat), generator=g)[: a.batch]
             x0 = lat[idx].to(dev)
-            sigma = sig(draw_t(a.batch, g)).to(dev)
+            sigma = sig(draw_t(a.batch, g, ses.host.t_range)).to(dev)  # the node's t-range for this model
             x_t = ns(sigma, torch.randn(x0.shape, generator=g).to(dev), x0)
             loss = (ses.predict_x0(x_t, sigma, None) - x0).square().mean()
             opt.zero_grad()

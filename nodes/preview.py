@@ -20,25 +20,17 @@ def send_text(text: str, node_id) -> None:
         pass
 
 
-def unconditional(model_patcher, cond: torch.Tensor | None):
-    """ComfyUI conditioning for the given context, or zeros (unconditional, as in training without CLIP)."""
-    if cond is None:
-        dim = model_patcher.model.model_config.unet_config.get("context_dim") or 768
-        cond = torch.zeros(1, 77, dim)
-    return [[cond, {}]]
-
-
 @torch.no_grad()
-def preview_image(model_patcher, vae, latent_shape, cond, seed: int, steps: int = 8):
-    """A small sample of the model being trained (adapter on), no CFG; ('JPEG', PIL image, size) for the bar."""
+def preview_image(model_patcher, vae, latent_shape, positive: list, seed: int, steps: int = 8):
+    """A small sample of the model being trained (adapter on), no CFG, for ``positive`` (a CONDITIONING);
+    ('JPEG', PIL image, size) for the progress bar."""
     from PIL import Image
 
-    c, h, w = latent_shape
-    latent = torch.zeros(1, c, h, w)
+    latent = torch.zeros(1, *latent_shape)
     noise = comfy.sample.prepare_noise(latent, seed)
-    positive = unconditional(model_patcher, cond)
     samples = comfy.sample.sample(model_patcher, noise, steps, 1.0, "euler", "normal", positive, positive, latent,
                                   disable_pbar=True, seed=seed)
-    img = vae.decode(samples)[0].clamp(0, 1)
+    img = vae.decode(samples)
+    img = img.reshape(-1, *img.shape[-3:])[0].clamp(0, 1)  # video VAEs decode (B, T, H, W, 3): first frame
     arr = (img.float().cpu().numpy() * 255).round().astype("uint8")
     return ("JPEG", Image.fromarray(arr), 256)

@@ -12,17 +12,29 @@ from comfy_api.latest import io, ui
 from comfy_extras.nodes_model_advanced import RescaleCFG
 from PIL import Image, ImageDraw, ImageFont
 
-from .preview import unconditional
+from .conditioning import empty_conditioning
 
 
 def latent_to_rgb(model, samples: torch.Tensor) -> torch.Tensor:
     """A rough RGB view of latents with the model's own latent->RGB factors (used when no VAE is given)."""
     fmt = model.model.latent_format
+    x = fmt.process_out(samples.float())
+    if x.ndim == 5:  # video (B, C, T, H, W): every frame
+        x = x.movedim(2, 1).flatten(0, 1)
+    if getattr(fmt, "latent_rgb_factors", None) is None or len(fmt.latent_rgb_factors) != x.shape[1]:
+        g = x.mean(1)  # no factors for this latent space: a grey view of the channel mean
+        g = (g - g.amin()) / (g.amax() - g.amin()).clamp_min(1e-8)
+        return g[..., None].expand(*g.shape, 3)
     factors = torch.tensor(fmt.latent_rgb_factors, dtype=torch.float32)  # (C, 3)
-    rgb = torch.einsum("bchw,cr->bhwr", fmt.process_out(samples.float()), factors)
+    rgb = torch.einsum("bchw,cr->bhwr", x, factors)
     if getattr(fmt, "latent_rgb_factors_bias", None) is not None:
         rgb = rgb + torch.tensor(fmt.latent_rgb_factors_bias)
     return ((rgb + 1) / 2).clamp(0, 1)
+
+
+def frames(images: torch.Tensor) -> torch.Tensor:
+    """Decoded images as (N, H, W, 3); video VAEs decode (B, T, H, W, 3)."""
+    return images.reshape(-1, *images.shape[-3:])
 
 
 def labelled_grid(columns: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
@@ -82,9 +94,10 @@ class SelfPerceptualSampler(io.ComfyNode):
                                tooltip="Below 1: SDEdit-style img2img from the input latent."),
                 io.Model.Input("base_model", optional=True,
                                tooltip="The model before fine-tuning, for an A/B comparison."),
-                io.Conditioning.Input("positive", optional=True, tooltip="Prompt; none = unconditional."),
+                io.Conditioning.Input("positive", optional=True, tooltip="Prompt; none = unconditional (SD1.x/SD2.x; other families need their "
+                                                      "text encoder's output, e.g. CLIPTextEncode with an empty text)."),
                 io.Conditioning.Input("negative", optional=True,
-                                      tooltip="Negative prompt (only used with cfg > 1); none = unconditional."),
+                                      tooltip="Negative prompt (only used with cfg > 1); none = the positive."),
                 io.Vae.Input("vae", optional=True, tooltip="Decodes the samples for the grid (else a rough "
                                                            "latent preview)."),
             ],
@@ -98,12 +111,19 @@ class SelfPerceptualSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, latent, seed, steps, sampler_name, scheduler, cfg, cfg_rescale, denoise,
                 base_model=None, positive=None, negative=None, vae=None):
-        positive = positive if positive is not None else unconditional(model, None)
-        negative = negative if negative is not None else unconditional(model, None)
+        positive = positive if positive is not None else empty_conditioning(model)
+        if negative is None:
+            try:
+                negative = empty_conditioning(model)
+            except ValueError:
+                if cfg != 1.0:
+                    raise ValueError("cfg > 1 needs a negative conditioning for this model (e.g. CLIPTextEncode "
+                                     "with an empty text)") from None
+                negative = positive  # cfg 1.0 never evaluates the negative
         noise = comfy.sample.prepare_noise(latent["samples"], seed, latent.get("batch_index"))
         args = (noise, seed, steps, cfg, sampler_name, scheduler, positive, negative, denoise, cfg_rescale)
         tuned = sample_model(model, latent, *args)
-        decode = (lambda s: vae.decode(s)[..., :3]) if vae is not None else (lambda s: latent_to_rgb(model, s))
+        decode = (lambda s: frames(vae.decode(s)[..., :3])) if vae is not None else (lambda s: latent_to_rgb(model, s))
         columns = []
         if base_model is not None:
             base = sample_model(base_model, latent, *args)

@@ -14,7 +14,8 @@ import torch
 
 from ..selfperc_core import FeatureTap
 from ..selfperc_core.adapter import AdapterSwitch, checkpoint_forward, uncheckpoint_forward
-from . import bridge, lora
+from ..selfperc_core.host import ModelHost
+from . import bridge, conditioning, lora, taps
 
 
 @dataclass
@@ -24,9 +25,17 @@ class Session:
     adapters: dict
     params: list[torch.nn.Parameter]
     tap: FeatureTap
-    predict_x0: Callable            # (x_t, sigma, cond) -> x0_hat, adapter on
-    frozen_features: Callable       # (x, sigma, cond) -> features, adapter off, stops at the layer
+    tap_name: str                   # e.g. "mid_block" or "block 28 of 57"
+    host: ModelHost                 # predictions (adapter on), frozen features (off, early exit), schedule
     model_sampling: object
+
+    @property
+    def predict_x0(self) -> Callable:
+        return self.host.predict_x0
+
+    @property
+    def frozen_features(self) -> Callable:
+        return self.host.frozen_features
 
 
 def make_trainable_tensors(module: torch.nn.Module) -> int:
@@ -49,18 +58,6 @@ def make_trainable_tensors(module: torch.nn.Module) -> int:
     return n
 
 
-def checkpointed_blocks(diffusion_model) -> list[torch.nn.Module]:
-    """The layers inside the UNet's blocks (ResBlocks, transformers, resamplers), as core Train LoRA picks them.
-
-    The blocks themselves (TimestepEmbedSequential) are never called: the UNet iterates their children, so
-    only the children can be checkpointed.
-    """
-    layers = []
-    for blk in [*diffusion_model.input_blocks, diffusion_model.middle_block, *diffusion_model.output_blocks]:
-        layers.extend(blk)
-    return layers + [m for m in (getattr(diffusion_model, "out", None),) if m is not None]
-
-
 def release(mp) -> None:
     """Unload the training clone (ComfyUI restores the shared modules' weights from its patch backups)."""
     mm = comfy.model_management
@@ -69,36 +66,53 @@ def release(mp) -> None:
             mm.current_loaded_models.pop(i).model_unload()
 
 
+def frozen_features_fn(predict: Callable, tap: FeatureTap, point: taps.TapPoint, switch: AdapterSwitch | None):
+    """(x, sigma, cond) -> the frozen network's (B, C, h, w) features at the tap (adapter off, early exit)."""
+    def frozen_features(x, sigma, cond=None):
+        if switch is None:
+            return point.features(tap(predict, x, sigma, cond), tuple(x.shape))
+        with switch.off():
+            return point.features(tap(predict, x, sigma, cond), tuple(x.shape))
+    return frozen_features
+
+
+def memory_estimate(mp, latent_shape: tuple, batch: int, checkpointing: bool) -> float:
+    """Bytes to keep free for one training step, from ComfyUI's own per-model inference estimate: a step runs
+    about three forward passes (online + two frozen) and keeps activations for backward (fewer when checkpointed).
+    """
+    passes = 3 * batch * (1 if checkpointing else 4)
+    return mp.model.memory_required([passes, *latent_shape])
+
+
 @contextlib.contextmanager
-def training_session(model, rank: int, alpha: float, seed: int, layer: str = bridge.MID_BLOCK,
-                     checkpointing: bool = True, existing: dict | None = None, early_exit: bool = True):
+def training_session(model, rank: int, alpha: float, seed: int, layer: str = taps.MID_BLOCK,
+                     checkpointing: bool = True, existing: dict | None = None, early_exit: bool = True,
+                     depth: float = taps.DEFAULT_DEPTH, latent_shape: tuple | None = None, batch: int = 1):
     mp = model.clone()
     base_params = list(mp.model.parameters())
     grad_flags = [p.requires_grad for p in base_params]
     switch = AdapterSwitch()
     blocks, tap, lora_ = [], None, None
     try:
+        dm = mp.model.diffusion_model
+        point = taps.tap_point(dm, layer, depth)  # an unsupported model or layer is refused before any work
         lora_ = lora.add_lora(mp.model, rank, alpha, switch, seed, mp.load_device, existing)
         mp.model.requires_grad_(False)  # only the adapter trains; no gradient buffers for the base weights
-        comfy.model_management.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
-        make_trainable_tensors(mp.model.diffusion_model)
-        dm = mp.model.diffusion_model
-        layers = bridge.feature_layers(dm)
-        if layer not in layers:
-            raise ValueError(f"feature layer {layer!r} does not exist in this model; it has {', '.join(layers)}")
-        tap = FeatureTap(layers[layer], early_exit=early_exit)
+        # ComfyUI decides how much of the model fits the device (partial loading/offload, weights kept as
+        # stored, e.g. fp8), from its own estimate of what a step needs beside the weights.
+        need = memory_estimate(mp, latent_shape, batch, checkpointing) if latent_shape else 0
+        comfy.model_management.load_models_gpu([mp], memory_required=need)
+        make_trainable_tensors(dm)
+        tap = FeatureTap(point.module, early_exit=early_exit)
         if checkpointing:
-            blocks = checkpointed_blocks(dm)
+            blocks = taps.checkpointed_blocks(dm)
             for b in blocks:
                 checkpoint_forward(b, switch)
-        predict = bridge.predictor(mp)
-
-        def frozen_features(x, sigma, cond=None):
-            with switch.off():
-                return tap(predict, x, sigma, cond)
-
-        yield Session(mp, switch, lora_.adapters, lora_.params(), tap, predict, frozen_features,
-                      bridge.model_sampling(mp))
+        predict = conditioning.predictor(mp)
+        ms = bridge.model_sampling(mp)
+        host = ModelHost(predict, frozen_features_fn(predict, tap, point, switch), bridge.noise_scaling_fn(ms),
+                         bridge.sigma_of_t_fn(ms), bridge.parameterization(ms), conditioning.collate)
+        yield Session(mp, switch, lora_.adapters, lora_.params(), tap, point.name, host, ms)
     finally:
         if tap is not None:
             tap.remove()

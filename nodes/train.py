@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import comfy.model_management
@@ -18,7 +19,7 @@ from ..selfperc_core import T_PRIME_STRATEGIES
 from ..selfperc_core.dataset import RESIZE_MODES, as_float, load_dataset
 from ..selfperc_core.loop import NonFiniteLoss, Trainer, TrainSettings
 from ..selfperc_core.objective import DISTANCES
-from . import bridge, files, lora, preview
+from . import bridge, conditioning, files, lora, preview, taps
 from .session import training_session
 
 log = logging.getLogger("selfperc")
@@ -64,16 +65,17 @@ def encode_latents(model, vae, images: list[torch.Tensor]) -> list[torch.Tensor]
 
 
 @torch.no_grad()
-def encode_captions(clip, captions: list[str | None]) -> list[torch.Tensor | None]:
-    """CLIP-encode each caption (missing caption -> empty prompt); no CLIP -> unconditional (None)."""
-    if clip is None:
-        return [None] * len(captions)
+def caption_conditionings(clip, captions: list[str | None], fallback: list | None) -> list[list]:
+    """A CONDITIONING per image: its caption through the connected text encoder (whatever the family uses,
+    as CLIPTextEncode does), else ``fallback`` (the node's conditioning input, or the empty prompt)."""
     cache, out = {}, []
     for cap in captions:
+        if clip is None or (not cap and fallback is not None):
+            out.append(fallback)
+            continue
         key = cap or ""
         if key not in cache:
-            cond = clip.encode_from_tokens_scheduled(clip.tokenize(key))
-            cache[key] = cond[0][0].float().cpu()
+            cache[key] = clip.encode_from_tokens_scheduled(clip.tokenize(key))
         out.append(cache[key])
     return out
 
@@ -92,6 +94,27 @@ def model_fingerprint(model) -> str:
 def resumable_loras() -> list[str]:
     return [NONE] + [n for n in folder_paths.get_filename_list("loras")
                      if files.state_path(Path(folder_paths.get_full_path("loras", n) or n)).exists()]
+
+
+@dataclass
+class Job:
+    """One fine-tune's settings, grouped, after every check (the node's inputs minus the data)."""
+    settings: TrainSettings
+    rank: int
+    alpha: float
+    layer: str
+    depth: float
+    checkpointing: bool
+    dtype: torch.dtype
+    out_file: Path
+    save_every: int
+    preview_every: int
+    folder: Path
+    guidance: float
+    fallback: list | None                  # conditioning for images without a caption
+    resume_name: str | None = None
+    resume_weights: dict | None = None
+    resume_state: dict | None = None
 
 
 class SelfPerceptualFineTune(io.ComfyNode):
@@ -124,9 +147,10 @@ class SelfPerceptualFineTune(io.ComfyNode):
                                        "(same-shaped images are batched together)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
                              tooltip="Seed for LoRA init, batches, noise and noise levels."),
-                io.Combo.Input("feature_layer", options=bridge.LAYER_CHOICES, default=bridge.MID_BLOCK,
-                               tooltip="Layer of the frozen model whose features are compared (the paper's "
-                                       "best: mid_block)."),
+                io.Combo.Input("feature_layer", options=taps.UNET_LAYERS, default=taps.MID_BLOCK,
+                               tooltip="Layer of the frozen model whose features are compared. mid_block: the "
+                                       "UNet mid-block (the paper's best), or for transformers the block at "
+                                       "tap_depth. The other names are UNet blocks."),
                 io.Combo.Input("t_prime", options=list(T_PRIME_STRATEGIES), default="uniform",
                                tooltip="How the perceptual noise level t' is drawn (the paper: uniform)."),
                 io.Float.Input("t_prime_min", default=0.0, min=0.0, max=1.0, step=0.01,
@@ -153,7 +177,9 @@ class SelfPerceptualFineTune(io.ComfyNode):
                 io.Int.Input("preview_every", default=0, min=0, max=100000,
                              tooltip="Show a small no-CFG sample in the node every N steps (0 = off)."),
                 io.Clip.Input("clip", optional=True,
-                              tooltip="Encodes captions. Without it training is unconditional."),
+                              tooltip="The model's text encoder (from its loader): encodes the captions. SD1.x/"
+                                      "SD2.x train unconditionally without it; other families need it or a "
+                                      "conditioning."),
                 io.Combo.Input("resume_from", options=resumable_loras(), default=NONE, optional=True,
                                tooltip="Continue a saved run (LoRA + its .selfperc_state: optimizer, step, RNG). "
                                        "Pickle files are never loaded."),
@@ -162,6 +188,18 @@ class SelfPerceptualFineTune(io.ComfyNode):
                 io.String.Input("dataset_path", default="", optional=True,
                                 tooltip="Absolute dataset folder; only if the server owner set "
                                         f"{files.ALLOW_ANY_DATASET_PATH}=1."),
+                io.Conditioning.Input("conditioning", optional=True,
+                                      tooltip="Used for images without a caption (and for all images when no "
+                                              "CLIP is connected), e.g. CLIPTextEncode with an empty text for "
+                                              "unconditional training."),
+                io.Float.Input("tap_depth", default=taps.DEFAULT_DEPTH, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="Transformers (Flux, SD3, Qwen-Image, Wan, ...): which block is the "
+                                       "perceptual layer, as a fraction of the block stack (0.5: the middle "
+                                       "block). UNets ignore it."),
+                io.Float.Input("guidance", default=conditioning.DEFAULT_GUIDANCE, min=0.0, max=100.0, step=0.1,
+                               optional=True,
+                               tooltip="Distilled guidance fed to guidance-distilled models (Flux-dev, Flux.2, "
+                                       "HunyuanImage) during training, as FluxGuidance sets it; others ignore it."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The base model with the trained LoRA applied."),
@@ -173,65 +211,76 @@ class SelfPerceptualFineTune(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, vae, dataset_folder, steps, learning_rate, rank, alpha, batch_size, resolution,
-                resize_mode, seed, feature_layer, t_prime, t_prime_min, t_prime_max, distance,
-                normalize_features, mse_weight, gradient_checkpointing, training_dtype, lora_name, overwrite,
-                save_every, preview_every, clip=None, resume_from=NONE,
-                batched_frozen=TrainSettings.batched_frozen, dataset_path=""):
-        settings = TrainSettings(steps=steps, learning_rate=learning_rate, batch_size=batch_size, seed=seed,
-                                 t_prime=t_prime, t_prime_range=(t_prime_min, t_prime_max), distance=distance,
-                                 normalize=normalize_features, mse_weight=mse_weight, batched_frozen=batched_frozen)
-        if t_prime_max - t_prime_min < 0.01:
-            raise ValueError(f"t_prime_min {t_prime_min} must be below t_prime_max {t_prime_max}")
-        check_sizes(batch_size, resolution)
-        out_file = files.lora_path(lora_name, overwrite)  # refuse a bad name before any work
-        existing, state = None, None
-        if resume_from and resume_from != NONE:
-            with torch.inference_mode(False):  # the optimizer updates these tensors in place
-                existing, state = files.load_resume(Path(folder_paths.get_full_path_or_raise("loras", resume_from)))
-        folder = files.resolve_dataset(dataset_folder, dataset_path or "")
-        ds = load_dataset(folder, resolution, resize_mode, max_cache_bytes=cache_budget())
+    def execute(cls, model, vae, dataset_folder, clip=None, conditioning=None, **inputs):
+        job = cls._job(model, clip, conditioning, dataset_folder, inputs)
+        ds = load_dataset(job.folder, inputs["resolution"], inputs["resize_mode"], max_cache_bytes=cache_budget())
         for s in ds.skipped:
             log.warning("selfperc: skipped %s: %s", s.path, s.reason)
         for s in ds.notes:
             log.warning("selfperc: %s: %s", s.path, s.reason)
-        log.info("selfperc: %d images from %s (%d skipped)", len(ds.images), folder, len(ds.skipped))
-
+        log.info("selfperc: %d images from %s (%d skipped)", len(ds.images), job.folder, len(ds.skipped))
         with torch.inference_mode(False):
-            return cls._train(model, vae, clip, ds, settings, feature_layer, rank, alpha, gradient_checkpointing,
-                              training_dtype, out_file, save_every, preview_every, (existing, state, resume_from),
-                              folder)
+            return cls._train(model, vae, clip, ds, job)
 
     @classmethod
-    def _train(cls, model, vae, clip, ds, settings, feature_layer, rank, alpha, checkpointing, dtype_choice,
-               out_file, save_every, preview_every, resume, folder):
-        device = bridge.device()
-        dtype = training_dtype(dtype_choice, device)
+    def _job(cls, model, clip, cond, dataset_folder, i: dict) -> Job:
+        """The run's settings, every one checked before any work (no file is read or written on a refusal)."""
+        settings = TrainSettings(steps=i["steps"], learning_rate=i["learning_rate"], batch_size=i["batch_size"],
+                                 seed=i["seed"], t_prime=i["t_prime"], t_prime_range=(i["t_prime_min"],
+                                                                                     i["t_prime_max"]),
+                                 distance=i["distance"], normalize=i["normalize_features"],
+                                 mse_weight=i["mse_weight"],
+                                 batched_frozen=i.get("batched_frozen", TrainSettings.batched_frozen))
+        if i["t_prime_max"] - i["t_prime_min"] < 0.01:
+            raise ValueError(f"t_prime_min {i['t_prime_min']} must be below t_prime_max {i['t_prime_max']}")
+        check_sizes(i["batch_size"], i["resolution"])
+        depth = i.get("tap_depth", taps.DEFAULT_DEPTH)
+        taps.tap_point(model.model.diffusion_model, i["feature_layer"], depth)  # unsupported model or layer
+        fallback = cond
+        if fallback is None and clip is None:
+            fallback = conditioning.empty_conditioning(model)  # refuses families that need their text encoder
+        job = Job(settings, i["rank"], i["alpha"], i["feature_layer"], depth, i["gradient_checkpointing"],
+                  training_dtype(i["training_dtype"], bridge.device()),
+                  files.lora_path(i["lora_name"], i["overwrite"]), i["save_every"], i["preview_every"],
+                  files.resolve_dataset(dataset_folder, i.get("dataset_path") or ""),
+                  i.get("guidance", conditioning.DEFAULT_GUIDANCE), fallback)
+        resume_from = i.get("resume_from") or NONE
+        if resume_from != NONE:
+            with torch.inference_mode(False):  # the optimizer updates these tensors in place
+                job.resume_weights, job.resume_state = files.load_resume(
+                    Path(folder_paths.get_full_path_or_raise("loras", resume_from)))
+            job.resume_name = resume_from
+        return job
+
+    @classmethod
+    def _train(cls, model, vae, clip, ds, job: Job):
         latents = encode_latents(model, vae, ds.images)
-        conds = encode_captions(clip, ds.captions)
-        existing, state, resume_name = resume
-
-        with training_session(model, rank, alpha, settings.seed, feature_layer, checkpointing, existing) as ses:
-            return cls._loop(model, vae, ses, latents, conds, settings, feature_layer, rank, alpha, dtype, device,
-                             out_file, save_every, preview_every, (state, resume_name), folder)
+        prompts = [conditioning.with_guidance(p, job.guidance)
+                   for p in caption_conditionings(clip, ds.captions, job.fallback)]
+        with training_session(model, job.rank, job.alpha, job.settings.seed, job.layer, job.checkpointing,
+                              job.resume_weights, depth=job.depth, latent_shape=tuple(latents[0].shape),
+                              batch=job.settings.batch_size) as ses:
+            cache, conds = {}, []
+            for p, lat in zip(prompts, latents):  # the model's inputs per (prompt, image shape), built once
+                key = (id(p), tuple(lat.shape))
+                if key not in cache:
+                    cache[key] = conditioning.model_inputs(ses.mp, p, tuple(lat.shape), job.settings.seed)
+                conds.append(cache[key])
+            trainer = Trainer(ses.params, latents, conds, ses.host, job.settings, device=bridge.device())
+            if job.resume_state is not None:
+                try:
+                    trainer.load_state_dict(job.resume_state["trainer"])
+                except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                    raise files.StateFileError(f"the resume state of {job.resume_name} does not match this run "
+                                               f"({e}); resume with the settings the run was started with") from None
+            return cls._loop(model, vae, ses, trainer, job, latents[0].shape, prompts[0], len(latents))
 
     @classmethod
-    def _loop(cls, model, vae, ses, latents, conds, settings, feature_layer, rank, alpha, dtype, device, out_file,
-              save_every, preview_every, resume, folder):
-        ms = ses.model_sampling
-        settings.t_range = bridge.default_t_range(ms)
-        trainer = Trainer(ses.params, latents, conds, ses.predict_x0, ses.frozen_features, bridge.noise_scaling_fn(ms),
-                          bridge.sigma_of_t_fn(ms), settings, device=device)
-        state, resume_name = resume
-        if state is not None:
-            try:
-                trainer.load_state_dict(state["trainer"])
-            except (KeyError, TypeError, ValueError, RuntimeError) as e:
-                raise files.StateFileError(f"the resume state of {resume_name} does not match this run ({e}); "
-                                           "resume with the settings the run was started with") from None
+    def _loop(cls, model, vae, ses, trainer, job: Job, preview_shape, preview_prompt, n_images):
+        settings, dtype, device = job.settings, job.dtype, bridge.device()
         start = trainer.step_count
         total = start + settings.steps
-        meta = cls._metadata(model, settings, feature_layer, rank, alpha, dtype, folder, ms, len(latents))
+        meta = cls._metadata(model, ses, job, n_images)
         pbar = comfy.utils.ProgressBar(total, node_id=cls.hidden.unique_id)
         pbar.update_absolute(start, total)
         bar = tqdm(total=total, initial=start, desc="Self-perceptual fine-tune",
@@ -239,22 +288,21 @@ class SelfPerceptualFineTune(io.ComfyNode):
         last_saved = None
         t0 = time.time()
         try:
-            for i in range(start, total):
+            for _ in range(start, total):
                 comfy.model_management.throw_exception_if_processing_interrupted()
-                autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-                with autocast:
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                     parts = trainer.step()
                 step = trainer.step_count
                 img = None
-                if preview_every and step % preview_every == 0:
-                    img = preview.preview_image(ses.mp, vae, latents[0].shape, conds[0], settings.seed)
+                if job.preview_every and step % job.preview_every == 0:
+                    img = preview.preview_image(ses.mp, vae, preview_shape, preview_prompt, settings.seed)
                 pbar.update_absolute(step, total, img)
                 text = f"step {step}/{total}  loss {parts.loss.item():.5f}  (mse {parts.mse.item():.4f})"
                 preview.send_text(text, cls.hidden.unique_id)
                 bar.set_postfix(loss=f"{parts.loss.item():.5f}")
                 bar.update(1)
-                if save_every and step % save_every == 0 and step < total:
-                    last_saved = cls._save(out_file, ses.adapters, trainer, meta)
+                if job.save_every and step % job.save_every == 0 and step < total:
+                    last_saved = cls._save(job.out_file, ses.adapters, trainer, meta)
         except NonFiniteLoss as e:
             where = f"; the last finite checkpoint is {last_saved.name}" if last_saved else ""
             raise FloatingPointError(f"{e}{where}") from None
@@ -265,22 +313,23 @@ class SelfPerceptualFineTune(io.ComfyNode):
             bar.close()
         log.info("selfperc: %d steps in %.1fs", settings.steps, time.time() - t0)
 
-        cls._save(out_file, ses.adapters, trainer, meta)
+        cls._save(job.out_file, ses.adapters, trainer, meta)
         lora_sd = lora.lora_state_dict(ses.adapters)
         out_model, _ = comfy.sd.load_lora_for_models(model, None, lora_sd, 1.0, 0)
-        name = out_file.relative_to(Path(folder_paths.get_folder_paths("loras")[0]).resolve()).as_posix()
+        name = job.out_file.relative_to(Path(folder_paths.get_folder_paths("loras")[0]).resolve()).as_posix()
         return io.NodeOutput(out_model, lora_sd, {"loss": list(trainer.losses)}, name,
                              ui={"text": [f"saved {name} ({trainer.step_count} steps, "
                                           f"final loss {trainer.losses[-1]:.5f})"]})
 
     @staticmethod
-    def _metadata(model, settings, layer, rank, alpha, dtype, folder, ms, n_images) -> dict:
-        return {"selfperc_version": "0.1.0", "selfperc_objective": "self-perceptual (Lin & Yang 2024)",
+    def _metadata(model, ses, job: Job, n_images: int) -> dict:
+        return {"selfperc_version": "0.2.0", "selfperc_objective": "self-perceptual (Lin & Yang 2024)",
                 "base_model_hash": model_fingerprint(model),
                 "base_model_type": type(model.model.model_config).__name__,
-                "parameterization": bridge.parameterization(ms), "feature_layer": layer, "rank": rank,
-                "alpha": alpha, "training_dtype": str(dtype).replace("torch.", ""), "dataset": folder.name,
-                "dataset_images": n_images, "settings": settings.as_dict()}
+                "parameterization": ses.host.parameterization, "feature_layer": job.layer, "tap": ses.tap_name,
+                "rank": job.rank, "alpha": job.alpha, "training_dtype": str(job.dtype).replace("torch.", ""),
+                "dataset": job.folder.name, "dataset_images": n_images, "guidance": job.guidance,
+                "settings": job.settings.as_dict() | {"t_range": ses.host.t_range}}
 
     @staticmethod
     def _save(out_file: Path, adapters, trainer, meta: dict) -> Path:

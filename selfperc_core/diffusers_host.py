@@ -45,6 +45,10 @@ class DiffusersSchedule:
         """t in [0, 1] (0 clean) -> sigma over the training timesteps."""
         return self.sigma_of_timestep(t.float().cpu() * (len(self.log_sigmas) - 1))
 
+    @property
+    def parameterization(self) -> str:
+        return "eps" if self.prediction_type == "epsilon" else "v"
+
     def denoise(self, x: Tensor, sigma: Tensor, out: Tensor) -> Tensor:
         s = sigma.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
         if self.prediction_type == "epsilon":

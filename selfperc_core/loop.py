@@ -12,8 +12,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .host import ModelHost
 from .objective import LossParts, self_perceptual_loss
-from .schedule import NoiseScaling
 from .timesteps import draw_t, draw_t_prime
 
 
@@ -25,7 +25,7 @@ class TrainSettings:
     seed: int = 0
     t_prime: str = "uniform"
     t_prime_range: tuple[float, float] = (0.0, 1.0)
-    t_range: tuple[float, float] = (0.0, 1.0)
+    t_range: tuple[float, float] | None = None  # None: the host's (see host.default_t_range)
     distance: str = "mse"
     normalize: bool = False
     mse_weight: float = 0.0
@@ -33,17 +33,6 @@ class TrainSettings:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def batch_conds(conds: list[Tensor]) -> Tensor:
-    """Stack per-image token sequences (1, L_i, D) of different lengths into one batch.
-
-    Each is repeated to the least common multiple of the lengths (as ComfyUI batches cross-attention
-    conditioning): attention over a sequence repeated k times gives the same output as over the sequence once.
-    """
-    lengths = [c.shape[1] for c in conds]
-    n = math.lcm(*lengths)
-    return torch.cat([c.repeat(1, n // c.shape[1], *([1] * (c.ndim - 2))) for c in conds])
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -59,25 +48,22 @@ class Trainer:
     Args:
         params: the trainable (adapter) parameters.
         latents: clean latents, one (C, h, w) tensor per image; images of one shape form a bucket.
-        conds: per-image conditioning tensors (or None each, for unconditional training).
-        predict_x0: (x_t, sigma, cond) -> x0_hat with the adapter on.
-        frozen_features: (x, sigma, cond) -> features of the frozen network (adapter off, early exit).
-        noise_scaling: the forward process (sigma, eps, x0) -> x_t.
-        sigma_of_t: maps t in [0, 1] (0 clean) to the model's sigma, elementwise.
+        conds: per-image conditionings, as the host stores them (or None each, for unconditional training);
+            a batch's are joined by ``host.collate``.
+        host: the model's callables (predictions, frozen features, forward process, schedule).
     """
 
-    def __init__(self, params: list[Tensor], latents: list[Tensor], conds: list[Tensor | None],
-                 predict_x0: Callable, frozen_features: Callable, noise_scaling: NoiseScaling,
-                 sigma_of_t: Callable[[Tensor], Tensor], settings: TrainSettings, device=None,
+    def __init__(self, params: list[Tensor], latents: list[Tensor], conds: list, host: ModelHost,
+                 settings: TrainSettings, device=None,
                  rank: int = 0, world_size: int = 1, grad_sync: Callable[[list[Tensor]], None] | None = None,
                  accumulation: int = 1, optimizer: torch.optim.Optimizer | None = None):
         if len(latents) != len(conds):
             raise ValueError(f"{len(latents)} latents but {len(conds)} conditionings")
         self.params = list(params)
         self.latents, self.conds = latents, conds
-        self.predict_x0, self.frozen_features = predict_x0, frozen_features
-        self.noise_scaling, self.sigma_of_t = noise_scaling, sigma_of_t
+        self.host = host
         self.s = settings
+        self.t_range = settings.t_range or host.t_range
         self.device = device or latents[0].device
         self.optimizer = optimizer or torch.optim.AdamW(self.params, lr=settings.learning_rate, weight_decay=0.0)
         # Data parallel: every process draws the same GLOBAL batch (batch_size x world_size) from the shared
@@ -104,20 +90,21 @@ class Trainer:
     def _micro_batch(self) -> LossParts:
         g, s = self.generator, self.s
         idx = self._indices(s.batch_size * self.world_size)
-        t = draw_t(len(idx), g, s.t_range)
+        t = draw_t(len(idx), g, self.t_range)
         tp = draw_t_prime(t, s.t_prime, g, s.t_prime_range)
         eps = torch.randn((len(idx),) + tuple(self.latents[idx[0]].shape), generator=g)
         mine = slice(self.rank * s.batch_size, (self.rank + 1) * s.batch_size)
         idx, t, tp, eps = idx[mine], t[mine], tp[mine], eps[mine]
         x0 = torch.stack([self.latents[i] for i in idx]).to(self.device)
         eps = eps.to(device=self.device, dtype=x0.dtype)
-        cond = None if self.conds[idx[0]] is None else batch_conds([self.conds[i] for i in idx]).to(self.device)
-        sigma = self.sigma_of_t(t).to(self.device)
-        sigma_p = self.sigma_of_t(tp).to(self.device)
+        h = self.host
+        cond = None if self.conds[idx[0]] is None else h.collate([self.conds[i] for i in idx])
+        sigma = h.sigma_of_t(t).to(self.device)
+        sigma_p = h.sigma_of_t(tp).to(self.device)
         return self_perceptual_loss(
-            lambda x, sg: self.predict_x0(x, sg, cond),
-            lambda x, sg: self.frozen_features(x, sg, cond),
-            self.noise_scaling, x0, eps, sigma, sigma_p,
+            lambda x, sg: h.predict_x0(x, sg, cond),
+            lambda x, sg: h.frozen_features(x, sg, cond),
+            h.noise_scaling, x0, eps, sigma, sigma_p,
             distance=s.distance, normalize=s.normalize, mse_weight=s.mse_weight, batched_frozen=s.batched_frozen)
 
     def step(self) -> LossParts:

@@ -21,6 +21,7 @@ from .adapter import checkpoint_forward
 from .dataset import RESIZE_MODES, as_float, load_dataset
 from .diffusers_host import DiffusersSchedule, PeftSwitch, comfy_lora_state_dict, lora_targets, unet_predictor
 from .features import FeatureTap
+from .host import ModelHost, stack_token_conds
 from .loop import Trainer, TrainSettings
 from .objective import DISTANCES
 from .state import load_state_file, save_state_file
@@ -151,10 +152,10 @@ def main(argv=None) -> None:
         if hasattr(acc, "prepare_optimizer") else acc.prepare(torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0))
     settings = TrainSettings(steps=a.steps, learning_rate=a.lr, batch_size=a.batch_size, seed=a.seed,
                              t_prime=a.t_prime, t_prime_range=tuple(a.t_prime_range), distance=a.distance,
-                             normalize=a.normalize, mse_weight=a.mse_weight,
-                             t_range=(0.0, 0.9) if schedule.prediction_type == "epsilon" else (0.0, 1.0))
-    trainer = Trainer(params, latents, [None] * len(latents), predict, frozen_features, schedule.noise_scaling,
-                      schedule.sigma_of_t, settings, device=dev, rank=acc.process_index,
+                             normalize=a.normalize, mse_weight=a.mse_weight)
+    host = ModelHost(predict, frozen_features, schedule.noise_scaling, schedule.sigma_of_t, schedule.parameterization,
+                     lambda conds: stack_token_conds(conds).to(dev))
+    trainer = Trainer(params, latents, [None] * len(latents), host, settings, device=dev, rank=acc.process_index,
                       world_size=acc.num_processes, grad_sync=grad_sync, accumulation=a.grad_accum, optimizer=opt)
     if a.resume is not None:
         load_checkpoint(a.resume, trainer, params)  # every process reads the same state

@@ -253,7 +253,7 @@ def test_core_never_imports_comfyui():
 
 def test_conditionings_of_different_lengths_batch_like_comfyui():
     """Repeating a token sequence leaves attention's output unchanged, so captions of 77 and 154 tokens batch."""
-    from selfperc_core.loop import batch_conds
+    from selfperc_core.host import stack_token_conds as batch_conds
 
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(1, 77, 8, generator=g), torch.randn(1, 154, 8, generator=g)

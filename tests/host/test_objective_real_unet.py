@@ -125,12 +125,12 @@ def test_bypass_lora_is_the_lora_core_loraloader_applies_and_off_is_the_base(pac
     in the forward and in checkpointing's recompute."""
     import comfy.model_management
     import comfy.sd
-    from selfperc_pack.nodes import bridge, lora
+    from selfperc_pack.nodes import lora
     from selfperc_pack.nodes.session import release
 
     model = as_parameterization(base, kind)
     x, _, sigma, _ = fixed_batch(model.get_model_object("model_sampling"))
-    ctx = bridge.context_for(model, 2, None, "cpu", torch.float32)
+    ctx = {"c_crossattn": torch.zeros(2, 77, 768)}  # unconditional, as the session's predictor builds it
 
     def output(mp):  # loaded as ComfyUI loads it (model_sampling, weight patches), then unloaded
         try:
@@ -163,16 +163,13 @@ def test_bypass_lora_is_the_lora_core_loraloader_applies_and_off_is_the_base(pac
 
 @pytest.mark.parametrize("kind", PARAMETERIZATIONS)
 def test_only_adapter_trains_and_base_is_bit_identical(pack, base, kind):
-    from selfperc_pack.nodes import bridge
     from selfperc_pack.selfperc_core.loop import Trainer, TrainSettings
 
     model = as_parameterization(base, kind)
     before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
-    ms = model.get_model_object("model_sampling")
     latents = [torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     with session(pack, model) as ses:
-        tr = Trainer(ses.params, latents, [None] * 3, ses.predict_x0, ses.frozen_features,
-                     bridge.noise_scaling_fn(ms), bridge.sigma_of_t_fn(ms),
+        tr = Trainer(ses.params, latents, [None] * 3, ses.host,
                      TrainSettings(learning_rate=1e-3, batch_size=2, mse_weight=0.1))
         for _ in range(3):
             tr.step()

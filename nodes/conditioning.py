@@ -1,0 +1,116 @@
+"""Conditioning the ComfyUI way, for every model family.
+
+A CONDITIONING (what CLIPTextEncode or any text encoder node outputs: ``[[tokens, {pooled_output, ...}]]``) is
+turned into the diffusion model's keyword inputs by the model's own ``extra_conds``, as ComfyUI's samplers do
+(``encode_model_conds``): SDXL's ``y`` (pooled CLIP-G + size embeddings), Flux's guidance and pooled vector,
+attention masks of the LLM encoders, Wan's and Cosmos' extra inputs, ... Per-image inputs are computed once
+(the conditioning cache) and batched with ComfyUI's ``cond_cat``, which also pads token sequences of different
+lengths the way ComfyUI does.
+"""
+from __future__ import annotations
+
+import math
+
+import comfy.conds
+import comfy.patcher_extension
+import comfy.sampler_helpers
+import comfy.samplers
+import node_helpers
+import torch
+
+# Flux-dev and other guidance-distilled models read the guidance strength from the conditioning (the
+# FluxGuidance node sets it); 3.5 is ComfyUI's own default in the model's extra_conds.
+DEFAULT_GUIDANCE = 3.5
+
+
+def with_guidance(conditioning: list, guidance: float | None) -> list:
+    """Set the distilled guidance value (FluxGuidance's key) on every entry; None leaves the conditioning."""
+    if guidance is None:
+        return conditioning
+    return node_helpers.conditioning_set_values(conditioning, {"guidance": guidance})
+
+
+def empty_conditioning(model_patcher) -> list:
+    """Unconditional input when neither a text encoder nor a conditioning is connected.
+
+    Only for UNets that declare a cross-attention width and read nothing else from the text encoder (SD1.x,
+    SD2.x): zeros of that width, as before. Every other family needs its encoder's output (SDXL's pooled
+    vector, the transformers' token streams), so the caller is told to connect one.
+    """
+    model = model_patcher.model
+    ctx = model.model_config.unet_config.get("context_dim")
+    adm = model.model_config.unet_config.get("adm_in_channels")
+    if ctx is None or adm:
+        raise ValueError(f"{type(model).__name__} needs its text encoder's output to train or sample: connect "
+                         "the loader's CLIP (captions are optional; without them the empty prompt is used) or a "
+                         "conditioning (e.g. CLIPTextEncode with an empty text)")
+    return [[torch.zeros(1, 77, ctx), {}]]
+
+
+def model_inputs(model_patcher, conditioning: list, latent_shape: tuple, seed: int = 0) -> dict:
+    """One image's model inputs (ComfyUI CONDRegular objects, batch 1, on the CPU) for ``conditioning`` at
+    ``latent_shape`` (C, ...), built by the model's own extra_conds."""
+    if len(conditioning) != 1:
+        raise ValueError(f"training takes one conditioning per image, got a list of {len(conditioning)} (combined "
+                         "or area conditionings are for sampling)")
+    noise = torch.zeros((1, *latent_shape))
+    conds = comfy.sampler_helpers.convert_cond(conditioning)
+    conds = comfy.samplers.encode_model_conds(model_patcher.model.extra_conds, conds, noise, torch.device("cpu"),
+                                              "positive", latent_image=noise, denoise_mask=None, seed=seed)
+    out = {}
+    for k, v in conds[0]["model_conds"].items():
+        out[k] = v.process_cond(batch_size=1, area=None, device=torch.device("cpu"))
+    return out
+
+
+def collate(inputs: list[dict]) -> dict:
+    """Per-image model inputs -> one batch's keyword inputs (ComfyUI's cond_cat)."""
+    keys = set(inputs[0])
+    for i, x in enumerate(inputs[1:], 1):
+        if set(x) != keys:
+            raise ValueError(f"image {i} of the batch has model inputs {sorted(x)}, not {sorted(keys)}")
+    for k in keys:
+        first = inputs[0][k]
+        if isinstance(first, comfy.conds.CONDCrossAttn) and _repeatable([x[k] for x in inputs]):
+            continue  # cond_cat repeats each sequence to the lengths' LCM (ComfyUI stops at 4x for speed)
+        if any(not first.can_concat(x[k]) for x in inputs[1:]):
+            raise ValueError(f"the batch's '{k}' inputs cannot be batched (shapes "
+                             f"{[tuple(x[k].size()) for x in inputs]}): use batch_size 1 or captions of similar "
+                             "length")
+    return comfy.samplers.cond_cat(inputs)
+
+
+def _repeatable(conds: list, max_growth: int = 8) -> bool:
+    """Token sequences of one width whose LCM length stays within ``max_growth`` x the longest."""
+    shapes = [tuple(c.cond.shape) for c in conds]
+    lengths = [s[1] for s in shapes]
+    same = all(s[0] == shapes[0][0] and s[2:] == shapes[0][2:] for s in shapes)
+    return same and math.lcm(*lengths) <= max_growth * max(lengths)
+
+
+def transformer_options(model_patcher, sigma: torch.Tensor) -> dict:
+    """The transformer_options ComfyUI's sampler passes to the model (patches set by other nodes included)."""
+    opts = comfy.patcher_extension.merge_nested_dicts({}, model_patcher.model_options.get("transformer_options", {}),
+                                                      copy_dict1=False)
+    opts["cond_or_uncond"] = [0]
+    opts["sigmas"] = sigma
+    return opts
+
+
+def predictor(model_patcher):
+    """(x_t, sigma, batch inputs from ``collate``) -> x0_hat through ComfyUI's apply_model.
+
+    cond None: the unconditional inputs of ``empty_conditioning`` (SD1.x/SD2.x only; others must be given).
+    """
+    base = model_patcher.model
+    empty: dict[tuple, dict] = {}
+
+    def predict_x0(x_t, sigma, cond=None):
+        if cond is None:
+            shape = tuple(x_t.shape[1:])
+            if shape not in empty:
+                empty[shape] = model_inputs(model_patcher, empty_conditioning(model_patcher), shape)
+            cond = collate([empty[shape]] * x_t.shape[0])
+        return base.apply_model(x_t, sigma, transformer_options=transformer_options(model_patcher, sigma), **cond)
+    return predict_x0
+

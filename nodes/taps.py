@@ -1,0 +1,174 @@
+"""Where to read the frozen model's features, for every family, and which blocks to checkpoint.
+
+UNets (SD1.x, SD2.x, SDXL): the paper's mid-block output, ``middle_block[-1]`` (a hook on ``middle_block``
+itself never fires: the UNet calls its children one by one), or another input/output block.
+Transformers have no mid-block: the tap is the block at a depth fraction of the whole stack (double-stream then
+single-stream blocks; default 0.5, i.e. block n//2, as the one DiT implementation of this loss we know of).
+Its image tokens only (text tokens carry no spatial features) are reshaped to a (B, C, h, w) grid, so the
+distance and the heatmap work as for UNets.
+
+Per-family knowledge lives in ARCHS alone: the block lists in forward order and where the image tokens sit
+in each block's output.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+MID_BLOCK = "mid_block"
+UNET_LAYERS = [MID_BLOCK] + [f"input_block_{i}" for i in range(12)] + [f"output_block_{i}" for i in range(12)]
+DEFAULT_DEPTH = 0.5
+
+
+def item(i: int) -> Callable:
+    """A block returning a tuple: element i holds the image tokens (B, N, C)."""
+    return lambda out, n, dm: out[i]
+
+
+def joint(image_first: bool, pad_multiple_attr: str | None = None) -> Callable:
+    """A single-stream block over the joint [text, image] (or [image, text]) sequence: the n image tokens.
+
+    Models that pad the image tokens to a multiple (Z-Image) put the padding after them.
+    """
+    def pick(out, n, dm):
+        if image_first:
+            return out[:, :n]
+        mult = getattr(dm, pad_multiple_attr, None) if pad_multiple_attr else None
+        pad = (-n) % mult if mult else 0
+        end = out.shape[1] - pad
+        return out[:, end - n:end]
+    return pick
+
+
+def whole(out, n, dm):
+    """A block over image tokens only (Wan, Cosmos)."""
+    return out
+
+
+@dataclass(frozen=True)
+class Arch:
+    # (block list attribute, picker), in forward order; picker(block output, n image tokens, model) -> tokens
+    stacks: tuple[tuple[str, Callable], ...]
+
+
+# Keyed by the diffusion model's class name (comfy/ldm/...). Pickers follow each block's forward's return.
+ARCHS: dict[str, Arch] = {
+    "Flux": Arch((("double_blocks", item(0)), ("single_blocks", joint(image_first=False)))),  # flux, flux2
+    "Chroma": Arch((("double_blocks", item(0)), ("single_blocks", joint(image_first=False)))),
+    "OpenAISignatureMMDITWrapper": Arch((("joint_blocks", item(1)),)),  # SD3: (context, x)
+    "QwenImageTransformer2DModel": Arch((("transformer_blocks", item(1)),)),  # (txt, img)
+    "NextDiT": Arch((("layers", joint(image_first=False, pad_multiple_attr="pad_tokens_multiple")),)),
+    "HiDreamImageTransformer2DModel": Arch((("double_stream_blocks", item(0)),
+                                            ("single_stream_blocks", joint(image_first=True)))),
+    "HunyuanVideo": Arch((("double_blocks", item(0)), ("single_blocks", joint(image_first=True)))),
+    "WanModel": Arch((("blocks", whole),)),
+    "MiniTrainDIT": Arch((("blocks", whole),)),  # Cosmos Predict2: (B, T, H, W, D)
+}
+
+
+def is_unet(dm) -> bool:
+    return hasattr(dm, "middle_block") and hasattr(dm, "input_blocks")
+
+
+def arch_of(dm) -> Arch:
+    for cls in type(dm).__mro__:
+        if cls.__name__ in ARCHS:
+            return ARCHS[cls.__name__]
+    raise ValueError(f"{type(dm).__name__} is not supported yet: the pack knows where to read features in UNets "
+                     f"(SD1.x, SD2.x, SDXL) and in {', '.join(sorted(ARCHS))}")
+
+
+def blocks(dm) -> list[tuple[torch.nn.Module, Callable]]:
+    """Every block of a transformer's main stack, in forward order, with its image-token picker."""
+    out = []
+    for attr, pick in arch_of(dm).stacks:
+        out.extend((b, pick) for b in getattr(dm, attr))
+    return out
+
+
+def patch_size(dm) -> tuple[int, ...]:
+    """The transformer's patch size over the latent's spatial dims, e.g. (2, 2) or (1, 2, 2) for video."""
+    p = getattr(dm, "patch_size", None)
+    if p is None and hasattr(dm, "params"):
+        p = getattr(dm.params, "patch_size", None)
+    if p is None and hasattr(dm, "patch_spatial"):  # Cosmos
+        p = (dm.patch_temporal, dm.patch_spatial, dm.patch_spatial)
+    if p is None:
+        p = 1
+    return tuple(p) if isinstance(p, (tuple, list)) else (p,)
+
+
+def token_grid(dm, latent_shape: tuple) -> tuple[int, ...]:
+    """The image-token grid a latent of shape (B, C, [T,] H, W) becomes (patchified, padded up)."""
+    dims = latent_shape[2:]
+    p = patch_size(dm)
+    if len(p) == 1:  # one number: the spatial patch (height and width)
+        p = (p[0], p[0])
+    p = (1,) * (len(dims) - len(p)) + p[-len(dims):]
+    return tuple(-(-d // q) for d, q in zip(dims, p))
+
+
+def to_grid(tokens: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+    """(B, N, C) tokens in row-major grid order (or (B, T, H, W, C)) -> (B, C, T*h, w)."""
+    if tokens.ndim == 5:
+        tokens = tokens.flatten(1, 3)
+    b, n, c = tokens.shape
+    h, w = (grid[0] if len(grid) == 2 else grid[0] * grid[1]), grid[-1]
+    if n != h * w:
+        raise RuntimeError(f"the tapped block gave {n} image tokens, not the {h}x{w} grid the latent makes")
+    return tokens.reshape(b, h, w, c).permute(0, 3, 1, 2)
+
+
+@dataclass
+class TapPoint:
+    """The layer to hook and how to turn its output into (B, C, h, w) features for an input of a given shape."""
+    module: torch.nn.Module
+    name: str
+    features: Callable[[Any, tuple], torch.Tensor]  # (raw output, latent shape) -> (B, C, h, w)
+
+
+def unet_layers(dm) -> dict[str, torch.nn.Module]:
+    layers = {MID_BLOCK: dm.middle_block[-1]}
+    for i, blk in enumerate(dm.input_blocks):
+        layers[f"input_block_{i}"] = blk[-1]
+    for i, blk in enumerate(dm.output_blocks):
+        layers[f"output_block_{i}"] = blk[-1]
+    return layers
+
+
+def tap_point(dm, layer: str = MID_BLOCK, depth: float = DEFAULT_DEPTH) -> TapPoint:
+    """The tap for ``layer`` (UNets: a block name; transformers: mid_block = the block at ``depth``)."""
+    if is_unet(dm):
+        layers = unet_layers(dm)
+        if layer not in layers:
+            raise ValueError(f"feature layer {layer!r} does not exist in this UNet; it has {', '.join(layers)}")
+        return TapPoint(layers[layer], layer, lambda out, shape: out)
+    stack = blocks(dm)
+    if layer != MID_BLOCK:
+        raise ValueError(f"feature layer {layer!r} is a UNet block; {type(dm).__name__} is a transformer: use "
+                         f"{MID_BLOCK} with tap_depth (0..1 of its {len(stack)} blocks)")
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"tap_depth {depth} must be within 0..1")
+    i = min(len(stack) - 1, int(depth * len(stack)))
+    module, pick = stack[i]
+
+    def features(out, shape):
+        grid = token_grid(dm, shape)
+        n = 1
+        for g in grid:
+            n *= g
+        return to_grid(pick(out, n, dm), grid)
+    return TapPoint(module, f"block {i} of {len(stack)}", features)
+
+
+def checkpointed_blocks(dm) -> list[torch.nn.Module]:
+    """What to gradient-checkpoint: the layers inside a UNet's blocks (the blocks themselves are never called,
+    the UNet iterates their children), or every block of a transformer's main stack."""
+    if is_unet(dm):
+        layers = []
+        for blk in [*dm.input_blocks, dm.middle_block, *dm.output_blocks]:
+            layers.extend(blk)
+        return layers + [m for m in (getattr(dm, "out", None),) if m is not None]
+    return [b for b, _ in blocks(dm)]

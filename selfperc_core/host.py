@@ -1,0 +1,63 @@
+"""What the training loop needs from a model host, in one bundle.
+
+A host (the ComfyUI node's session, the headless diffusers trainer, a test) adapts its model once into these
+callables; the loop, the objective and the benchmark take the bundle, so the rules that belong to a model
+(which noise levels to train on, how conditioning batches) live in one place.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .schedule import NoiseScaling
+
+PARAMETERIZATIONS = ("eps", "v", "flow")
+
+
+def default_t_range(parameterization: str) -> tuple[float, float]:
+    """Online noise levels to train on, as fractions of the schedule (0 clean).
+
+    eps-prediction models estimate x0 as x_t - sigma * eps_pred, so their x0 error grows with sigma (x14.6 at
+    SD1.5's sigma_max); that x0_hat is then re-noised to a possibly low t' and dominates the loss. For eps
+    models the top 10% of the schedule is left out; v and flow models use the whole range (the paper's model
+    is v-prediction with zero terminal SNR).
+    """
+    return (0.0, 0.9) if parameterization == "eps" else (0.0, 1.0)
+
+
+def stack_token_conds(conds: list[Tensor]) -> Tensor:
+    """Stack per-image token sequences (1, L_i, D) of different lengths into one batch.
+
+    Each is repeated to the least common multiple of the lengths (as ComfyUI batches cross-attention
+    conditioning): attention over a sequence repeated k times gives the same output as over the sequence once.
+    """
+    n = math.lcm(*[c.shape[1] for c in conds])
+    return torch.cat([c.repeat(1, n // c.shape[1], *([1] * (c.ndim - 2))) for c in conds])
+
+
+@dataclass
+class ModelHost:
+    """A model seen by the loop.
+
+    Attributes:
+        predict_x0: (x_t, sigma, cond) -> x0_hat with the adapter on; cond is a batch from ``collate`` or None.
+        frozen_features: (x, sigma, cond) -> the frozen network's features (adapter off, early exit).
+        noise_scaling: the forward process (sigma, eps, x0) -> x_t.
+        sigma_of_t: t in [0, 1] (0 clean) -> sigma, elementwise.
+        parameterization: "eps", "v" or "flow" (decides the online t-range).
+        collate: per-image conditionings (as the host stores them) -> one batch's cond.
+    """
+    predict_x0: Callable[[Tensor, Tensor, Any], Tensor]
+    frozen_features: Callable[[Tensor, Tensor, Any], Tensor]
+    noise_scaling: NoiseScaling
+    sigma_of_t: Callable[[Tensor], Tensor]
+    parameterization: str
+    collate: Callable[[list], Any] = field(default=stack_token_conds)
+
+    @property
+    def t_range(self) -> tuple[float, float]:
+        return default_t_range(self.parameterization)

@@ -1,0 +1,189 @@
+"""Every model family ComfyUI 0.3.75 ships, as tiny models built from ComfyUI's own classes (dev/tiny_families):
+conditioning through the model's extra_conds, the feature tap, training, the LoRA in core loaders, the nodes."""
+import logging
+
+import pytest
+import torch
+
+from dev.tiny_families import FAMILIES, SPECS, latent_shape, tiny_conditioning, tiny_model
+from tests.host.families import CaptionEncoder, PatchVAE
+from tests.host.models import nonzero_lora, session
+
+pytestmark = pytest.mark.host
+UNETS = ("sd15", "sd20_v", "sdxl")
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, comfy, pack):
+    return request.param
+
+
+def shape_of(family, side=4):
+    return latent_shape(family, None, side=side)
+
+
+def sample(mp, cond, shape, seed=3):
+    import comfy.sample
+
+    latent = torch.zeros(shape)
+    return comfy.sample.sample(mp, comfy.sample.prepare_noise(latent, seed), 2, 1.0, "euler", "normal", cond, cond,
+                               latent, disable_pbar=True, seed=seed)
+
+
+def fixed_batch(mp, shape, B=2):
+    from selfperc_pack.nodes import bridge
+
+    g = torch.Generator().manual_seed(0)
+    full = (B, *shape[1:])
+    sig = bridge.sigma_of_t_fn(bridge.model_sampling(mp))
+    return (torch.randn(full, generator=g), torch.randn(full, generator=g), sig(torch.tensor([0.3, 0.7])),
+            sig(torch.tensor([0.6, 0.2])))
+
+
+def test_training_lowers_the_loss_on_a_fixed_batch_and_leaves_the_base_bit_identical(pack, family):
+    from selfperc_pack.nodes import conditioning
+    from selfperc_pack.selfperc_core import self_perceptual_loss
+
+    mp, cond, shape = tiny_model(family), tiny_conditioning(family), shape_of(family)
+    before = sample(mp, cond, shape)
+    batch = fixed_batch(mp, shape)
+    with session(pack, mp, checkpointing=True, latent_shape=shape[1:], batch=2) as ses:
+        c = conditioning.collate([conditioning.model_inputs(ses.mp, cond, shape[1:])] * 2)
+        opt = torch.optim.Adam(ses.params, lr=3e-3)
+        losses = []
+        for _ in range(10):
+            opt.zero_grad()
+            parts = self_perceptual_loss(lambda x, s: ses.predict_x0(x, s, c), lambda x, s: ses.frozen_features(x, s, c),
+                                         ses.host.noise_scaling, *batch)
+            parts.loss.backward()
+            assert all(p.grad is not None for p in ses.params)
+            opt.step()
+            losses.append(parts.loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))), losses
+    assert min(losses[-3:]) < 0.9 * losses[0], losses
+    assert torch.equal(sample(mp, cond, shape), before), "the base model samples differently after training"
+
+
+def test_tap_gives_a_feature_grid_and_stops_the_forward_there(pack, family):
+    from selfperc_pack.nodes import conditioning, taps
+
+    mp, cond, shape = tiny_model(family), tiny_conditioning(family), shape_of(family, side=6)
+    dm = mp.model.diffusion_model
+    last = dm.output_blocks[-1] if taps.is_unet(dm) else taps.blocks(dm)[-1][0]
+    ran = []
+    handle = last.register_forward_hook(lambda *a: ran.append(1))
+    try:
+        with session(pack, mp, checkpointing=False) as ses:
+            c = conditioning.collate([conditioning.model_inputs(ses.mp, cond, shape[1:])])
+            x = torch.randn(shape)
+            sigma = torch.tensor([float(ses.model_sampling.sigma_max) / 2])
+            with torch.no_grad():
+                feats = ses.frozen_features(x, sigma, c)
+            assert not ran, "the forward ran past the tapped layer"
+            ses.predict_x0(x, sigma, c)
+            assert ran, "the last block never ran in a full forward (wrong block list)"
+    finally:
+        handle.remove()
+    assert feats.ndim == 4 and feats.shape[0] == 1
+    if not taps.is_unet(dm):
+        assert tuple(feats.shape[2:]) == (taps.token_grid(dm, shape)[-2] * (shape[2] if len(shape) == 5 else 1),
+                                          taps.token_grid(dm, shape)[-1])
+        assert "block" in ses.tap_name
+
+
+def test_the_lora_is_what_core_loraloader_applies_with_no_unloaded_keys(pack, family, caplog):
+    import comfy.model_management
+    import comfy.sd
+    from selfperc_pack.nodes import conditioning, lora
+    from selfperc_pack.nodes.session import release
+
+    mp, cond, shape = tiny_model(family), tiny_conditioning(family), shape_of(family)
+    x, _, sigma, _ = fixed_batch(mp, shape, B=2)
+    with session(pack, mp, checkpointing=False) as ses:
+        nonzero_lora(ses)
+        c = conditioning.collate([conditioning.model_inputs(ses.mp, cond, shape[1:])] * 2)
+        with torch.no_grad():
+            on = ses.predict_x0(x, sigma, c)
+            with ses.switch.off():
+                off = ses.predict_x0(x, sigma, c)
+        sd = lora.lora_state_dict(ses.adapters)
+    with caplog.at_level(logging.WARNING):
+        loaded, _ = comfy.sd.load_lora_for_models(mp, None, sd, 1.0, 0)
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    assert len(loaded.patches) == len(sd) // 3
+    try:
+        comfy.model_management.load_models_gpu([loaded])
+        with torch.no_grad():
+            ref = loaded.model.apply_model(x, sigma, **c)
+    finally:
+        release(loaded)
+    assert not torch.allclose(on, off, atol=1e-5), "the LoRA must change the output for this test to mean anything"
+    torch.testing.assert_close(on, ref, rtol=1e-3, atol=1e-4)
+
+
+def node(name):
+    import selfperc_pack.nodes as n
+
+    cls = getattr(n, name).PREPARE_CLASS_CLONE({"unique_id": "1"})
+
+    class Run:
+        @staticmethod
+        def execute(**kw):
+            with torch.inference_mode():
+                return cls.execute(**kw)
+    return Run
+
+
+TRAIN = dict(steps=2, learning_rate=1e-3, rank=2, alpha=2.0, batch_size=2, resolution=32, resize_mode="center_crop",
+             seed=0, feature_layer="mid_block", t_prime="uniform", t_prime_min=0.0, t_prime_max=1.0, distance="mse",
+             normalize_features=False, mse_weight=0.0, gradient_checkpointing=True, training_dtype="auto",
+             overwrite=True, save_every=0, preview_every=2)
+
+
+@pytest.fixture(scope="module")
+def captioned(comfy):
+    from dev.datasets import make_dataset
+
+    return make_dataset(comfy / "input" / "family_photos", names=["astronaut", "coffee", "chelsea"]).name
+
+
+def test_the_nodes_run_on_the_family(family, captioned, comfy):
+    """Fine-tune (captions through a text encoder, preview on), the A/B sampler and the distance heatmap."""
+    mp, shape = tiny_model(family), shape_of(family)
+    vae = PatchVAE(shape, SPECS[family][2])
+    out = node("SelfPerceptualFineTune").execute(model=mp, vae=vae, dataset_folder=captioned, clip=CaptionEncoder(family),
+                                                 lora_name=f"families/{family}", **TRAIN)
+    tuned, lora_sd, loss_map, name = out.args
+    assert len(loss_map["loss"]) == 2 and all(torch.isfinite(torch.tensor(loss_map["loss"])))
+    assert name == f"families/{family}.safetensors" and lora_sd
+    cond = tiny_conditioning(family)
+    res = node("SelfPerceptualSampler").execute(
+        model=tuned, base_model=mp, latent={"samples": torch.zeros(shape)}, seed=1, steps=2, sampler_name="euler",
+        scheduler="normal", cfg=1.0, cfg_rescale=0.0, denoise=1.0, positive=cond, vae=vae)
+    samples, grid = res.args
+    assert samples["samples"].shape == shape and torch.isfinite(samples["samples"]).all()
+    assert grid.shape[0] == 1 and grid.shape[2] > 2 * vae.f * shape[-1]  # base | fine-tuned
+    a = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(0))
+    b = a.clone()
+    b[:, 16:, 16:] = 1.0
+    dist = node("SelfPerceptualDistance").execute(model=mp, vae=vae, image_a=a, image_b=b, noise_level=0.3, seed=0,
+                                                  feature_layer="mid_block", distance="mse", overlay=1.0,
+                                                  conditioning=cond)
+    heat, scalar = dist.args
+    assert heat.shape == (1, 32, 32, 3) and scalar > 0
+    same = node("SelfPerceptualDistance").execute(model=mp, vae=vae, image_a=a, image_b=a, noise_level=0.3, seed=0,
+                                                  feature_layer="mid_block", distance="mse", overlay=1.0,
+                                                  conditioning=cond)
+    assert same.args[1] == 0.0
+
+
+def test_families_that_need_their_text_encoder_say_so_before_any_work(family, captioned):
+    from selfperc_pack.nodes.conditioning import empty_conditioning
+
+    mp, shape = tiny_model(family), shape_of(family)
+    if family in ("sd15", "sd20_v"):
+        assert empty_conditioning(mp)[0][0].shape == (1, 77, SPECS[family][1]["context_dim"])
+        return
+    with pytest.raises(ValueError, match="needs its text encoder's output"):
+        node("SelfPerceptualFineTune").execute(model=mp, vae=PatchVAE(shape, 8), dataset_folder=captioned,
+                                               lora_name="families/refused", **TRAIN)
