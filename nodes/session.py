@@ -6,6 +6,7 @@ happens inside, the incoming MODEL and the shared modules come out without adapt
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,6 +17,8 @@ from ..selfperc_core import FeatureTap
 from ..selfperc_core.adapter import AdapterSwitch, checkpoint_forward, uncheckpoint_forward
 from ..selfperc_core.host import ModelHost
 from . import bridge, conditioning, lora, taps
+
+log = logging.getLogger("selfperc")
 
 
 @dataclass
@@ -104,6 +107,10 @@ def training_session(model, rank: int, alpha: float, seed: int, layer: str = tap
         comfy.model_management.load_models_gpu([mp], memory_required=need)
         make_trainable_tensors(dm)
         tap = FeatureTap(point.module, early_exit=early_exit)
+        if not checkpointing and taps.must_checkpoint(dm):
+            log.info("selfperc: %s blocks update their inputs in place: they are checkpointed anyway",
+                     type(dm).__name__)
+            checkpointing = True
         if checkpointing:
             blocks = taps.checkpointed_blocks(dm)
             for b in blocks:

@@ -51,18 +51,21 @@ def whole(out, n, dm):
 class Arch:
     # (block list attribute, picker), in forward order; picker(block output, n image tokens, model) -> tokens
     stacks: tuple[tuple[str, Callable], ...]
+    # ComfyUI's code of these blocks adds to its input tensors in place (img += ...), which autograd cannot
+    # differentiate through; checkpointed blocks get fresh copies of their inputs, so they are always checkpointed.
+    inplace: bool = False
 
 
 # Keyed by the diffusion model's class name (comfy/ldm/...). Pickers follow each block's forward's return.
 ARCHS: dict[str, Arch] = {
-    "Flux": Arch((("double_blocks", item(0)), ("single_blocks", joint(image_first=False)))),  # flux, flux2
-    "Chroma": Arch((("double_blocks", item(0)), ("single_blocks", joint(image_first=False)))),
+    "Flux": Arch((("double_blocks", item(0)), ("single_blocks", joint(image_first=False))), inplace=True),
+    "Chroma": Arch((("double_blocks", item(0)), ("single_blocks", joint(image_first=False))), inplace=True),
     "OpenAISignatureMMDITWrapper": Arch((("joint_blocks", item(1)),)),  # SD3: (context, x)
     "QwenImageTransformer2DModel": Arch((("transformer_blocks", item(1)),)),  # (txt, img)
     "NextDiT": Arch((("layers", joint(image_first=False, pad_multiple_attr="pad_tokens_multiple")),)),
     "HiDreamImageTransformer2DModel": Arch((("double_stream_blocks", item(0)),
                                             ("single_stream_blocks", joint(image_first=True)))),
-    "HunyuanVideo": Arch((("double_blocks", item(0)), ("single_blocks", joint(image_first=True)))),
+    "HunyuanVideo": Arch((("double_blocks", item(0)), ("single_blocks", joint(image_first=True))), inplace=True),
     "WanModel": Arch((("blocks", whole),)),
     "MiniTrainDIT": Arch((("blocks", whole),)),  # Cosmos Predict2: (B, T, H, W, D)
 }
@@ -161,6 +164,11 @@ def tap_point(dm, layer: str = MID_BLOCK, depth: float = DEFAULT_DEPTH) -> TapPo
             n *= g
         return to_grid(pick(out, n, dm), grid)
     return TapPoint(module, f"block {i} of {len(stack)}", features)
+
+
+def must_checkpoint(dm) -> bool:
+    """Whether training needs the blocks checkpointed whatever the user chose (see Arch.inplace)."""
+    return not is_unet(dm) and arch_of(dm).inplace
 
 
 def checkpointed_blocks(dm) -> list[torch.nn.Module]:

@@ -55,10 +55,14 @@ def checkpoint_forward(module: torch.nn.Module, switch: AdapterSwitch | None) ->
         state = switch.enabled if switch is not None else None
 
         def run(*a):
+            # Fresh copies of the inputs: some blocks (ComfyUI's Flux, ...) add to their inputs in place, which
+            # would change what the recomputation in backward starts from.
+            a = [x.clone() if isinstance(x, torch.Tensor) else x for x in a]
+            kw = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
             if switch is None:
-                return original(*a, **kwargs)
+                return original(*a, **kw)
             with switch.state(state):
-                return original(*a, **kwargs)
+                return original(*a, **kw)
 
         return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
 
