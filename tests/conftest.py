@@ -65,7 +65,10 @@ def server(tmp_path_factory, tiny_models):
     from dev.host import ComfyServer
 
     base = tmp_path_factory.mktemp("comfy_server")
-    srv = ComfyServer(base)
+    # test-only nodes (tiny models of every family) from an extra custom_nodes folder, never shipped
+    extra = base / "test_nodes.yaml"
+    extra.write_text(f"selfperc_tests:\n    custom_nodes: {REPO_ROOT / 'dev' / 'server_nodes'}\n")
+    srv = ComfyServer(base, extra_args=["--extra-model-paths-config", str(extra)])
     for kind, path in (("checkpoints", tiny_models["checkpoint"]), ("diffusion_models", tiny_models["unet"])):
         os.symlink(path, srv.base / "models" / kind / path.name)
     srv.start()

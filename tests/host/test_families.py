@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dev.tiny_families import FAMILIES, SPECS, latent_shape, tiny_conditioning, tiny_model
-from tests.host.families import CaptionEncoder, PatchVAE
+from dev.stand_ins import CaptionEncoder, PatchVAE
 from tests.host.models import nonzero_lora, session
 
 pytestmark = pytest.mark.host
@@ -224,3 +224,16 @@ def test_families_that_need_their_text_encoder_say_so_before_any_work(family, ca
     with pytest.raises(ValueError, match="needs its text encoder's output"):
         node("SelfPerceptualFineTune").execute(model=mp, vae=PatchVAE(shape, 8), dataset_folder=captioned,
                                                lora_name="families/refused", **TRAIN)
+
+
+@pytest.mark.parametrize("fam", ["sdxl", "flux"])
+def test_captions_condition_training(comfy, pack, captioned, fam):
+    """Same seed and data: captions through the text encoder vs one fixed conditioning train differently."""
+    mp, shape = tiny_model(fam), shape_of(fam)
+    vae = PatchVAE(shape, SPECS[fam][2])
+    run = node("SelfPerceptualFineTune").execute
+    kw = dict(TRAIN, preview_every=0, model=mp, vae=vae, dataset_folder=captioned)
+    with_captions = run(clip=CaptionEncoder(fam), lora_name=f"families/{fam}_cap", **kw).args
+    fixed = run(conditioning=tiny_conditioning(fam), lora_name=f"families/{fam}_fixed", **kw).args
+    assert with_captions[2]["loss"] != fixed[2]["loss"]
+    assert any(not torch.equal(with_captions[1][k], fixed[1][k]) for k in fixed[1])

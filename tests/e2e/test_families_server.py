@@ -1,0 +1,104 @@
+"""Every family through the real server's HTTP API: the tiny model of each family is built inside the server by
+a test-only node (dev/server_nodes) from ComfyUI's own classes; SD3 also as a file through core UNETLoader."""
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from dev.datasets import make_dataset, photo
+from dev.tiny_families import FAMILIES
+from tests.e2e.test_server import assert_success
+
+pytestmark = pytest.mark.e2e
+TRAIN = dict(steps=2, learning_rate=1e-3, rank=2, alpha=2.0, batch_size=2, resolution=64, resize_mode="center_crop",
+             seed=0, feature_layer="mid_block", t_prime="uniform", t_prime_min=0.0, t_prime_max=1.0, distance="mse",
+             normalize_features=False, mse_weight=0.0, gradient_checkpointing=True, training_dtype="auto",
+             overwrite=True, save_every=0, preview_every=2)
+
+
+@pytest.fixture(scope="module")
+def inputs(server):
+    folder = make_dataset(server.base / "input" / "families", names=["astronaut", "coffee", "chelsea"]).name
+    a = Image.fromarray(photo("astronaut")).resize((32, 32))
+    b = a.copy()
+    b.paste((0, 255, 0), (16, 16, 32, 32))
+    a.save(server.base / "input" / "fam_a.png")
+    b.save(server.base / "input" / "fam_b.png")
+    return folder
+
+
+def tiny(family):
+    return {"1": {"class_type": "SelfPercTestTinyFamily", "inputs": {"family": family, "side": 4}}}
+
+
+def sample_to_latent(g, node, model, prefix):
+    g[node] = {"class_type": "KSampler", "inputs": {"model": model, "positive": ["1", 3], "negative": ["1", 3],
+                                                    "latent_image": ["1", 4], "seed": 0, "steps": 2, "cfg": 1.0,
+                                                    "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}}
+    g[node + "s"] = {"class_type": "SaveLatent", "inputs": {"samples": [node, 0], "filename_prefix": prefix}}
+    return g
+
+
+def saved_latent(server, entry, node):
+    f = entry["outputs"][node]["latents"][0]
+    return load_file(str(server.base / "output" / f["subfolder"] / f["filename"]))["latent_tensor"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_trains_samples_and_its_lora_loads_through_the_api(server, inputs, family):
+    before = server.run(sample_to_latent(tiny(family), "2", ["1", 0], f"fam/{family}_before"))
+    assert_success(server, before)
+
+    g = tiny(family)
+    g["10"] = {"class_type": "SelfPerceptualFineTune",
+               "inputs": dict(TRAIN, model=["1", 0], vae=["1", 2], clip=["1", 1], dataset_folder=inputs,
+                              lora_name=f"fam/{family}")}
+    g["12"] = {"class_type": "SelfPerceptualSampler",
+               "inputs": {"model": ["10", 0], "base_model": ["1", 0], "latent": ["1", 4], "positive": ["1", 3],
+                          "vae": ["1", 2], "seed": 1, "steps": 2, "sampler_name": "euler", "scheduler": "normal",
+                          "cfg": 1.0, "cfg_rescale": 0.0, "denoise": 1.0}}
+    g["13"] = {"class_type": "SaveImage", "inputs": {"images": ["12", 1], "filename_prefix": f"fam/{family}_ab"}}
+    g["30"] = {"class_type": "LoadImage", "inputs": {"image": "fam_a.png"}}
+    g["31"] = {"class_type": "LoadImage", "inputs": {"image": "fam_b.png"}}
+    g["32"] = {"class_type": "SelfPerceptualDistance",
+               "inputs": {"model": ["1", 0], "vae": ["1", 2], "image_a": ["30", 0], "image_b": ["31", 0],
+                          "noise_level": 0.3, "seed": 0, "feature_layer": "mid_block", "distance": "mse",
+                          "overlay": 0.6, "conditioning": ["1", 3]}}
+    g["33"] = {"class_type": "SaveImage", "inputs": {"images": ["32", 0], "filename_prefix": f"fam/{family}_heat"}}
+    entry = server.run(g)
+    assert_success(server, entry)
+    assert "10" in entry["outputs"], (entry["outputs"].keys(), server.log_tail(3000))
+    assert f"saved fam/{family}.safetensors (2 steps" in entry["outputs"]["10"]["text"][0]
+    assert entry["outputs"]["13"]["images"] and entry["outputs"]["33"]["images"]
+
+    log_before = len(server.log_tail(10 ** 7))
+    g = sample_to_latent(tiny(family), "2", ["1", 0], f"fam/{family}_after")
+    g["20"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "strength_model": 1.0,
+                                                               "lora_name": f"fam/{family}.safetensors"}}
+    g = sample_to_latent(g, "21", ["20", 0], f"fam/{family}_lora")
+    after = server.run(g)
+    assert_success(server, after)
+    assert "lora key not loaded" not in server.log_tail(10 ** 7)[log_before - 100:]
+    base0, base1 = saved_latent(server, before, "2s"), saved_latent(server, after, "2s")
+    assert torch.equal(base0, base1), "the base model samples differently after training"
+    assert torch.isfinite(saved_latent(server, after, "21s")).all()
+
+
+def test_sd3_file_through_core_unetloader_trains(server, inputs):
+    """A tiny SD3 saved as a file is detected by ComfyUI itself (UNETLoader) and trains through the API."""
+    from safetensors.torch import save_file
+
+    from dev.host import import_comfy
+    from dev.tiny_families import tiny_model
+
+    import_comfy()
+    save_file({k: v.contiguous() for k, v in tiny_model("sd3").model.diffusion_model.state_dict().items()},
+              str(server.base / "models" / "diffusion_models" / "tiny_sd3.safetensors"))
+    g = tiny("sd3")
+    g["5"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_sd3.safetensors", "weight_dtype": "default"}}
+    g["10"] = {"class_type": "SelfPerceptualFineTune",
+               "inputs": dict(TRAIN, model=["5", 0], vae=["1", 2], conditioning=["1", 3], dataset_folder=inputs,
+                              lora_name="fam/sd3_file")}
+    entry = server.run(g)
+    assert_success(server, entry)
+    assert "saved fam/sd3_file.safetensors" in entry["outputs"]["10"]["text"][0]
