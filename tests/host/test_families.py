@@ -5,8 +5,8 @@ import logging
 import pytest
 import torch
 
-from dev.tiny_families import FAMILIES, SPECS, latent_shape, tiny_conditioning, tiny_model
 from dev.stand_ins import CaptionEncoder, PatchVAE
+from dev.tiny_families import FAMILIES, SPECS, latent_shape, tiny_conditioning, tiny_model
 from tests.host.models import nonzero_lora, session
 
 pytestmark = pytest.mark.host
