@@ -84,21 +84,26 @@ def test_family_trains_samples_and_its_lora_loads_through_the_api(server, inputs
     assert torch.isfinite(saved_latent(server, after, "21s")).all()
 
 
-def test_sd3_file_through_core_unetloader_trains(server, inputs):
-    """A tiny SD3 saved as a file is detected by ComfyUI itself (UNETLoader) and trains through the API."""
+@pytest.mark.parametrize("weight_dtype", ["default", "fp8_e4m3fn"])
+def test_sd3_file_through_core_unetloader_trains(server, inputs, weight_dtype):
+    """A tiny SD3 saved as a file is detected by ComfyUI itself (UNETLoader) and trains through the API, also
+    with its weights kept in fp8 as ComfyUI stores them (cast per layer; the LoRA trains in fp32)."""
     from safetensors.torch import save_file
 
     from dev.host import import_comfy
     from dev.tiny_families import tiny_model
 
     import_comfy()
-    save_file({k: v.contiguous() for k, v in tiny_model("sd3").model.diffusion_model.state_dict().items()},
-              str(server.base / "models" / "diffusion_models" / "tiny_sd3.safetensors"))
+    path = server.base / "models" / "diffusion_models" / "tiny_sd3.safetensors"
+    if not path.exists():
+        save_file({k: v.contiguous() for k, v in tiny_model("sd3").model.diffusion_model.state_dict().items()},
+                  str(path))
     g = tiny("sd3")
-    g["5"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_sd3.safetensors", "weight_dtype": "default"}}
+    g["5"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_sd3.safetensors", "weight_dtype": weight_dtype}}
     g["10"] = {"class_type": "SelfPerceptualFineTune",
                "inputs": dict(TRAIN, model=["5", 0], vae=["1", 2], conditioning=["1", 3], dataset_folder=inputs,
-                              lora_name="fam/sd3_file")}
+                              lora_name=f"fam/sd3_{weight_dtype}")}
     entry = server.run(g)
     assert_success(server, entry)
-    assert "saved fam/sd3_file.safetensors" in entry["outputs"]["10"]["text"][0]
+    assert f"saved fam/sd3_{weight_dtype}.safetensors" in entry["outputs"]["10"]["text"][0]
+    assert "final loss nan" not in entry["outputs"]["10"]["text"][0]

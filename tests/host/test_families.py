@@ -237,3 +237,26 @@ def test_captions_condition_training(comfy, pack, captioned, fam):
     fixed = run(conditioning=tiny_conditioning(fam), lora_name=f"families/{fam}_fixed", **kw).args
     assert with_captions[2]["loss"] != fixed[2]["loss"]
     assert any(not torch.equal(with_captions[1][k], fixed[1][k]) for k in fixed[1])
+
+
+def test_fp8_weights_stay_as_stored_and_the_lora_trains_in_fp32(pack, tmp_path):
+    """A model loaded with fp8 weights (as the usual Flux/Qwen files are): no full-precision copy is made."""
+    import comfy.sd
+    from safetensors.torch import save_file
+    from selfperc_pack.nodes import conditioning
+    from selfperc_pack.selfperc_core import self_perceptual_loss
+
+    path = tmp_path / "sd3.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_model("sd3").model.diffusion_model.state_dict().items()}, str(path))
+    mp = comfy.sd.load_diffusion_model(str(path), model_options={"dtype": torch.float8_e4m3fn})
+    cond, shape = tiny_conditioning("sd3"), shape_of("sd3")
+    with session(pack, mp, checkpointing=True) as ses:
+        linears = [m for m in ses.mp.model.diffusion_model.modules() if isinstance(m, torch.nn.Linear)]
+        assert linears and all(m.weight.dtype == torch.float8_e4m3fn for m in linears)
+        assert all(p.dtype == torch.float32 for p in ses.params)
+        c = conditioning.collate([conditioning.model_inputs(ses.mp, cond, shape[1:])] * 2)
+        parts = self_perceptual_loss(lambda x, s: ses.predict_x0(x, s, c), lambda x, s: ses.frozen_features(x, s, c),
+                                     ses.host.noise_scaling, *fixed_batch(ses.mp, shape))
+        parts.loss.backward()
+        assert torch.isfinite(parts.loss) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in ses.params)
+        assert all(m.weight.dtype == torch.float8_e4m3fn for m in linears)
