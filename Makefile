@@ -7,7 +7,7 @@ venv:
 	@bash dev/setup_venv.sh
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 test-core: venv
 	$(PY) -m pytest -q tests/core

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..selfperc_core import T_PRIME_STRATEGIES
 from ..selfperc_core.dataset import RESIZE_MODES, as_float, load_dataset
-from ..selfperc_core.loop import NonFiniteLoss, Trainer, TrainSettings
+from ..selfperc_core.loop import LR_SCHEDULES, OPTIMIZERS, NonFiniteLoss, Trainer, TrainSettings
 from ..selfperc_core.objective import DISTANCES
 from . import bridge, conditioning, files, lora, preview, taps
 from .session import training_session
@@ -112,6 +112,7 @@ class Job:
     folder: Path
     guidance: float
     fallback: list | None                  # conditioning for images without a caption
+    accumulation: int = 1
     resume_name: str | None = None
     resume_weights: dict | None = None
     resume_state: dict | None = None
@@ -196,6 +197,16 @@ class SelfPerceptualFineTune(io.ComfyNode):
                                tooltip="Transformers (Flux, SD3, Qwen-Image, Wan, ...): which block is the "
                                        "perceptual layer, as a fraction of the block stack (0.5: the middle "
                                        "block). UNets ignore it."),
+                io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="adamw", optional=True,
+                               tooltip="adamw (no weight decay), adam, sgd or rmsprop, with torch's defaults."),
+                io.Combo.Input("lr_schedule", options=list(LR_SCHEDULES), default="constant", optional=True,
+                               tooltip="Learning rate after the warm-up: constant, cosine (to 0 at the last step) "
+                                       "or linear (to 0)."),
+                io.Int.Input("warmup_steps", default=0, min=0, max=100000, optional=True,
+                             tooltip="Linear learning-rate warm-up over the first N steps."),
+                io.Int.Input("gradient_accumulation", default=1, min=1, max=256, optional=True,
+                             tooltip="Micro-batches of batch_size per optimizer step: k x batch_size images a step "
+                                     "for the memory of one batch (exactly a k-times larger batch)."),
                 io.Float.Input("guidance", default=conditioning.DEFAULT_GUIDANCE, min=0.0, max=100.0, step=0.1,
                                optional=True,
                                tooltip="Distilled guidance fed to guidance-distilled models (Flux-dev, Flux.2, "
@@ -230,10 +241,13 @@ class SelfPerceptualFineTune(io.ComfyNode):
                                                                                      i["t_prime_max"]),
                                  distance=i["distance"], normalize=i["normalize_features"],
                                  mse_weight=i["mse_weight"],
-                                 batched_frozen=i.get("batched_frozen", TrainSettings.batched_frozen))
+                                 batched_frozen=i.get("batched_frozen", TrainSettings.batched_frozen),
+                                 optimizer=i.get("optimizer", "adamw"), lr_schedule=i.get("lr_schedule", "constant"),
+                                 warmup_steps=i.get("warmup_steps", 0))
         if i["t_prime_max"] - i["t_prime_min"] < 0.01:
             raise ValueError(f"t_prime_min {i['t_prime_min']} must be below t_prime_max {i['t_prime_max']}")
         check_sizes(i["batch_size"], i["resolution"])
+        accumulation = i.get("gradient_accumulation", 1)
         depth = i.get("tap_depth", taps.DEFAULT_DEPTH)
         taps.tap_point(model.model.diffusion_model, i["feature_layer"], depth)  # unsupported model or layer
         fallback = cond
@@ -243,7 +257,7 @@ class SelfPerceptualFineTune(io.ComfyNode):
                   training_dtype(i["training_dtype"], bridge.device()),
                   files.lora_path(i["lora_name"], i["overwrite"]), i["save_every"], i["preview_every"],
                   files.resolve_dataset(dataset_folder, i.get("dataset_path") or ""),
-                  i.get("guidance", conditioning.DEFAULT_GUIDANCE), fallback)
+                  i.get("guidance", conditioning.DEFAULT_GUIDANCE), fallback, accumulation)
         resume_from = i.get("resume_from") or NONE
         if resume_from != NONE:
             with torch.inference_mode(False):  # the optimizer updates these tensors in place
@@ -266,7 +280,8 @@ class SelfPerceptualFineTune(io.ComfyNode):
                 if key not in cache:
                     cache[key] = conditioning.model_inputs(ses.mp, p, tuple(lat.shape), job.settings.seed)
                 conds.append(cache[key])
-            trainer = Trainer(ses.params, latents, conds, ses.host, job.settings, device=bridge.device())
+            trainer = Trainer(ses.params, latents, conds, ses.host, job.settings, device=bridge.device(),
+                              accumulation=job.accumulation)
             if job.resume_state is not None:
                 try:
                     trainer.load_state_dict(job.resume_state["trainer"])
@@ -280,6 +295,7 @@ class SelfPerceptualFineTune(io.ComfyNode):
         settings, dtype, device = job.settings, job.dtype, bridge.device()
         start = trainer.step_count
         total = start + settings.steps
+        settings.total_steps = total  # the learning-rate schedule's horizon, a resumed run's steps included
         meta = cls._metadata(model, ses, job, n_images)
         pbar = comfy.utils.ProgressBar(total, node_id=cls.hidden.unique_id)
         pbar.update_absolute(start, total)
@@ -329,6 +345,7 @@ class SelfPerceptualFineTune(io.ComfyNode):
                 "parameterization": ses.host.parameterization, "feature_layer": job.layer, "tap": ses.tap_name,
                 "rank": job.rank, "alpha": job.alpha, "training_dtype": str(job.dtype).replace("torch.", ""),
                 "dataset": job.folder.name, "dataset_images": n_images, "guidance": job.guidance,
+                "gradient_accumulation": job.accumulation,
                 "settings": job.settings.as_dict() | {"t_range": ses.host.t_range}}
 
     @staticmethod

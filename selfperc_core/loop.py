@@ -30,9 +30,49 @@ class TrainSettings:
     normalize: bool = False
     mse_weight: float = 0.0
     batched_frozen: bool = False
+    optimizer: str = "adamw"
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    total_steps: int | None = None  # the schedule's horizon (final step count); None: steps
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+def make_optimizer(name: str, params: list[Tensor], lr: float) -> torch.optim.Optimizer:
+    """The optimizers core Train LoRA offers, with torch's defaults (AdamW without weight decay: the LoRA starts
+    at zero, and decay would pull it back there)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
+
+
+def lr_factor(step: int, schedule: str, warmup: int, total: int) -> float:
+    """Learning-rate multiplier for optimizer step ``step`` (0-based) of ``total``.
+
+    Linear warm-up over the first ``warmup`` steps: (step + 1) / warmup. After it, with p = (step - warmup) /
+    (total - warmup) in [0, 1]: constant 1; cosine 0.5 * (1 + cos(pi * p)); linear 1 - p.
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose one of {LR_SCHEDULES}")
+    if step < warmup:
+        return (step + 1) / warmup
+    p = min(1.0, max(0.0, (step - warmup) / max(1, total - warmup)))
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * p))
+    if schedule == "linear":
+        return 1.0 - p
+    return 1.0
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -65,7 +105,8 @@ class Trainer:
         self.s = settings
         self.t_range = settings.t_range or host.t_range
         self.device = device or latents[0].device
-        self.optimizer = optimizer or torch.optim.AdamW(self.params, lr=settings.learning_rate, weight_decay=0.0)
+        self.optimizer = optimizer or make_optimizer(settings.optimizer, self.params, settings.learning_rate)
+        lr_factor(0, settings.lr_schedule, settings.warmup_steps, 1)  # an unknown schedule fails here, not later
         # Data parallel: every process draws the same GLOBAL batch (batch_size x world_size) from the shared
         # generator and keeps its own slice, so N processes x B equals 1 process x N*B exactly.
         self.rank, self.world_size, self.grad_sync = rank, world_size, grad_sync
@@ -87,14 +128,21 @@ class Trainer:
             pick = torch.randint(len(bucket), (n,), generator=self.generator)
         return [bucket[int(i)] for i in pick]
 
-    def _micro_batch(self) -> LossParts:
+    def _draw(self) -> tuple:
+        """Everything random for one optimizer step: the GLOBAL batch (batch_size x processes x accumulation)."""
         g, s = self.generator, self.s
-        idx = self._indices(s.batch_size * self.world_size)
+        idx = self._indices(s.batch_size * self.world_size * self.accumulation)
         t = draw_t(len(idx), g, self.t_range)
         tp = draw_t_prime(t, s.t_prime, g, s.t_prime_range)
         eps = torch.randn((len(idx),) + tuple(self.latents[idx[0]].shape), generator=g)
-        mine = slice(self.rank * s.batch_size, (self.rank + 1) * s.batch_size)
-        idx, t, tp, eps = idx[mine], t[mine], tp[mine], eps[mine]
+        return idx, t, tp, eps
+
+    def _micro_batch(self, draw: tuple, j: int) -> LossParts:
+        """Micro-batch ``j`` of this process from the step's global draw: k micro-batches of B are exactly one
+        batch of k*B, and N processes x B exactly one process x N*B."""
+        s = self.s
+        lo = (j * self.world_size + self.rank) * s.batch_size
+        idx, t, tp, eps = (d[lo:lo + s.batch_size] for d in draw)
         x0 = torch.stack([self.latents[i] for i in idx]).to(self.device)
         eps = eps.to(device=self.device, dtype=x0.dtype)
         h = self.host
@@ -112,8 +160,9 @@ class Trainer:
         the loss is NaN/Inf. The returned loss is this process's mean over its micro-batches."""
         self.optimizer.zero_grad(set_to_none=True)
         loss = perceptual = mse = 0.0
-        for _ in range(self.accumulation):
-            parts = self._micro_batch()
+        draw = self._draw()
+        for j in range(self.accumulation):
+            parts = self._micro_batch(draw, j)
             value = parts.loss.item()
             if not math.isfinite(value):
                 raise NonFiniteLoss(self.step_count + 1, value)
@@ -121,6 +170,9 @@ class Trainer:
             loss, perceptual, mse = loss + value, perceptual + parts.perceptual, mse + parts.mse
         if self.grad_sync is not None:
             self.grad_sync(self.params)
+        factor = lr_factor(self.step_count, self.s.lr_schedule, self.s.warmup_steps, self.s.total_steps or self.s.steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.s.learning_rate * factor
         self.optimizer.step()
         self.step_count += 1
         n = self.accumulation

@@ -22,7 +22,7 @@ from .dataset import RESIZE_MODES, as_float, load_dataset
 from .diffusers_host import DiffusersSchedule, PeftSwitch, comfy_lora_state_dict, lora_targets, unet_predictor
 from .features import FeatureTap
 from .host import ModelHost, stack_token_conds
-from .loop import Trainer, TrainSettings
+from .loop import LR_SCHEDULES, OPTIMIZERS, Trainer, TrainSettings, make_optimizer
 from .objective import DISTANCES
 from .state import load_state_file, save_state_file
 from .timesteps import T_PRIME_STRATEGIES
@@ -48,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--distance", choices=DISTANCES, default="mse")
     ap.add_argument("--normalize", action="store_true")
     ap.add_argument("--mse-weight", type=float, default=0.0)
+    ap.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    ap.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant")
+    ap.add_argument("--warmup-steps", type=int, default=0)
     ap.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
                     help="default: accelerate's config / launch flag")
     ap.add_argument("--gradient-checkpointing", action="store_true")
@@ -148,11 +151,11 @@ def main(argv=None) -> None:
                 if p.grad is not None:
                     p.grad = acc.reduce(p.grad, reduction="mean")
 
-    opt = acc.prepare_optimizer(torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)) \
-        if hasattr(acc, "prepare_optimizer") else acc.prepare(torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0))
+    opt = acc.prepare_optimizer(make_optimizer(a.optimizer, params, a.lr))
     settings = TrainSettings(steps=a.steps, learning_rate=a.lr, batch_size=a.batch_size, seed=a.seed,
                              t_prime=a.t_prime, t_prime_range=tuple(a.t_prime_range), distance=a.distance,
-                             normalize=a.normalize, mse_weight=a.mse_weight)
+                             normalize=a.normalize, mse_weight=a.mse_weight, optimizer=a.optimizer,
+                             lr_schedule=a.lr_schedule, warmup_steps=a.warmup_steps)
     host = ModelHost(predict, frozen_features, schedule.noise_scaling, schedule.sigma_of_t, schedule.parameterization,
                      lambda conds: stack_token_conds(conds).to(dev))
     trainer = Trainer(params, latents, [None] * len(latents), host, settings, device=dev, rank=acc.process_index,

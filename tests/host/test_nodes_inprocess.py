@@ -208,3 +208,26 @@ def test_progress_bar_gets_every_step_and_a_sample_preview(pack, models, photos,
     assert steps[-4:] == [1, 2, 3, 4]
     previews = [p for v, t, p in seen if t == 4 and p is not None]
     assert len(previews) == 2 and previews[0][0] == "JPEG" and previews[0][1].size == (64, 64)
+
+
+def test_accumulation_schedule_and_optimizer_through_the_node(pack, models, photos):
+    """gradient_accumulation k x batch 1 == batch k through the node; the schedule and optimizer are recorded."""
+    import folder_paths
+    from safetensors import safe_open
+
+    model, clip, vae = models
+    big = train(pack, model, vae, photos, lora_name="acc/big", steps=2, batch_size=2).args
+    acc = train(pack, model, vae, photos, lora_name="acc/acc", steps=2, batch_size=1, gradient_accumulation=2,
+                optimizer="adamw", lr_schedule="cosine", warmup_steps=1).args
+    # 2 steps, 1 of warm-up: factors (0+1)/1 = 1 and cosine at p = 0, 1: the same updates as constant
+    assert acc[2]["loss"] == pytest.approx(big[2]["loss"], rel=1e-5)
+    # AdamW's first steps move a weight by ~lr * sign(grad): a gradient that is ~0 may flip (float sums in
+    # another order), up to 2 * lr * steps for that weight; all others agree
+    diffs = torch.cat([(acc[1][k] - big[1][k]).abs().flatten() for k in big[1]])
+    assert diffs.max() <= 2 * 1e-3 * 2 + 1e-6 and diffs.mean() < 1e-6
+    with safe_open(folder_paths.get_full_path_or_raise("loras", acc[3]), "pt") as f:
+        meta = f.metadata()
+    assert meta["gradient_accumulation"] == "2"
+    assert '"lr_schedule": "cosine"' in meta["settings"] and '"warmup_steps": 1' in meta["settings"]
+    sgd = train(pack, model, vae, photos, lora_name="acc/sgd", steps=2, optimizer="sgd").args
+    assert all(torch.isfinite(torch.tensor(sgd[2]["loss"])))
