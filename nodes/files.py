@@ -94,6 +94,10 @@ def state_path(lora_file: Path) -> Path:
     return lora_file.with_name(lora_file.stem + STATE_SUFFIX)
 
 
+def ema_path(lora_file: Path) -> Path:
+    return lora_file.with_name(lora_file.stem + "_ema.safetensors")
+
+
 def load_resume(lora_file: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """The LoRA weights and resume state of an earlier run, read without unpickling anything.
 
@@ -117,6 +121,8 @@ def load_resume(lora_file: Path) -> tuple[dict[str, torch.Tensor], dict]:
     if not (isinstance(state, dict) and isinstance(state.get("trainer"), dict)
             and {"optimizer", "step", "rng", "losses"} <= set(state["trainer"])):
         raise StateFileError(f"resume file {state_file.name} does not hold a fine-tune state")
+    if isinstance(state.get("raw_weights"), dict):  # the LoRA file holds the EMA: continue from the raw weights
+        weights = state["raw_weights"]
     return weights, state
 
 

@@ -86,14 +86,18 @@ def _hook(train: torch.nn.Module, switch: AdapterSwitch):
     return hook
 
 
-def lora_state_dict(adapters: dict[str, torch.nn.Module], dtype=torch.float32) -> dict[str, torch.Tensor]:
+def lora_state_dict(adapters: dict[str, torch.nn.Module], dtype=torch.float32,
+                    weights: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """ComfyUI-native keys: '<module>.lora_up.weight', '<module>.lora_down.weight', '<module>.alpha'.
 
-    Core LoraLoader maps 'diffusion_model.<module>' keys for every UNet, so loading reports no unloaded keys.
+    Core LoraLoader maps 'diffusion_model.<module>' keys for every model, so loading reports no unloaded keys.
+    ``weights``: other values for the (up, down) matrices, in ``Lora.params()`` order (e.g. their EMA).
     """
     sd = {}
+    it = iter(weights) if weights is not None else None
     for name, a in adapters.items():
-        sd[f"{name}.lora_up.weight"] = a.lora_up.weight.detach().to("cpu", dtype).clone()
-        sd[f"{name}.lora_down.weight"] = a.lora_down.weight.detach().to("cpu", dtype).clone()
+        up, down = (next(it), next(it)) if it is not None else (a.lora_up.weight, a.lora_down.weight)
+        sd[f"{name}.lora_up.weight"] = up.detach().to("cpu", dtype).clone()
+        sd[f"{name}.lora_down.weight"] = down.detach().to("cpu", dtype).clone()
         sd[f"{name}.alpha"] = a.alpha.detach().to("cpu", torch.float32).clone()
     return sd

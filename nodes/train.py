@@ -25,6 +25,7 @@ from .session import training_session
 log = logging.getLogger("selfperc")
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NONE = "[None]"
+SAVE_WEIGHTS = ("raw", "ema", "raw+ema")
 # Pixels per step (batch x resolution^2) are bounded before any work: 64 MP is e.g. batch 64 at 1024 px or
 # batch 16 at 2048 px, beyond what any GPU we know trains; past it a run only ends in an out-of-memory.
 MAX_STEP_PIXELS = 64 * 1024 * 1024
@@ -113,6 +114,7 @@ class Job:
     guidance: float
     fallback: list | None                  # conditioning for images without a caption
     accumulation: int = 1
+    save_weights: str = "raw"
     resume_name: str | None = None
     resume_weights: dict | None = None
     resume_state: dict | None = None
@@ -207,6 +209,11 @@ class SelfPerceptualFineTune(io.ComfyNode):
                 io.Int.Input("gradient_accumulation", default=1, min=1, max=256, optional=True,
                              tooltip="Micro-batches of batch_size per optimizer step: k x batch_size images a step "
                                      "for the memory of one batch (exactly a k-times larger batch)."),
+                io.Float.Input("ema_decay", default=0.0, min=0.0, max=0.99999, step=0.0001, optional=True,
+                               tooltip="EMA of the LoRA weights after every step (the paper: 0.9995); 0 = off."),
+                io.Combo.Input("save_weights", options=list(SAVE_WEIGHTS), default="raw", optional=True,
+                               tooltip="With EMA on: raw (the trained weights), ema (the EMA in the LoRA file), or "
+                                       "raw+ema (the EMA also as <name>_ema.safetensors)."),
                 io.Float.Input("guidance", default=conditioning.DEFAULT_GUIDANCE, min=0.0, max=100.0, step=0.1,
                                optional=True,
                                tooltip="Distilled guidance fed to guidance-distilled models (Flux-dev, Flux.2, "
@@ -243,11 +250,14 @@ class SelfPerceptualFineTune(io.ComfyNode):
                                  mse_weight=i["mse_weight"],
                                  batched_frozen=i.get("batched_frozen", TrainSettings.batched_frozen),
                                  optimizer=i.get("optimizer", "adamw"), lr_schedule=i.get("lr_schedule", "constant"),
-                                 warmup_steps=i.get("warmup_steps", 0))
+                                 warmup_steps=i.get("warmup_steps", 0), ema_decay=i.get("ema_decay", 0.0))
         if i["t_prime_max"] - i["t_prime_min"] < 0.01:
             raise ValueError(f"t_prime_min {i['t_prime_min']} must be below t_prime_max {i['t_prime_max']}")
         check_sizes(i["batch_size"], i["resolution"])
         accumulation = i.get("gradient_accumulation", 1)
+        save_weights = i.get("save_weights", "raw")
+        if save_weights != "raw" and not settings.ema_decay:
+            raise ValueError(f"save_weights {save_weights!r} needs an EMA: set ema_decay (e.g. 0.9995)")
         depth = i.get("tap_depth", taps.DEFAULT_DEPTH)
         taps.tap_point(model.model.diffusion_model, i["feature_layer"], depth)  # unsupported model or layer
         fallback = cond
@@ -257,7 +267,7 @@ class SelfPerceptualFineTune(io.ComfyNode):
                   training_dtype(i["training_dtype"], bridge.device()),
                   files.lora_path(i["lora_name"], i["overwrite"]), i["save_every"], i["preview_every"],
                   files.resolve_dataset(dataset_folder, i.get("dataset_path") or ""),
-                  i.get("guidance", conditioning.DEFAULT_GUIDANCE), fallback, accumulation)
+                  i.get("guidance", conditioning.DEFAULT_GUIDANCE), fallback, accumulation, save_weights)
         resume_from = i.get("resume_from") or NONE
         if resume_from != NONE:
             with torch.inference_mode(False):  # the optimizer updates these tensors in place
@@ -318,7 +328,7 @@ class SelfPerceptualFineTune(io.ComfyNode):
                 bar.set_postfix(loss=f"{parts.loss.item():.5f}")
                 bar.update(1)
                 if job.save_every and step % job.save_every == 0 and step < total:
-                    last_saved = cls._save(job.out_file, ses.adapters, trainer, meta)
+                    last_saved = cls._save(job, ses.adapters, trainer, meta)
         except NonFiniteLoss as e:
             where = f"; the last finite checkpoint is {last_saved.name}" if last_saved else ""
             raise FloatingPointError(f"{e}{where}") from None
@@ -329,8 +339,9 @@ class SelfPerceptualFineTune(io.ComfyNode):
             bar.close()
         log.info("selfperc: %d steps in %.1fs", settings.steps, time.time() - t0)
 
-        cls._save(job.out_file, ses.adapters, trainer, meta)
-        lora_sd = lora.lora_state_dict(ses.adapters)
+        cls._save(job, ses.adapters, trainer, meta)
+        use_ema = job.save_weights == "ema"
+        lora_sd = lora.lora_state_dict(ses.adapters, weights=trainer.ema_params() if use_ema else None)
         out_model, _ = comfy.sd.load_lora_for_models(model, None, lora_sd, 1.0, 0)
         name = job.out_file.relative_to(Path(folder_paths.get_folder_paths("loras")[0]).resolve()).as_posix()
         return io.NodeOutput(out_model, lora_sd, {"loss": list(trainer.losses)}, name,
@@ -349,7 +360,17 @@ class SelfPerceptualFineTune(io.ComfyNode):
                 "settings": job.settings.as_dict() | {"t_range": ses.host.t_range}}
 
     @staticmethod
-    def _save(out_file: Path, adapters, trainer, meta: dict) -> Path:
+    def _save(job: Job, adapters, trainer, meta: dict) -> Path:
+        """The LoRA file (raw or EMA weights, as chosen), the EMA beside it for raw+ema, and the resume state
+        (which keeps the raw weights whenever the LoRA file holds the EMA)."""
         meta = dict(meta, steps=trainer.step_count)
-        files.save_state(files.state_path(out_file), {"trainer": trainer.state_dict(), "metadata": meta})
-        return files.save_lora(out_file, lora.lora_state_dict(adapters), meta)
+        raw = lora.lora_state_dict(adapters)
+        ema = lora.lora_state_dict(adapters, weights=trainer.ema_params()) if trainer.ema is not None else None
+        state = {"trainer": trainer.state_dict(), "metadata": meta}
+        if job.save_weights == "ema":
+            state["raw_weights"] = raw
+        files.save_state(files.state_path(job.out_file), state)
+        if job.save_weights == "raw+ema":
+            files.save_lora(files.ema_path(job.out_file), ema, dict(meta, weights="ema"))
+        primary = ema if job.save_weights == "ema" else raw
+        return files.save_lora(job.out_file, primary, dict(meta, weights="ema" if job.save_weights == "ema" else "raw"))

@@ -34,6 +34,7 @@ class TrainSettings:
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     total_steps: int | None = None  # the schedule's horizon (final step count); None: steps
+    ema_decay: float = 0.0  # 0: no EMA of the trained weights (the paper: 0.9995)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -118,6 +119,21 @@ class Trainer:
         for i, lat in enumerate(latents):
             buckets.setdefault(tuple(lat.shape), []).append(i)
         self.buckets = list(buckets.values())
+        self.ema = None
+        if settings.ema_decay:
+            if not 0.0 < settings.ema_decay < 1.0:
+                raise ValueError(f"ema_decay {settings.ema_decay} must be within (0, 1), or 0 for none")
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            # ema = decay * ema + (1 - decay) * weights after every step (the first step copies the weights)
+            self._trained = torch.nn.ParameterList(self.params)
+            self.ema = AveragedModel(self._trained, multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay),
+                                     use_buffers=False)
+            self.ema.requires_grad_(False)
+
+    def ema_params(self) -> list[Tensor] | None:
+        """The EMA of the trained weights, in ``params`` order (None without EMA)."""
+        return None if self.ema is None else list(self.ema.module)
 
     def _indices(self, n: int) -> list[int]:
         sizes = torch.tensor([len(b) for b in self.buckets], dtype=torch.float)
@@ -174,6 +190,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.s.learning_rate * factor
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self._trained)
         self.step_count += 1
         n = self.accumulation
         out = LossParts(loss=torch.tensor(loss / n), perceptual=perceptual / n, mse=mse / n)
@@ -182,11 +200,18 @@ class Trainer:
 
     def state_dict(self) -> dict:
         """Everything but the adapter weights needed to continue exactly: optimizer, step, RNG, loss curve."""
-        return {"optimizer": self.optimizer.state_dict(), "step": self.step_count,
-                "rng": self.generator.get_state(), "losses": list(self.losses), "settings": self.s.as_dict()}
+        state = {"optimizer": self.optimizer.state_dict(), "step": self.step_count,
+                 "rng": self.generator.get_state(), "losses": list(self.losses), "settings": self.s.as_dict()}
+        if self.ema is not None:
+            state["ema"] = dict(self.ema.state_dict())
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step_count = int(state["step"])
         self.generator.set_state(state["rng"])
         self.losses = list(state["losses"])
+        if self.ema is not None:
+            if "ema" not in state:
+                raise ValueError("the saved run has no EMA weights but ema_decay is set")
+            self.ema.load_state_dict(state["ema"])

@@ -78,3 +78,27 @@ def test_each_optimizer_trains_and_resumes_exactly(name):
     for x, y in zip(p_straight, p_res):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-8)
     assert type(straight.optimizer).__name__.lower() == name
+
+
+def test_ema_follows_its_formula_and_resumes():
+    from selfperc_core.state import pack_state, unpack_state
+
+    tr, params = trainer(ema_decay=0.9)
+    expected = None
+    for _ in range(4):
+        tr.step()
+        now = [p.detach().clone() for p in params]
+        expected = now if expected is None else [0.9 * e + 0.1 * w for e, w in zip(expected, now)]
+    for e, got in zip(expected, tr.ema_params()):
+        torch.testing.assert_close(got, e, rtol=1e-6, atol=1e-8)
+    assert any(not torch.equal(e, p) for e, p in zip(tr.ema_params(), params)), "EMA must lag the raw weights"
+    state = unpack_state(*pack_state(tr.state_dict()))
+    again, p2 = trainer(ema_decay=0.9)
+    with torch.no_grad():
+        for a, b in zip(p2, params):
+            a.copy_(b)
+    again.load_state_dict(state)
+    for a, b in zip(again.ema_params(), tr.ema_params()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="ema_decay"):
+        trainer(ema_decay=1.5)

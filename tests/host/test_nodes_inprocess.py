@@ -231,3 +231,30 @@ def test_accumulation_schedule_and_optimizer_through_the_node(pack, models, phot
     assert '"lr_schedule": "cosine"' in meta["settings"] and '"warmup_steps": 1' in meta["settings"]
     sgd = train(pack, model, vae, photos, lora_name="acc/sgd", steps=2, optimizer="sgd").args
     assert all(torch.isfinite(torch.tensor(sgd[2]["loss"])))
+
+
+def test_ema_weights_saved_beside_or_instead_and_resume_keeps_the_raw_weights(pack, models, photos, caplog):
+    import folder_paths
+    from safetensors.torch import load_file
+
+    from nodes import LoraLoaderModelOnly
+
+    model, clip, vae = models
+    both = train(pack, model, vae, photos, lora_name="ema/both", steps=3, ema_decay=0.5, save_weights="raw+ema").args
+    raw = load_file(folder_paths.get_full_path_or_raise("loras", "ema/both.safetensors"))
+    ema = load_file(folder_paths.get_full_path_or_raise("loras", "ema/both_ema.safetensors"))
+    assert raw.keys() == ema.keys()
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw if k.endswith("lora_down.weight"))
+    for k in raw:
+        torch.testing.assert_close(raw[k], both[1][k])  # the node's outputs are the raw weights here
+    with caplog.at_level(logging.WARNING):
+        LoraLoaderModelOnly().load_lora_model_only(model, "ema/both_ema.safetensors", 1.0)
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    # ema in the LoRA file: a resumed run continues from the raw weights kept in the state
+    straight = train(pack, model, vae, photos, lora_name="ema/straight", steps=4, ema_decay=0.5).args
+    train(pack, model, vae, photos, lora_name="ema/half", steps=2, ema_decay=0.5, save_weights="ema")
+    resumed = train(pack, model, vae, photos, lora_name="ema/resumed", steps=2, ema_decay=0.5,
+                    resume_from="ema/half.safetensors").args
+    assert resumed[2]["loss"] == pytest.approx(straight[2]["loss"], rel=1e-5)
+    with pytest.raises(ValueError, match="needs an EMA"):
+        train(pack, model, vae, photos, lora_name="ema/x", steps=1, save_weights="ema")
