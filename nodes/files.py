@@ -94,6 +94,17 @@ def state_path(lora_file: Path) -> Path:
     return lora_file.with_name(lora_file.stem + STATE_SUFFIX)
 
 
+def read_lora_file(name: str) -> dict[str, torch.Tensor]:
+    """A LoRA from models/loras, read only if it is a safetensors file (other formats are pickles)."""
+    from safetensors.torch import load_file
+
+    path = Path(folder_paths.get_full_path_or_raise("loras", name))
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{name}: only .safetensors LoRAs can be read (other formats are pickles, which can run "
+                         "code)")
+    return load_file(str(path))
+
+
 def ema_path(lora_file: Path) -> Path:
     return lora_file.with_name(lora_file.stem + "_ema.safetensors")
 

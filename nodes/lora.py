@@ -49,17 +49,27 @@ class Lora:
 
 
 def add_lora(model: torch.nn.Module, rank: int, alpha: float, switch: AdapterSwitch, seed: int, device,
-             existing: dict[str, torch.Tensor] | None = None) -> Lora:
+             existing: dict[str, torch.Tensor] | None = None, start: dict[str, torch.Tensor] | None = None) -> Lora:
     """Hook a LoRA onto every Linear/Conv layer of ``model.diffusion_model`` (a ComfyUI BaseModel).
 
     The LoRA acts only while ``switch`` is on. ``existing`` (a saved state dict in this pack's key format)
-    resumes those weights instead of a fresh init. Call ``remove()`` on the result to take the hooks off.
+    resumes those weights instead of a fresh init; ``start`` (from ``read_any_lora``) starts from another LoRA:
+    its layers take that LoRA's weights, rank and alpha, the others a fresh init. Call ``remove()`` on the
+    result to take the hooks off.
     """
     lora = Lora({})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # create_train draws its init from the global generator
         for name, module in model.named_modules(prefix=""):
             if not name.startswith("diffusion_model.") or not isinstance(module, LORA_LAYERS):
+                continue
+            if start is not None and f"{name}.lora_up.weight" in start:
+                up, down = start[f"{name}.lora_up.weight"], start[f"{name}.lora_down.weight"]
+                train = LoRAAdapter.create_train(module.weight, rank=up.shape[1], alpha=float(start[f"{name}.alpha"]))
+                with torch.no_grad():
+                    train.lora_up.weight.copy_(up.reshape(train.lora_up.weight.shape))
+                    train.lora_down.weight.copy_(down.reshape(train.lora_down.weight.shape))
+                lora.adapters[name] = train.to(device=device)
                 continue
             train = LoRAAdapter.create_train(module.weight, rank=rank, alpha=alpha)
             if existing is not None:
@@ -75,6 +85,61 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float, switch: AdapterSwi
     for name, train in lora.adapters.items():
         lora.handles.append(model.get_submodule(name).register_forward_hook(_hook(train, switch), with_kwargs=True))
     return lora
+
+
+def read_any_lora(model_patcher, sd: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """A LoRA in any layout ComfyUI's own loader maps (ComfyUI, kohya, diffusers, peft, ...) -> this pack's keys,
+    by ComfyUI's key map: '<module>.lora_up.weight' (out, r), '.lora_down.weight' (r, in), '.alpha'.
+
+    Raises ValueError naming the file when nothing maps to this model or it holds another adapter kind.
+    """
+    import comfy.lora
+    import comfy.lora_convert
+
+    key_map = comfy.lora.model_lora_keys_unet(model_patcher.model, {})
+    loaded = comfy.lora.load_lora(comfy.lora_convert.convert_lora(sd), key_map, log_missing=False)
+    out = {}
+    for weight_key, patch in loaded.items():
+        if not isinstance(patch, LoRAAdapter):
+            raise ValueError(f"{name}: {weight_key} holds a {type(patch).__name__}, not a LoRA; only LoRA files can "
+                             "be continued")
+        up, down, alpha, mid, dora, _ = patch.weights
+        if mid is not None or dora is not None:
+            raise ValueError(f"{name}: {weight_key} is a LoCon-mid or DoRA LoRA, which cannot be continued")
+        module = weight_key[: -len(".weight")]
+        out[f"{module}.lora_up.weight"] = up.flatten(1).float()
+        out[f"{module}.lora_down.weight"] = down.flatten(1).float()
+        out[f"{module}.alpha"] = torch.tensor(float(alpha if alpha is not None else up.shape[1]))
+    if not out:
+        raise ValueError(f"{name}: no LoRA weight in it matches this model's layers (another model family?)")
+    return out
+
+
+def kohya_state_dict(model_patcher, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This pack's LoRA in the kohya layout A1111, Forge and diffusers read: 'lora_unet_<name>.lora_down.weight'
+    (convolutions as (r, in, kh, kw) / (out, r, 1, ...)), '.lora_up.weight', '.alpha'. UNets use diffusers
+    module names (as kohya's SD trainers do), transformers their original names (as kohya's Flux/SD3 trainers)."""
+    import comfy.utils
+
+    model = model_patcher.model
+    names = {}
+    if hasattr(model.diffusion_model, "input_blocks"):
+        for diffusers_key, ldm_key in comfy.utils.unet_to_diffusers(model.model_config.unet_config).items():
+            if diffusers_key.endswith(".weight"):
+                names[ldm_key[: -len(".weight")]] = diffusers_key[: -len(".weight")]
+    out = {}
+    for key, value in sd.items():
+        module, _, kind = key.partition(".lora_") if ".lora_" in key else key.rpartition(".")
+        module = module[len("diffusion_model."):]
+        kohya = "lora_unet_" + names.get(module, module).replace(".", "_")
+        weight = model.diffusion_model.get_submodule(module).weight
+        if key.endswith(".alpha"):
+            out[f"{kohya}.alpha"] = value
+        elif kind == "down.weight":
+            out[f"{kohya}.lora_down.weight"] = value.reshape(value.shape[0], *weight.shape[1:])
+        else:
+            out[f"{kohya}.lora_up.weight"] = value.reshape(*value.shape, *[1] * (weight.ndim - 2))
+    return out
 
 
 def _hook(train: torch.nn.Module, switch: AdapterSwitch):

@@ -26,6 +26,7 @@ log = logging.getLogger("selfperc")
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NONE = "[None]"
 SAVE_WEIGHTS = ("raw", "ema", "raw+ema")
+SAVE_FORMATS = ("comfyui", "kohya")
 # Pixels per step (batch x resolution^2) are bounded before any work: 64 MP is e.g. batch 64 at 1024 px or
 # batch 16 at 2048 px, beyond what any GPU we know trains; past it a run only ends in an out-of-memory.
 MAX_STEP_PIXELS = 64 * 1024 * 1024
@@ -115,6 +116,8 @@ class Job:
     fallback: list | None                  # conditioning for images without a caption
     accumulation: int = 1
     save_weights: str = "raw"
+    save_format: str = "comfyui"
+    start: dict | None = None              # init_lora's weights in this pack's keys
     resume_name: str | None = None
     resume_weights: dict | None = None
     resume_state: dict | None = None
@@ -214,6 +217,13 @@ class SelfPerceptualFineTune(io.ComfyNode):
                 io.Combo.Input("save_weights", options=list(SAVE_WEIGHTS), default="raw", optional=True,
                                tooltip="With EMA on: raw (the trained weights), ema (the EMA in the LoRA file), or "
                                        "raw+ema (the EMA also as <name>_ema.safetensors)."),
+                io.Combo.Input("save_format", options=list(SAVE_FORMATS), default="comfyui", optional=True,
+                               tooltip="comfyui: ComfyUI's own keys; kohya: the layout A1111, Forge and diffusers "
+                                       "load (lora_unet_..., diffusers names for UNets). Core loaders read both."),
+                io.Combo.Input("init_lora", options=[NONE] + folder_paths.get_filename_list("loras"), default=NONE,
+                               optional=True,
+                               tooltip="Start from this LoRA (ComfyUI, kohya, diffusers or peft keys; .safetensors "
+                                       "only): its layers keep its rank and alpha, the others start fresh."),
                 io.Float.Input("guidance", default=conditioning.DEFAULT_GUIDANCE, min=0.0, max=100.0, step=0.1,
                                optional=True,
                                tooltip="Distilled guidance fed to guidance-distilled models (Flux-dev, Flux.2, "
@@ -267,13 +277,19 @@ class SelfPerceptualFineTune(io.ComfyNode):
                   training_dtype(i["training_dtype"], bridge.device()),
                   files.lora_path(i["lora_name"], i["overwrite"]), i["save_every"], i["preview_every"],
                   files.resolve_dataset(dataset_folder, i.get("dataset_path") or ""),
-                  i.get("guidance", conditioning.DEFAULT_GUIDANCE), fallback, accumulation, save_weights)
+                  i.get("guidance", conditioning.DEFAULT_GUIDANCE), fallback, accumulation, save_weights,
+                  i.get("save_format", "comfyui"))
         resume_from = i.get("resume_from") or NONE
         if resume_from != NONE:
             with torch.inference_mode(False):  # the optimizer updates these tensors in place
                 job.resume_weights, job.resume_state = files.load_resume(
                     Path(folder_paths.get_full_path_or_raise("loras", resume_from)))
             job.resume_name = resume_from
+        init = i.get("init_lora") or NONE
+        if init != NONE:
+            if job.resume_weights is not None:
+                raise ValueError("choose resume_from or init_lora, not both")
+            job.start = lora.read_any_lora(model, files.read_lora_file(init), init)
         return job
 
     @classmethod
@@ -282,7 +298,7 @@ class SelfPerceptualFineTune(io.ComfyNode):
         prompts = [conditioning.with_guidance(p, job.guidance)
                    for p in caption_conditionings(clip, ds.captions, job.fallback)]
         with training_session(model, job.rank, job.alpha, job.settings.seed, job.layer, job.checkpointing,
-                              job.resume_weights, depth=job.depth, latent_shape=tuple(latents[0].shape),
+                              job.resume_weights, depth=job.depth, latent_shape=tuple(latents[0].shape), start=job.start,
                               batch=job.settings.batch_size) as ses:
             cache, conds = {}, []
             for p, lat in zip(prompts, latents):  # the model's inputs per (prompt, image shape), built once
@@ -328,7 +344,7 @@ class SelfPerceptualFineTune(io.ComfyNode):
                 bar.set_postfix(loss=f"{parts.loss.item():.5f}")
                 bar.update(1)
                 if job.save_every and step % job.save_every == 0 and step < total:
-                    last_saved = cls._save(job, ses.adapters, trainer, meta)
+                    last_saved = cls._save(job, ses, trainer, meta)
         except NonFiniteLoss as e:
             where = f"; the last finite checkpoint is {last_saved.name}" if last_saved else ""
             raise FloatingPointError(f"{e}{where}") from None
@@ -339,7 +355,7 @@ class SelfPerceptualFineTune(io.ComfyNode):
             bar.close()
         log.info("selfperc: %d steps in %.1fs", settings.steps, time.time() - t0)
 
-        cls._save(job, ses.adapters, trainer, meta)
+        cls._save(job, ses, trainer, meta)
         use_ema = job.save_weights == "ema"
         lora_sd = lora.lora_state_dict(ses.adapters, weights=trainer.ema_params() if use_ema else None)
         out_model, _ = comfy.sd.load_lora_for_models(model, None, lora_sd, 1.0, 0)
@@ -360,17 +376,21 @@ class SelfPerceptualFineTune(io.ComfyNode):
                 "settings": job.settings.as_dict() | {"t_range": ses.host.t_range}}
 
     @staticmethod
-    def _save(job: Job, adapters, trainer, meta: dict) -> Path:
-        """The LoRA file (raw or EMA weights, as chosen), the EMA beside it for raw+ema, and the resume state
-        (which keeps the raw weights whenever the LoRA file holds the EMA)."""
-        meta = dict(meta, steps=trainer.step_count)
-        raw = lora.lora_state_dict(adapters)
-        ema = lora.lora_state_dict(adapters, weights=trainer.ema_params()) if trainer.ema is not None else None
+    def _save(job: Job, ses, trainer, meta: dict) -> Path:
+        """The LoRA file (raw or EMA weights, ComfyUI or kohya keys, as chosen), the EMA beside it for raw+ema,
+        and the resume state (which keeps the raw weights whenever the LoRA file holds something else)."""
+        meta = dict(meta, steps=trainer.step_count, format=job.save_format)
+        raw = lora.lora_state_dict(ses.adapters)
+        ema = lora.lora_state_dict(ses.adapters, weights=trainer.ema_params()) if trainer.ema is not None else None
+
+        def layout(sd):
+            return lora.kohya_state_dict(ses.mp, sd) if job.save_format == "kohya" else sd
         state = {"trainer": trainer.state_dict(), "metadata": meta}
-        if job.save_weights == "ema":
+        if job.save_weights == "ema" or job.save_format != "comfyui":
             state["raw_weights"] = raw
         files.save_state(files.state_path(job.out_file), state)
         if job.save_weights == "raw+ema":
-            files.save_lora(files.ema_path(job.out_file), ema, dict(meta, weights="ema"))
-        primary = ema if job.save_weights == "ema" else raw
-        return files.save_lora(job.out_file, primary, dict(meta, weights="ema" if job.save_weights == "ema" else "raw"))
+            files.save_lora(files.ema_path(job.out_file), layout(ema), dict(meta, weights="ema"))
+        use_ema = job.save_weights == "ema"
+        return files.save_lora(job.out_file, layout(ema if use_ema else raw), dict(meta, weights="ema" if use_ema
+                                                                                   else "raw"))

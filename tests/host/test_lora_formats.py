@@ -1,0 +1,121 @@
+"""LoRA files in and out: the kohya layout (core LoraLoader and diffusers/peft read it) and starting from any
+LoRA ComfyUI's loader maps."""
+import logging
+
+import pytest
+import torch
+
+from dev.tiny_families import latent_shape, tiny_conditioning, tiny_model
+from tests.host.models import load_checkpoint, nonzero_lora, session
+
+pytestmark = pytest.mark.host
+
+
+def trained_lora(pack, mp):
+    from selfperc_pack.nodes import lora
+
+    with session(pack, mp, checkpointing=False) as ses:
+        nonzero_lora(ses)
+        return lora.lora_state_dict(ses.adapters)
+
+
+def patched_output(mp, sd, family):
+    import comfy.model_management
+    import comfy.sd
+    from selfperc_pack.nodes import conditioning
+    from selfperc_pack.nodes.session import release
+
+    loaded, _ = comfy.sd.load_lora_for_models(mp, None, sd, 1.0, 0)
+    shape = latent_shape(family, None, side=4)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    cond = conditioning.collate([conditioning.model_inputs(mp, tiny_conditioning(family), shape[1:])])
+    try:
+        comfy.model_management.load_models_gpu([loaded])
+        with torch.no_grad():
+            return loaded.model.apply_model(x, torch.tensor([0.5]), **cond)
+    finally:
+        release(loaded)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "flux", "qwen_image", "wan21"])
+def test_kohya_file_loads_in_core_loraloader_as_the_same_lora(comfy, pack, family, caplog):
+    from selfperc_pack.nodes import lora
+
+    mp = tiny_model(family)
+    sd = trained_lora(pack, mp)
+    kohya = lora.kohya_state_dict(mp, sd)
+    assert len(kohya) == len(sd) and all(k.startswith("lora_unet_") for k in kohya)
+    with caplog.at_level(logging.WARNING):
+        ours, theirs = patched_output(mp, sd, family), patched_output(mp, kohya, family)
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-6)
+    if family in ("sd15", "sdxl"):  # kohya's SD trainers name UNet layers as diffusers does
+        assert not [k for k in kohya if "input_blocks" in k or "output_blocks" in k or "middle_block" in k]
+    # and back: starting from the kohya file gives exactly the trained LoRA
+    back = lora.read_any_lora(mp, kohya, "x.safetensors")
+    assert back.keys() == sd.keys()
+    for k in sd:
+        torch.testing.assert_close(back[k].reshape(sd[k].shape), sd[k].float())
+
+
+def test_kohya_file_of_an_sd15_unet_loads_in_diffusers_peft_as_the_same_lora(comfy, pack, tiny_models):
+    """The same UNet weights in diffusers (converted with ComfyUI's key map): the kohya LoRA loaded by diffusers'
+    own converter into peft gives the output ComfyUI's LoraLoader gives."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
+    from selfperc_pack.nodes import lora
+
+    from dev.diffusers_fixture import diffusers_unet_from_comfy
+
+    mp = load_checkpoint(str(tiny_models["checkpoint"]))[0]
+    sd = trained_lora(pack, mp)
+    kohya = lora.kohya_state_dict(mp, sd)
+    converted, alphas = _convert_non_diffusers_lora_to_diffusers(dict(kohya))
+    unet = diffusers_unet_from_comfy()
+    assert len(converted) == 2 * sum(1 for k in kohya if k.endswith(".alpha"))
+    import comfy.model_management
+    import comfy.sd
+    from selfperc_pack.nodes.session import release
+
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ctx = torch.zeros(1, 77, 768)
+    sigma = torch.tensor([1.0])
+    loaded, _ = comfy.sd.load_lora_for_models(mp, None, sd, 1.0, 0)
+    try:
+        comfy.model_management.load_models_gpu([loaded])
+        with torch.no_grad():
+            comfy_eps = (x - loaded.model.apply_model(x, sigma, c_crossattn=ctx)) / sigma
+    finally:
+        release(loaded)
+    ms = mp.get_model_object("model_sampling")
+
+    def diffusers_eps():
+        with torch.no_grad():
+            return unet(x / (sigma ** 2 + 1).sqrt(), ms.timestep(sigma), encoder_hidden_states=ctx).sample
+    plain = diffusers_eps()
+    unet.load_lora_adapter(converted, prefix="unet", network_alphas=alphas)
+    assert not torch.allclose(plain, comfy_eps, atol=1e-2), "the LoRA must change the output for this to mean much"
+    torch.testing.assert_close(diffusers_eps(), comfy_eps, rtol=1e-3, atol=1e-3)
+
+
+def test_init_lora_and_kohya_save_through_the_node(comfy, pack, tiny_models):
+    import folder_paths
+    from safetensors.torch import load_file, save_file
+    from selfperc_pack.nodes import lora
+
+    from dev.datasets import make_dataset
+    from tests.host.test_nodes_inprocess import train
+
+    model, clip, vae = load_checkpoint(str(tiny_models["checkpoint"]))
+    photos = make_dataset(comfy / "input" / "formats", names=["astronaut", "coffee"]).name
+    sd = trained_lora(pack, model)
+    start = lora.kohya_state_dict(model, sd)
+    save_file(start, f"{folder_paths.get_folder_paths('loras')[0]}/downloaded_kohya.safetensors")
+    out = train(pack, model, vae, photos, lora_name="fmt/continued", steps=1, learning_rate=1e-7,
+                init_lora="downloaded_kohya.safetensors", save_format="kohya").args
+    saved = load_file(folder_paths.get_full_path_or_raise("loras", "fmt/continued.safetensors"))
+    assert all(k.startswith("lora_unet_") for k in saved)
+    for k in sd:  # one step at lr 1e-7 from the downloaded LoRA: still (almost) that LoRA, at its rank
+        torch.testing.assert_close(out[1][k], sd[k], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="resume_from or init_lora"):
+        train(pack, model, vae, photos, lora_name="fmt/x", steps=1, init_lora="downloaded_kohya.safetensors",
+              resume_from="fmt/continued.safetensors")
