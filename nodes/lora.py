@@ -12,12 +12,24 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from comfy.weight_adapter.lora import LoRAAdapter
+from comfy.weight_adapter import adapter_maps
+from comfy.weight_adapter.lora import LoRAAdapter, LoraDiff
 
 from ..selfperc_core import AdapterSwitch
 
 LORA_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+ALGORITHMS = tuple(adapter_maps)  # what core Train LoRA offers: LoRA, LoHa, LoKr, OFT
 _CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
+
+
+def weight_delta(layer: torch.nn.Module, x: torch.Tensor, adapter: torch.nn.Module) -> torch.Tensor:
+    """Any comfy.weight_adapter adapter (LoHa, LoKr, OFT: W' = adapter(W)) applied as layer(x, W' - W): exact, since
+    a layer is linear in its weight; costs a weight-sized product per layer (LoRA has the cheap path below)."""
+    w = layer.weight.to(device=x.device, dtype=torch.float32)
+    delta = (adapter(w) - w).to(x.dtype)
+    if isinstance(layer, torch.nn.Linear):
+        return F.linear(x, delta)
+    return layer._conv_forward(x, delta, None)
 
 
 def lora_delta(layer: torch.nn.Module, x: torch.Tensor, lora: torch.nn.Module) -> torch.Tensor:
@@ -40,7 +52,7 @@ class Lora:
     handles: list = field(default_factory=list)
 
     def params(self) -> list[torch.nn.Parameter]:
-        return [p for a in self.adapters.values() for p in (a.lora_up.weight, a.lora_down.weight)]
+        return [p for a in self.adapters.values() for p in a.parameters() if p.requires_grad]
 
     def remove(self) -> None:
         for h in self.handles:
@@ -49,14 +61,17 @@ class Lora:
 
 
 def add_lora(model: torch.nn.Module, rank: int, alpha: float, switch: AdapterSwitch, seed: int, device,
-             existing: dict[str, torch.Tensor] | None = None, start: dict[str, torch.Tensor] | None = None) -> Lora:
+             existing: dict[str, torch.Tensor] | None = None, start: dict[str, torch.Tensor] | None = None,
+             algorithm: str = "LoRA") -> Lora:
     """Hook a LoRA onto every Linear/Conv layer of ``model.diffusion_model`` (a ComfyUI BaseModel).
 
     The LoRA acts only while ``switch`` is on. ``existing`` (a saved state dict in this pack's key format)
     resumes those weights instead of a fresh init; ``start`` (from ``read_any_lora``) starts from another LoRA:
     its layers take that LoRA's weights, rank and alpha, the others a fresh init. Call ``remove()`` on the
-    result to take the hooks off.
+    result to take the hooks off. ``algorithm``: any of ALGORITHMS (comfy.weight_adapter's trainable adapters).
     """
+    if algorithm not in adapter_maps:
+        raise ValueError(f"unknown adapter {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
     lora = Lora({})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # create_train draws its init from the global generator
@@ -71,16 +86,9 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float, switch: AdapterSwi
                     train.lora_down.weight.copy_(down.reshape(train.lora_down.weight.shape))
                 lora.adapters[name] = train.to(device=device)
                 continue
-            train = LoRAAdapter.create_train(module.weight, rank=rank, alpha=alpha)
+            train = adapter_maps[algorithm].create_train(module.weight, rank=rank, alpha=alpha)
             if existing is not None:
-                up, down = existing.get(f"{name}.lora_up.weight"), existing.get(f"{name}.lora_down.weight")
-                if up is None or down is None:
-                    raise ValueError(f"resume file has no LoRA for {name}")
-                if up.shape != train.lora_up.weight.shape or down.shape != train.lora_down.weight.shape:
-                    raise ValueError(f"resume file's LoRA for {name} has rank {up.shape[1]}, not {rank}")
-                with torch.no_grad():
-                    train.lora_up.weight.copy_(up)
-                    train.lora_down.weight.copy_(down)
+                _load_trainable(train, existing, name, rank)
             lora.adapters[name] = train.to(device=device)
     for name, train in lora.adapters.items():
         lora.handles.append(model.get_submodule(name).register_forward_hook(_hook(train, switch), with_kwargs=True))
@@ -133,21 +141,38 @@ def kohya_state_dict(model_patcher, sd: dict[str, torch.Tensor]) -> dict[str, to
         module = module[len("diffusion_model."):]
         kohya = "lora_unet_" + names.get(module, module).replace(".", "_")
         weight = model.diffusion_model.get_submodule(module).weight
-        if key.endswith(".alpha"):
-            out[f"{kohya}.alpha"] = value
-        elif kind == "down.weight":
+        if kind == "down.weight":
             out[f"{kohya}.lora_down.weight"] = value.reshape(value.shape[0], *weight.shape[1:])
-        else:
+        elif kind == "up.weight":
             out[f"{kohya}.lora_up.weight"] = value.reshape(*value.shape, *[1] * (weight.ndim - 2))
+        else:  # alpha, and LoHa/LoKr/OFT tensors: the same names in kohya/LyCORIS files
+            out[f"{kohya}.{kind}"] = value
     return out
 
 
+def _load_trainable(train: torch.nn.Module, saved: dict[str, torch.Tensor], name: str, rank: int) -> None:
+    """Resume: the saved values of ``train``'s trainable tensors ('<module>.<parameter>' keys)."""
+    with torch.no_grad():
+        for pname, p in train.named_parameters():
+            if not p.requires_grad:
+                continue
+            value = saved.get(f"{name}.{pname}")
+            if value is None:
+                raise ValueError(f"resume file has no {pname} for {name} (another adapter kind?)")
+            if value.shape != p.shape:
+                raise ValueError(f"resume file's {pname} for {name} has shape {tuple(value.shape)}, not "
+                                 f"{tuple(p.shape)} (rank {rank})")
+            p.copy_(value)
+
+
 def _hook(train: torch.nn.Module, switch: AdapterSwitch):
+    delta = lora_delta if isinstance(train, LoraDiff) else weight_delta
+
     def hook(layer, args, kwargs, out):
         if not switch.enabled:
             return None  # the frozen network: the layer's own output
         x = args[0] if args else kwargs["input"]
-        return out + lora_delta(layer, x, train).to(out.dtype)
+        return out + delta(layer, x, train).to(out.dtype)
     return hook
 
 
@@ -161,8 +186,8 @@ def lora_state_dict(adapters: dict[str, torch.nn.Module], dtype=torch.float32,
     sd = {}
     it = iter(weights) if weights is not None else None
     for name, a in adapters.items():
-        up, down = (next(it), next(it)) if it is not None else (a.lora_up.weight, a.lora_down.weight)
-        sd[f"{name}.lora_up.weight"] = up.detach().to("cpu", dtype).clone()
-        sd[f"{name}.lora_down.weight"] = down.detach().to("cpu", dtype).clone()
-        sd[f"{name}.alpha"] = a.alpha.detach().to("cpu", torch.float32).clone()
+        for pname, p in a.named_parameters():  # LoRA: lora_up.weight, lora_down.weight, alpha; LoHa: hada_*, ...
+            value = next(it) if it is not None and p.requires_grad else p
+            keep = dtype if p.requires_grad else torch.float32
+            sd[f"{name}.{pname}"] = value.detach().to("cpu", keep).clone()
     return sd

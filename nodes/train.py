@@ -118,6 +118,7 @@ class Job:
     save_weights: str = "raw"
     save_format: str = "comfyui"
     start: dict | None = None              # init_lora's weights in this pack's keys
+    algorithm: str = "LoRA"
     resume_name: str | None = None
     resume_weights: dict | None = None
     resume_state: dict | None = None
@@ -217,6 +218,10 @@ class SelfPerceptualFineTune(io.ComfyNode):
                 io.Combo.Input("save_weights", options=list(SAVE_WEIGHTS), default="raw", optional=True,
                                tooltip="With EMA on: raw (the trained weights), ema (the EMA in the LoRA file), or "
                                        "raw+ema (the EMA also as <name>_ema.safetensors)."),
+                io.Combo.Input("algorithm", options=list(lora.ALGORITHMS), default="LoRA", optional=True,
+                               tooltip="The adapter (comfy.weight_adapter, as core Train LoRA): LoRA (fast path: "
+                                       "runs beside each layer), LoHa, LoKr or OFT (exact, a weight-sized product "
+                                       "per layer per pass). Core loaders load each."),
                 io.Combo.Input("save_format", options=list(SAVE_FORMATS), default="comfyui", optional=True,
                                tooltip="comfyui: ComfyUI's own keys; kohya: the layout A1111, Forge and diffusers "
                                        "load (lora_unet_..., diffusers names for UNets). Core loaders read both."),
@@ -278,7 +283,7 @@ class SelfPerceptualFineTune(io.ComfyNode):
                   files.lora_path(i["lora_name"], i["overwrite"]), i["save_every"], i["preview_every"],
                   files.resolve_dataset(dataset_folder, i.get("dataset_path") or ""),
                   i.get("guidance", conditioning.DEFAULT_GUIDANCE), fallback, accumulation, save_weights,
-                  i.get("save_format", "comfyui"))
+                  i.get("save_format", "comfyui"), algorithm=i.get("algorithm", "LoRA"))
         resume_from = i.get("resume_from") or NONE
         if resume_from != NONE:
             with torch.inference_mode(False):  # the optimizer updates these tensors in place
@@ -289,6 +294,8 @@ class SelfPerceptualFineTune(io.ComfyNode):
         if init != NONE:
             if job.resume_weights is not None:
                 raise ValueError("choose resume_from or init_lora, not both")
+            if job.algorithm != "LoRA":
+                raise ValueError(f"init_lora starts a LoRA; it cannot start a {job.algorithm}")
             job.start = lora.read_any_lora(model, files.read_lora_file(init), init)
         return job
 
@@ -299,6 +306,7 @@ class SelfPerceptualFineTune(io.ComfyNode):
                    for p in caption_conditionings(clip, ds.captions, job.fallback)]
         with training_session(model, job.rank, job.alpha, job.settings.seed, job.layer, job.checkpointing,
                               job.resume_weights, depth=job.depth, latent_shape=tuple(latents[0].shape), start=job.start,
+                              algorithm=job.algorithm,
                               batch=job.settings.batch_size) as ses:
             cache, conds = {}, []
             for p, lat in zip(prompts, latents):  # the model's inputs per (prompt, image shape), built once
@@ -372,7 +380,7 @@ class SelfPerceptualFineTune(io.ComfyNode):
                 "parameterization": ses.host.parameterization, "feature_layer": job.layer, "tap": ses.tap_name,
                 "rank": job.rank, "alpha": job.alpha, "training_dtype": str(job.dtype).replace("torch.", ""),
                 "dataset": job.folder.name, "dataset_images": n_images, "guidance": job.guidance,
-                "gradient_accumulation": job.accumulation,
+                "gradient_accumulation": job.accumulation, "algorithm": job.algorithm,
                 "settings": job.settings.as_dict() | {"t_range": ses.host.t_range}}
 
     @staticmethod

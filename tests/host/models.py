@@ -39,9 +39,9 @@ def session(pack, model, **kw):
     return training_session(model, **kw)
 
 
-def nonzero_lora(ses, seed=1):
-    """Random LoRA weights (a fresh LoRA's up matrices are zero: it would change nothing)."""
+def nonzero_lora(ses, seed=1, scale=0.05):
+    """Random adapter weights (a fresh LoRA's up matrices are zero: it would change nothing)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in ses.params:
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+            p.copy_(torch.randn(p.shape, generator=g) * scale)

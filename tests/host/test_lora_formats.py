@@ -119,3 +119,45 @@ def test_init_lora_and_kohya_save_through_the_node(comfy, pack, tiny_models):
     with pytest.raises(ValueError, match="resume_from or init_lora"):
         train(pack, model, vae, photos, lora_name="fmt/x", steps=1, init_lora="downloaded_kohya.safetensors",
               resume_from="fmt/continued.safetensors")
+
+
+@pytest.mark.parametrize("algorithm", ["LoHa", "LoKr", "OFT"])
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_every_adapter_runs_beside_the_layer_as_core_loraloader_applies_it(comfy, pack, family, algorithm, caplog):
+    """LoHa / LoKr / OFT behind the switch: on, the function core's loader gives from the saved file; off, the
+    base model exactly; trainable; nothing left behind."""
+    import comfy.model_management
+    import comfy.sd
+    from selfperc_pack.nodes import conditioning, lora
+    from selfperc_pack.nodes.session import release
+
+    mp = tiny_model(family)
+    shape = latent_shape(family, None, side=4)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.5])
+    cond = conditioning.collate([conditioning.model_inputs(mp, tiny_conditioning(family), shape[1:])])
+    with session(pack, mp, checkpointing=True, algorithm=algorithm) as ses:
+        nonzero_lora(ses, scale=0.2)
+        assert all(p.requires_grad for p in ses.params)
+        with torch.no_grad():
+            on = ses.predict_x0(x, sigma, cond)
+            with ses.switch.off():
+                off = ses.predict_x0(x, sigma, cond)
+        ses.predict_x0(x, sigma, cond).square().mean().backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in ses.params)
+        sd = lora.lora_state_dict(ses.adapters)
+    def output(patcher):  # loaded as ComfyUI loads it (weight patches applied), then unloaded
+        try:
+            comfy.model_management.load_models_gpu([patcher])
+            with torch.no_grad():
+                return patcher.model.apply_model(x, sigma, **cond)
+        finally:
+            release(patcher)
+    plain = output(mp)
+    with caplog.at_level(logging.WARNING):
+        loaded, _ = comfy.sd.load_lora_for_models(mp, None, sd, 1.0, 0)
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    ref = output(loaded)
+    torch.testing.assert_close(off, plain, rtol=0, atol=0)
+    assert not torch.allclose(on, off, atol=1e-5), "the adapter must change the output for this to mean much"
+    torch.testing.assert_close(on, ref, rtol=1e-3, atol=1e-4)

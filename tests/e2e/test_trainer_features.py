@@ -1,0 +1,50 @@
+"""Trainer features through the real server: adapters, optimizer/schedule/accumulation, EMA, kohya files,
+starting from a LoRA; each saved file is loaded back by core LoraLoaderModelOnly with no unloaded keys."""
+import pytest
+from safetensors.torch import load_file
+
+from dev.datasets import make_dataset
+from tests.e2e import graphs
+from tests.e2e.test_server import assert_success
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def photos(server):
+    return make_dataset(server.base / "input" / "features", names=["astronaut", "coffee"]).name
+
+
+def train_and_reload(server, photos, name, files=(), **over):
+    entry = server.run(graphs.fine_tune("eps", photos, f"feat/{name}", steps=2, **over))
+    assert_success(server, entry)
+    for f in (f"feat/{name}.safetensors", *files):
+        log_before = len(server.log_tail(10 ** 7))
+        reload = server.run(graphs.load_lora_and_sample("eps", f))
+        assert_success(server, reload)
+        assert "lora key not loaded" not in server.log_tail(10 ** 7)[log_before - 100:], f
+    return entry, load_file(str(server.base / "models" / "loras" / "feat" / f"{name}.safetensors"))
+
+
+@pytest.mark.parametrize("algorithm", ["LoHa", "LoKr", "OFT"])
+def test_each_adapter_trains_saves_and_loads_in_core(server, photos, algorithm):
+    _, sd = train_and_reload(server, photos, algorithm.lower(), algorithm=algorithm)
+    marker = {"LoHa": ".hada_w1_a", "LoKr": ".lokr_w", "OFT": ".oft_blocks"}[algorithm]
+    assert any(marker in k for k in sd), list(sd)[:5]
+
+
+def test_ema_kohya_schedule_accumulation_and_optimizer_together(server, photos):
+    entry, sd = train_and_reload(server, photos, "combo", files=("feat/combo_ema.safetensors",), ema_decay=0.9,
+                                 save_weights="raw+ema", save_format="kohya", lr_schedule="cosine", warmup_steps=1,
+                                 gradient_accumulation=2, optimizer="rmsprop")
+    assert sd and all(k.startswith("lora_unet_") for k in sd)
+    assert "saved feat/combo.safetensors (2 steps" in entry["outputs"]["10"]["text"][0]
+
+
+def test_init_lora_starts_from_a_downloaded_kohya_file(server, photos):
+    import shutil
+
+    train_and_reload(server, photos, "to_share", save_format="kohya")
+    loras = server.base / "models" / "loras"
+    shutil.copy(loras / "feat" / "to_share.safetensors", loras / "downloaded.safetensors")
+    train_and_reload(server, photos, "continued", init_lora="downloaded.safetensors")
