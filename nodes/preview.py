@@ -34,3 +34,18 @@ def preview_image(model_patcher, vae, latent_shape, positive: list, seed: int, s
     img = img.reshape(-1, *img.shape[-3:])[0].clamp(0, 1)  # video VAEs decode (B, T, H, W, 3): first frame
     arr = (img.float().cpu().numpy() * 255).round().astype("uint8")
     return ("JPEG", Image.fromarray(arr), 256)
+
+
+@torch.no_grad()
+def prompt_grid(model_patcher, vae, latent_shape, prompts: list[tuple[str, list]], seed: int, steps: int = 8):
+    """One no-CFG sample per (label, CONDITIONING) from the same noise, as a labelled grid (1, H, W, 3)."""
+    from .sample import frames, labelled_grid
+
+    latent = torch.zeros(1, *latent_shape)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    columns = []
+    for label, cond in prompts:
+        samples = comfy.sample.sample(model_patcher, noise, steps, 1.0, "euler", "normal", cond, cond, latent,
+                                      disable_pbar=True, seed=seed)
+        columns.append((label[:40], frames(vae.decode(samples)[..., :3])[:1].clamp(0, 1)))
+    return labelled_grid(columns)

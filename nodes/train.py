@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import comfy.model_management
@@ -16,10 +16,10 @@ from comfy_api.latest import io
 from tqdm.auto import tqdm
 
 from ..selfperc_core import T_PRIME_STRATEGIES
-from ..selfperc_core.dataset import RESIZE_MODES, as_float, load_dataset
+from ..selfperc_core.dataset import MAX_CAPTION_CHARS, RESIZE_MODES, as_float, load_dataset
 from ..selfperc_core.loop import LR_SCHEDULES, OPTIMIZERS, NonFiniteLoss, Trainer, TrainSettings
 from ..selfperc_core.objective import DISTANCES
-from . import bridge, conditioning, files, lora, preview, taps
+from . import bridge, conditioning, files, lora, plots, preview, taps
 from .session import training_session
 
 log = logging.getLogger("selfperc")
@@ -27,6 +27,7 @@ DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": t
 NONE = "[None]"
 SAVE_WEIGHTS = ("raw", "ema", "raw+ema")
 SAVE_FORMATS = ("comfyui", "kohya")
+MAX_SAMPLE_PROMPTS = 4
 # Pixels per step (batch x resolution^2) are bounded before any work: 64 MP is e.g. batch 64 at 1024 px or
 # batch 16 at 2048 px, beyond what any GPU we know trains; past it a run only ends in an out-of-memory.
 MAX_STEP_PIXELS = 64 * 1024 * 1024
@@ -82,6 +83,15 @@ def caption_conditionings(clip, captions: list[str | None], fallback: list | Non
     return out
 
 
+def held_out(n: int, fraction: float, seed: int) -> list[int]:
+    """Indices of the images kept for validation: round(fraction * n) of them (at least 1 when fraction > 0),
+    drawn with ``seed``; at least one image always stays for training."""
+    if fraction <= 0 or n < 2:
+        return []
+    k = min(n - 1, max(1, round(fraction * n)))
+    return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].tolist())
+
+
 def model_fingerprint(model) -> str:
     """A short hash of the base model's first weights: identifies the base in the LoRA's metadata."""
     h = hashlib.sha256()
@@ -119,6 +129,10 @@ class Job:
     save_format: str = "comfyui"
     start: dict | None = None              # init_lora's weights in this pack's keys
     algorithm: str = "LoRA"
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_every: int = 0
+    validation_split: float = 0.0
+    validation_every: int = 0
     resume_name: str | None = None
     resume_weights: dict | None = None
     resume_state: dict | None = None
@@ -229,6 +243,17 @@ class SelfPerceptualFineTune(io.ComfyNode):
                                optional=True,
                                tooltip="Start from this LoRA (ComfyUI, kohya, diffusers or peft keys; .safetensors "
                                        "only): its layers keep its rank and alpha, the others start fresh."),
+                io.String.Input("sample_prompts", default="", multiline=True, optional=True,
+                                tooltip=f"Up to {MAX_SAMPLE_PROMPTS} prompts, one per line: every sample_every steps a "
+                                        "no-CFG sample of each (same noise) is saved to output/selfperc_samples and "
+                                        "shown in the node. Needs the CLIP input."),
+                io.Int.Input("sample_every", default=0, min=0, max=100000, optional=True,
+                             tooltip="Steps between sample grids of sample_prompts (0 = only at the end)."),
+                io.Float.Input("validation_split", default=0.0, min=0.0, max=0.5, step=0.01, optional=True,
+                               tooltip="Fraction of the images held out (not trained on): their self-perceptual and "
+                                       "MSE losses at fixed noise are plotted with the training loss."),
+                io.Int.Input("validation_every", default=0, min=0, max=100000, optional=True,
+                             tooltip="Steps between validation passes (0 = at the start and the end only)."),
                 io.Float.Input("guidance", default=conditioning.DEFAULT_GUIDANCE, min=0.0, max=100.0, step=0.1,
                                optional=True,
                                tooltip="Distilled guidance fed to guidance-distilled models (Flux-dev, Flux.2, "
@@ -239,6 +264,8 @@ class SelfPerceptualFineTune(io.ComfyNode):
                 io.Custom("LORA_MODEL").Output(display_name="lora", tooltip="LoRA weights (core LoRA nodes accept them)."),
                 io.Custom("LOSS_MAP").Output(display_name="loss_map", tooltip="Loss per step (core Plot Loss Graph)."),
                 io.String.Output(display_name="lora_file", tooltip="The saved file's name in models/loras."),
+                io.Image.Output(display_name="loss_curve",
+                                tooltip="Training loss (raw and smoothed) and the validation losses."),
             ],
             hidden=[io.Hidden.unique_id],
         )
@@ -297,6 +324,14 @@ class SelfPerceptualFineTune(io.ComfyNode):
             if job.algorithm != "LoRA":
                 raise ValueError(f"init_lora starts a LoRA; it cannot start a {job.algorithm}")
             job.start = lora.read_any_lora(model, files.read_lora_file(init), init)
+        prompts = [p.strip() for p in (i.get("sample_prompts") or "").splitlines() if p.strip()]
+        if len(prompts) > MAX_SAMPLE_PROMPTS or any(len(p) > MAX_CAPTION_CHARS for p in prompts):
+            raise ValueError(f"sample_prompts: at most {MAX_SAMPLE_PROMPTS} lines of at most {MAX_CAPTION_CHARS} "
+                             f"characters (got {len(prompts)} lines)")
+        if prompts and clip is None:
+            raise ValueError("sample_prompts need the CLIP input to encode them")
+        job.sample_prompts, job.sample_every = prompts, i.get("sample_every", 0)
+        job.validation_split, job.validation_every = i.get("validation_split", 0.0), i.get("validation_every", 0)
         return job
 
     @classmethod
@@ -304,6 +339,11 @@ class SelfPerceptualFineTune(io.ComfyNode):
         latents = encode_latents(model, vae, ds.images)
         prompts = [conditioning.with_guidance(p, job.guidance)
                    for p in caption_conditionings(clip, ds.captions, job.fallback)]
+        held = held_out(len(latents), job.validation_split, job.settings.seed)
+        if held:
+            log.info("selfperc: %d of %d images held out for validation", len(held), len(latents))
+        samples = [(p, conditioning.with_guidance(clip.encode_from_tokens_scheduled(clip.tokenize(p)), job.guidance))
+                   for p in job.sample_prompts]
         with training_session(model, job.rank, job.alpha, job.settings.seed, job.layer, job.checkpointing,
                               job.resume_weights, depth=job.depth, latent_shape=tuple(latents[0].shape), start=job.start,
                               algorithm=job.algorithm,
@@ -314,18 +354,22 @@ class SelfPerceptualFineTune(io.ComfyNode):
                 if key not in cache:
                     cache[key] = conditioning.model_inputs(ses.mp, p, tuple(lat.shape), job.settings.seed)
                 conds.append(cache[key])
-            trainer = Trainer(ses.params, latents, conds, ses.host, job.settings, device=bridge.device(),
-                              accumulation=job.accumulation)
+            train_idx = [i for i in range(len(latents)) if i not in held]
+            trainer = Trainer(ses.params, [latents[i] for i in train_idx], [conds[i] for i in train_idx], ses.host,
+                              job.settings, device=bridge.device(), accumulation=job.accumulation)
+            validation = ([latents[i] for i in held], [conds[i] for i in held]) if held else None
             if job.resume_state is not None:
                 try:
                     trainer.load_state_dict(job.resume_state["trainer"])
                 except (KeyError, TypeError, ValueError, RuntimeError) as e:
                     raise files.StateFileError(f"the resume state of {job.resume_name} does not match this run "
                                                f"({e}); resume with the settings the run was started with") from None
-            return cls._loop(model, vae, ses, trainer, job, latents[0].shape, prompts[0], len(latents))
+            return cls._loop(model, vae, ses, trainer, job, latents[0].shape, prompts[0], len(latents), validation,
+                             samples)
 
     @classmethod
-    def _loop(cls, model, vae, ses, trainer, job: Job, preview_shape, preview_prompt, n_images):
+    def _loop(cls, model, vae, ses, trainer, job: Job, preview_shape, preview_prompt, n_images, validation=None,
+              samples=()):
         settings, dtype, device = job.settings, job.dtype, bridge.device()
         start = trainer.step_count
         total = start + settings.steps
@@ -336,6 +380,21 @@ class SelfPerceptualFineTune(io.ComfyNode):
         bar = tqdm(total=total, initial=start, desc="Self-perceptual fine-tune",
                    disable=not comfy.utils.PROGRESS_BAR_ENABLED)
         last_saved = None
+        history: list[tuple[int, float, float]] = []  # (step, self-perceptual, MSE) on the held-out images
+        shown: list[dict] = []                        # sample grids saved, for the node's UI
+
+        def validate():
+            if validation is not None:
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    sp, mse = trainer.validate(*validation, seed=settings.seed + 1)
+                history.append((trainer.step_count, sp, mse))
+                log.info("selfperc: validation at step %d: self-perceptual %.5f, mse %.5f", *history[-1])
+
+        def sample():
+            if samples:
+                grid = preview.prompt_grid(ses.mp, vae, preview_shape, samples, settings.seed)
+                shown.append(cls._save_samples(job, grid, trainer.step_count))
+        validate()
         t0 = time.time()
         try:
             for _ in range(start, total):
@@ -351,6 +410,10 @@ class SelfPerceptualFineTune(io.ComfyNode):
                 preview.send_text(text, cls.hidden.unique_id)
                 bar.set_postfix(loss=f"{parts.loss.item():.5f}")
                 bar.update(1)
+                if job.validation_every and step % job.validation_every == 0 and step < total:
+                    validate()
+                if job.sample_every and step % job.sample_every == 0 and step < total:
+                    sample()
                 if job.save_every and step % job.save_every == 0 and step < total:
                     last_saved = cls._save(job, ses, trainer, meta)
         except NonFiniteLoss as e:
@@ -362,15 +425,34 @@ class SelfPerceptualFineTune(io.ComfyNode):
         finally:
             bar.close()
         log.info("selfperc: %d steps in %.1fs", settings.steps, time.time() - t0)
-
+        validate()
+        sample()
+        if history:
+            meta = dict(meta, validation=[{"step": s, "self_perceptual": sp, "mse": m} for s, sp, m in history])
         cls._save(job, ses, trainer, meta)
         use_ema = job.save_weights == "ema"
         lora_sd = lora.lora_state_dict(ses.adapters, weights=trainer.ema_params() if use_ema else None)
         out_model, _ = comfy.sd.load_lora_for_models(model, None, lora_sd, 1.0, 0)
         name = job.out_file.relative_to(Path(folder_paths.get_folder_paths("loras")[0]).resolve()).as_posix()
-        return io.NodeOutput(out_model, lora_sd, {"loss": list(trainer.losses)}, name,
-                             ui={"text": [f"saved {name} ({trainer.step_count} steps, "
-                                          f"final loss {trainer.losses[-1]:.5f})"]})
+        curve = plots.loss_curve_image(trainer.losses, history)
+        text = f"saved {name} ({trainer.step_count} steps, final loss {trainer.losses[-1]:.5f})"
+        if history:
+            text += f"; validation self-perceptual {history[0][1]:.5f} -> {history[-1][1]:.5f}"
+        ui = {"text": [text]}
+        if shown:
+            ui["images"] = shown
+        return io.NodeOutput(out_model, lora_sd, {"loss": list(trainer.losses)}, name, curve, ui=ui)
+
+    @staticmethod
+    def _save_samples(job: Job, grid: torch.Tensor, step: int) -> dict:
+        """The sample grid as output/selfperc_samples/<lora name>/step_NNNNNN.png (written atomically)."""
+        from PIL import Image
+
+        sub = Path("selfperc_samples") / job.out_file.stem
+        path = Path(folder_paths.get_output_directory()) / sub / f"step_{step:06d}.png"
+        arr = (grid[0].clamp(0, 1).numpy() * 255).round().astype("uint8")
+        files.save_image_png(path, Image.fromarray(arr))
+        return {"filename": path.name, "subfolder": sub.as_posix(), "type": "output"}
 
     @staticmethod
     def _metadata(model, ses, job: Job, n_images: int) -> dict:

@@ -171,6 +171,26 @@ class Trainer:
             h.noise_scaling, x0, eps, sigma, sigma_p,
             distance=s.distance, normalize=s.normalize, mse_weight=s.mse_weight, batched_frozen=s.batched_frozen)
 
+    @torch.no_grad()
+    def validate(self, latents: list[Tensor], conds: list, seed: int = 0) -> tuple[float, float]:
+        """(self-perceptual, MSE) losses on held-out latents, each at noise, t and t' drawn once from ``seed``:
+        the same draws at every call, so the numbers move only with the weights. One image per pass (buckets)."""
+        g = torch.Generator().manual_seed(seed)
+        h, s = self.host, self.s
+        perceptual = mse = 0.0
+        for lat, cond in zip(latents, conds):
+            t = draw_t(1, g, self.t_range)
+            tp = draw_t_prime(t, s.t_prime, g, s.t_prime_range)
+            eps = torch.randn((1, *lat.shape), generator=g).to(self.device)
+            x0 = lat[None].to(self.device)
+            c = None if cond is None else h.collate([cond])
+            parts = self_perceptual_loss(lambda x, sg: h.predict_x0(x, sg, c), lambda x, sg: h.frozen_features(x, sg, c),
+                                         h.noise_scaling, x0, eps.to(x0.dtype), h.sigma_of_t(t).to(self.device),
+                                         h.sigma_of_t(tp).to(self.device), distance=s.distance, normalize=s.normalize)
+            perceptual += float(parts.perceptual)
+            mse += float(parts.mse)
+        return perceptual / len(latents), mse / len(latents)
+
     def step(self) -> LossParts:
         """One optimizer step (over ``accumulation`` micro-batches). Raises NonFiniteLoss before updating if
         the loss is NaN/Inf. The returned loss is this process's mean over its micro-batches."""

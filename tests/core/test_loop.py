@@ -102,3 +102,17 @@ def test_ema_follows_its_formula_and_resumes():
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="ema_decay"):
         trainer(ema_decay=1.5)
+
+
+def test_validation_is_repeatable_and_follows_the_weights():
+    tr, params = trainer()
+    g = torch.Generator().manual_seed(9)
+    held = [torch.randn(4, 8, 8, generator=g) for _ in range(2)]
+    first = tr.validate(held, [None, None], seed=3)
+    assert tr.validate(held, [None, None], seed=3) == first  # same draws, same weights: same numbers
+    assert tr.validate(held, [None, None], seed=4) != first
+    with torch.no_grad():
+        for p in params:  # all of them: a fresh LoRA's up matrices are zero
+            p.add_(0.1)
+    assert tr.validate(held, [None, None], seed=3) != first
+    assert all(p.grad is None for p in params), "validation must not leave gradients"

@@ -48,3 +48,23 @@ def test_init_lora_starts_from_a_downloaded_kohya_file(server, photos):
     loras = server.base / "models" / "loras"
     shutil.copy(loras / "feat" / "to_share.safetensors", loras / "downloaded.safetensors")
     train_and_reload(server, photos, "continued", init_lora="downloaded.safetensors")
+
+
+def test_validation_sample_prompts_and_the_loss_curve_through_the_api(server):
+    from PIL import Image
+
+    folder = make_dataset(server.base / "input" / "feat_val", names=["astronaut", "coffee", "chelsea"]).name
+    g = graphs.fine_tune("eps", folder, "feat/val", steps=2, batch_size=1, validation_split=0.34, validation_every=1,
+                         sample_prompts="a photo of a cat\na red car", sample_every=1)
+    g["15"] = {"class_type": "SaveImage", "inputs": {"images": ["10", 4], "filename_prefix": "feat/curve"}}
+    entry = server.run(g)
+    assert_success(server, entry)
+    out = entry["outputs"]
+    assert "validation self-perceptual" in out["10"]["text"][0]
+    assert [i["filename"] for i in out["10"]["images"]] == ["step_000001.png", "step_000002.png"]
+    for i in out["10"]["images"]:
+        assert (server.base / "output" / i["subfolder"] / i["filename"]).is_file()
+    curve = out["15"]["images"][0]
+    with Image.open(server.base / "output" / curve["subfolder"] / curve["filename"]) as im:
+        assert im.size == (768, 384)
+    assert "1 of 3 images held out for validation" in server.log_tail(10 ** 6)

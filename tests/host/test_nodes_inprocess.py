@@ -1,5 +1,6 @@
 """The three nodes called in-process on real ModelPatchers (the server tier runs them through the API)."""
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -258,3 +259,44 @@ def test_ema_weights_saved_beside_or_instead_and_resume_keeps_the_raw_weights(pa
     assert resumed[2]["loss"] == pytest.approx(straight[2]["loss"], rel=1e-5)
     with pytest.raises(ValueError, match="needs an EMA"):
         train(pack, model, vae, photos, lora_name="ema/x", steps=1, save_weights="ema")
+
+
+def test_validation_samples_and_loss_curve(pack, models, comfy):
+    import json
+
+    import folder_paths
+    from safetensors import safe_open
+
+    from selfperc_pack.nodes.train import held_out
+
+    model, clip, vae = models
+    folder = make_dataset(comfy / "input" / "val_photos", names=["astronaut", "coffee", "chelsea"]).name
+    out = train(pack, model, vae, folder, clip=clip, lora_name="val/run", steps=2, batch_size=1,
+                validation_split=0.34, validation_every=1, sample_prompts="a photo of a cat\n\na red car",
+                sample_every=1)
+    curve = out.args[4]
+    assert curve.shape == (1, 384, 768, 3) and curve.min() < 0.5 < curve.max()  # lines drawn on white
+    with safe_open(folder_paths.get_full_path_or_raise("loras", "val/run.safetensors"), "pt") as f:
+        val = json.loads(f.metadata()["validation"])
+    assert [v["step"] for v in val] == [0, 1, 2]
+    assert all(v["self_perceptual"] > 0 and v["mse"] > 0 for v in val)
+    assert len({v["self_perceptual"] for v in val}) > 1, "validation must follow the weights"
+    shown = out.ui["images"]
+    assert [s["filename"] for s in shown] == ["step_000001.png", "step_000002.png"]
+    for s in shown:
+        from PIL import Image
+
+        with Image.open(Path(folder_paths.get_output_directory()) / s["subfolder"] / s["filename"]) as im:
+            assert im.width > 2 * 64  # two prompts side by side
+    assert held_out(3, 0.34, 0) == held_out(3, 0.34, 0) and len(held_out(3, 0.34, 0)) == 1
+    assert held_out(1, 0.5, 0) == [] and len(held_out(10, 0.5, 1)) == 5
+    with pytest.raises(ValueError, match="need the CLIP input"):
+        train(pack, model, vae, folder, lora_name="val/x", steps=1, sample_prompts="a cat")
+
+
+def test_loss_curve_smoothing_formula(pack):
+    from selfperc_pack.nodes.plots import smoothed
+
+    assert smoothed([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])  # bias-corrected: a constant stays put
+    m1, m2 = 0.1 * 1.0, 0.9 * 0.1 + 0.1 * 3.0
+    assert smoothed([1.0, 3.0]) == pytest.approx([m1 / 0.1, m2 / (1 - 0.81)])
