@@ -266,7 +266,6 @@ def test_validation_samples_and_loss_curve(pack, models, comfy):
 
     import folder_paths
     from safetensors import safe_open
-
     from selfperc_pack.nodes.train import held_out
 
     model, clip, vae = models
