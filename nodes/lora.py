@@ -62,13 +62,14 @@ class Lora:
 
 def add_lora(model: torch.nn.Module, rank: int, alpha: float, switch: AdapterSwitch, seed: int, device,
              existing: dict[str, torch.Tensor] | None = None, start: dict[str, torch.Tensor] | None = None,
-             algorithm: str = "LoRA") -> Lora:
+             algorithm: str = "LoRA", dtype: torch.dtype = torch.float32) -> Lora:
     """Hook a LoRA onto every Linear/Conv layer of ``model.diffusion_model`` (a ComfyUI BaseModel).
 
     The LoRA acts only while ``switch`` is on. ``existing`` (a saved state dict in this pack's key format)
     resumes those weights instead of a fresh init; ``start`` (from ``read_any_lora``) starts from another LoRA:
     its layers take that LoRA's weights, rank and alpha, the others a fresh init. Call ``remove()`` on the
-    result to take the hooks off. ``algorithm``: any of ALGORITHMS (comfy.weight_adapter's trainable adapters).
+    result to take the hooks off. ``algorithm``: any of ALGORITHMS (comfy.weight_adapter's trainable adapters);
+    ``dtype``: the adapter's own weights (float32, or bfloat16 to halve their and the optimizer's memory).
     """
     if algorithm not in adapter_maps:
         raise ValueError(f"unknown adapter {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
@@ -84,12 +85,12 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float, switch: AdapterSwi
                 with torch.no_grad():
                     train.lora_up.weight.copy_(up.reshape(train.lora_up.weight.shape))
                     train.lora_down.weight.copy_(down.reshape(train.lora_down.weight.shape))
-                lora.adapters[name] = train.to(device=device)
+                lora.adapters[name] = train.to(device=device, dtype=dtype)
                 continue
             train = adapter_maps[algorithm].create_train(module.weight, rank=rank, alpha=alpha)
             if existing is not None:
                 _load_trainable(train, existing, name, rank)
-            lora.adapters[name] = train.to(device=device)
+            lora.adapters[name] = train.to(device=device, dtype=dtype)
     for name, train in lora.adapters.items():
         lora.handles.append(model.get_submodule(name).register_forward_hook(_hook(train, switch), with_kwargs=True))
     return lora

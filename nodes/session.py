@@ -91,7 +91,7 @@ def memory_estimate(mp, latent_shape: tuple, batch: int, checkpointing: bool) ->
 def training_session(model, rank: int, alpha: float, seed: int, layer: str = taps.MID_BLOCK,
                      checkpointing: bool = True, existing: dict | None = None, early_exit: bool = True,
                      depth: float = taps.DEFAULT_DEPTH, latent_shape: tuple | None = None, batch: int = 1,
-                     start: dict | None = None, algorithm: str = "LoRA"):
+                     start: dict | None = None, algorithm: str = "LoRA", lora_dtype: torch.dtype = torch.float32):
     mp = model.clone()
     base_params = list(mp.model.parameters())
     grad_flags = [p.requires_grad for p in base_params]
@@ -100,7 +100,8 @@ def training_session(model, rank: int, alpha: float, seed: int, layer: str = tap
     try:
         dm = mp.model.diffusion_model
         point = taps.tap_point(dm, layer, depth)  # an unsupported model or layer is refused before any work
-        lora_ = lora.add_lora(mp.model, rank, alpha, switch, seed, mp.load_device, existing, start, algorithm)
+        lora_ = lora.add_lora(mp.model, rank, alpha, switch, seed, mp.load_device, existing, start, algorithm,
+                              lora_dtype)
         mp.model.requires_grad_(False)  # only the adapter trains; no gradient buffers for the base weights
         # ComfyUI decides how much of the model fits the device (partial loading/offload, weights kept as
         # stored, e.g. fp8), from its own estimate of what a step needs beside the weights.

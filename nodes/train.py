@@ -28,6 +28,7 @@ NONE = "[None]"
 SAVE_WEIGHTS = ("raw", "ema", "raw+ema")
 SAVE_FORMATS = ("comfyui", "kohya")
 MAX_SAMPLE_PROMPTS = 4
+LORA_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Pixels per step (batch x resolution^2) are bounded before any work: 64 MP is e.g. batch 64 at 1024 px or
 # batch 16 at 2048 px, beyond what any GPU we know trains; past it a run only ends in an out-of-memory.
 MAX_STEP_PIXELS = 64 * 1024 * 1024
@@ -129,6 +130,7 @@ class Job:
     save_format: str = "comfyui"
     start: dict | None = None              # init_lora's weights in this pack's keys
     algorithm: str = "LoRA"
+    lora_dtype: torch.dtype = torch.float32
     sample_prompts: list[str] = field(default_factory=list)
     sample_every: int = 0
     validation_split: float = 0.0
@@ -236,6 +238,9 @@ class SelfPerceptualFineTune(io.ComfyNode):
                                tooltip="The adapter (comfy.weight_adapter, as core Train LoRA): LoRA (fast path: "
                                        "runs beside each layer), LoHa, LoKr or OFT (exact, a weight-sized product "
                                        "per layer per pass). Core loaders load each."),
+                io.Combo.Input("lora_dtype", options=list(LORA_DTYPES), default="fp32", optional=True,
+                               tooltip="The adapter's own weights (and the optimizer's moments): fp32, or bf16 for "
+                                       "half their memory. The base model keeps its stored dtype either way."),
                 io.Combo.Input("save_format", options=list(SAVE_FORMATS), default="comfyui", optional=True,
                                tooltip="comfyui: ComfyUI's own keys; kohya: the layout A1111, Forge and diffusers "
                                        "load (lora_unet_..., diffusers names for UNets). Core loaders read both."),
@@ -310,7 +315,8 @@ class SelfPerceptualFineTune(io.ComfyNode):
                   files.lora_path(i["lora_name"], i["overwrite"]), i["save_every"], i["preview_every"],
                   files.resolve_dataset(dataset_folder, i.get("dataset_path") or ""),
                   i.get("guidance", conditioning.DEFAULT_GUIDANCE), fallback, accumulation, save_weights,
-                  i.get("save_format", "comfyui"), algorithm=i.get("algorithm", "LoRA"))
+                  i.get("save_format", "comfyui"), algorithm=i.get("algorithm", "LoRA"),
+                  lora_dtype=LORA_DTYPES[i.get("lora_dtype", "fp32")])
         resume_from = i.get("resume_from") or NONE
         if resume_from != NONE:
             with torch.inference_mode(False):  # the optimizer updates these tensors in place
@@ -346,7 +352,7 @@ class SelfPerceptualFineTune(io.ComfyNode):
                    for p in job.sample_prompts]
         with training_session(model, job.rank, job.alpha, job.settings.seed, job.layer, job.checkpointing,
                               job.resume_weights, depth=job.depth, latent_shape=tuple(latents[0].shape), start=job.start,
-                              algorithm=job.algorithm,
+                              algorithm=job.algorithm, lora_dtype=job.lora_dtype,
                               batch=job.settings.batch_size) as ses:
             cache, conds = {}, []
             for p, lat in zip(prompts, latents):  # the model's inputs per (prompt, image shape), built once
@@ -463,6 +469,7 @@ class SelfPerceptualFineTune(io.ComfyNode):
                 "rank": job.rank, "alpha": job.alpha, "training_dtype": str(job.dtype).replace("torch.", ""),
                 "dataset": job.folder.name, "dataset_images": n_images, "guidance": job.guidance,
                 "gradient_accumulation": job.accumulation, "algorithm": job.algorithm,
+                "lora_dtype": str(job.lora_dtype).replace("torch.", ""),
                 "settings": job.settings.as_dict() | {"t_range": ses.host.t_range}}
 
     @staticmethod

@@ -82,8 +82,16 @@ def test_fine_tune_compare_and_reload_through_the_api(server, photos, kind):
 
 
 def test_unconditional_fine_tune_without_clip(server, photos):
+    import safetensors.torch
+
     entry = server.run(graphs.fine_tune("eps", photos, "e2e/uncond", clip=False, steps=2))
     assert_success(server, entry)
+    assert "saved e2e/uncond.safetensors (2 steps, final loss" in outputs_of(entry, "10")["text"][0]
+    sd = safetensors.torch.load_file(str(server.base / "models" / "loras" / "e2e" / "uncond.safetensors"))
+    assert sum(k.endswith(".lora_up.weight") for k in sd) > 20 and all(v.isfinite().all() for v in sd.values())
+    grid = outputs_of(entry, "13")["images"][0]
+    with Image.open(server.base / "output" / grid["subfolder"] / grid["filename"]) as im:
+        assert im.width > 2 * 64  # base | fine-tuned
 
 
 @pytest.mark.parametrize("kind", ["eps", "v_zsnr", "flow"])

@@ -12,9 +12,14 @@ pytestmark = pytest.mark.e2e
 NAMES = sorted(p.name for p in workflows.WORKFLOWS.glob("*.json"))
 
 
-def test_three_workflows_ship():
+def test_three_workflows_ship_with_what_each_is_for():
     assert NAMES == ["selfperc_fine_tune_compare.json", "selfperc_load_lora_compare.json",
                      "selfperc_perceptual_distance.json"]
+    kinds = {n: sorted(node["type"] for node in workflows.load(n)["nodes"]) for n in NAMES}
+    assert {"SelfPerceptualFineTune", "SelfPerceptualSampler", "LossGraphNode", "SaveImage"} <= set(
+        kinds["selfperc_fine_tune_compare.json"])
+    assert {"LoraLoaderModelOnly", "SelfPerceptualSampler", "SaveImage"} <= set(kinds["selfperc_load_lora_compare.json"])
+    assert {"SelfPerceptualDistance", "LoadImage", "SaveImage"} <= set(kinds["selfperc_perceptual_distance.json"])
 
 
 def test_template_browser_lists_and_serves_them(server):
@@ -60,8 +65,19 @@ def test_distance_workflow_runs(server):
     b.save(server.base / "input" / "wf_b.png")
     prompt = workflows.set_widgets(workflows.to_api(workflows.load("selfperc_perceptual_distance.json"), info),
                    ckpt_name="tiny_sd15.safetensors")
-    prompt["2"]["inputs"]["image"], prompt["3"]["inputs"]["image"] = "wf_a.png", "wf_b.png"
-    entry = server.run(prompt)
-    assert execution_error(entry) is None, execution_error(entry)
-    assert entry["outputs"]["5"]["images"]
-    json.dumps(entry)
+    import numpy as np
+
+    def heatmap(image_b):
+        prompt["2"]["inputs"]["image"], prompt["3"]["inputs"]["image"] = "wf_a.png", image_b
+        entry = server.run(prompt)
+        assert execution_error(entry) is None, execution_error(entry)
+        json.dumps(entry)
+        img = entry["outputs"]["5"]["images"][0]
+        with Image.open(server.base / "output" / img["subfolder"] / img["filename"]) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.float32) / 255
+    same, edited = heatmap("wf_a.png"), heatmap("wf_b.png")
+    assert same.shape == edited.shape == (64, 96, 3)
+    # identical images: distance 0 everywhere, so the overlay is exactly 0.6 * colormap(0) + 0.4 * image_a
+    expected = 0.6 * np.array([0, 0, 4], np.float32) / 255 + 0.4 * np.asarray(a, np.float32) / 255
+    assert np.abs(same - expected).max() <= 1.5 / 255
+    assert np.abs(edited - same).max() > 0.2, "an edited image must light up the map"

@@ -161,3 +161,20 @@ def test_every_adapter_runs_beside_the_layer_as_core_loraloader_applies_it(comfy
     torch.testing.assert_close(off, plain, rtol=0, atol=0)
     assert not torch.allclose(on, off, atol=1e-5), "the adapter must change the output for this to mean much"
     torch.testing.assert_close(on, ref, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("algorithm", ["LoRA", "LoHa"])
+def test_bf16_adapter_weights_train_and_save(comfy, pack, algorithm, tiny_models):
+    from dev.datasets import make_dataset
+    from tests.host.test_nodes_inprocess import train
+
+    model, clip, vae = load_checkpoint(str(tiny_models["checkpoint"]))
+    with session(pack, model, checkpointing=True, algorithm=algorithm, lora_dtype=torch.bfloat16) as ses:
+        assert all(p.dtype == torch.bfloat16 for p in ses.params)
+        x = torch.randn(1, 4, 8, 8)
+        ses.predict_x0(x, torch.tensor([1.0]), None).square().mean().backward()
+        assert any(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in ses.params)
+    photos = make_dataset(comfy / "input" / "bf16", names=["astronaut", "coffee"]).name
+    out = train(pack, model, vae, photos, lora_name=f"bf16/{algorithm}", steps=2, lora_dtype="bf16",
+                algorithm=algorithm).args
+    assert all(torch.isfinite(torch.tensor(out[2]["loss"])))
