@@ -15,7 +15,7 @@ import torch
 
 from ..selfperc_core import FeatureTap
 from ..selfperc_core.adapter import AdapterSwitch, checkpoint_forward, uncheckpoint_forward
-from ..selfperc_core.host import ModelHost
+from ..selfperc_core.host import ModelHost, frozen_features_fn
 from . import bridge, conditioning, lora, taps
 
 log = logging.getLogger("selfperc")
@@ -69,16 +69,6 @@ def release(mp) -> None:
             mm.current_loaded_models.pop(i).model_unload()
 
 
-def frozen_features_fn(predict: Callable, tap: FeatureTap, point: taps.TapPoint, switch: AdapterSwitch | None):
-    """(x, sigma, cond) -> the frozen network's (B, C, h, w) features at the tap (adapter off, early exit)."""
-    def frozen_features(x, sigma, cond=None):
-        if switch is None:
-            return point.features(tap(predict, x, sigma, cond), tuple(x.shape))
-        with switch.off():
-            return point.features(tap(predict, x, sigma, cond), tuple(x.shape))
-    return frozen_features
-
-
 def memory_estimate(mp, latent_shape: tuple, batch: int, checkpointing: bool) -> float:
     """Bytes to keep free for one training step, from ComfyUI's own per-model inference estimate: a step runs
     about three forward passes (online + two frozen) and keeps activations for backward (fewer when checkpointed).
@@ -119,7 +109,7 @@ def training_session(model, rank: int, alpha: float, seed: int, layer: str = tap
                 checkpoint_forward(b, switch)
         predict = conditioning.predictor(mp)
         ms = bridge.model_sampling(mp)
-        host = ModelHost(predict, frozen_features_fn(predict, tap, point, switch), bridge.noise_scaling_fn(ms),
+        host = ModelHost(predict, frozen_features_fn(predict, tap, switch, point.features), bridge.noise_scaling_fn(ms),
                          bridge.sigma_of_t_fn(ms), bridge.parameterization(ms), conditioning.collate)
         yield Session(mp, switch, lora_.adapters, lora_.params(), tap, point.name, host, ms)
     finally:

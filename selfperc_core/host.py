@@ -6,6 +6,7 @@ callables; the loop, the objective and the benchmark take the bundle, so the rul
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -37,6 +38,17 @@ def stack_token_conds(conds: list[Tensor]) -> Tensor:
     """
     n = math.lcm(*[c.shape[1] for c in conds])
     return torch.cat([c.repeat(1, n // c.shape[1], *([1] * (c.ndim - 2))) for c in conds])
+
+
+def frozen_features_fn(predict: Callable, tap, switch=None, to_features: Callable | None = None) -> Callable:
+    """(x, sigma, cond) -> the frozen network's features: ``predict`` run through ``tap`` (a FeatureTap: stops at
+    the layer) with the adapter ``switch`` off; ``to_features(raw, x_shape)`` reshapes the layer's output
+    (e.g. transformer tokens to a (B, C, h, w) grid)."""
+    def frozen_features(x, sigma, cond=None):
+        with switch.off() if switch is not None else contextlib.nullcontext():
+            out = tap(predict, x, sigma, cond)
+        return to_features(out, tuple(x.shape)) if to_features is not None else out
+    return frozen_features
 
 
 @dataclass

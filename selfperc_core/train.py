@@ -21,7 +21,7 @@ from .adapter import checkpoint_forward
 from .dataset import RESIZE_MODES, as_float, load_dataset
 from .diffusers_host import DiffusersSchedule, PeftSwitch, comfy_lora_state_dict, lora_targets, unet_predictor
 from .features import FeatureTap
-from .host import ModelHost, stack_token_conds
+from .host import ModelHost, frozen_features_fn, stack_token_conds
 from .loop import LR_SCHEDULES, OPTIMIZERS, Trainer, TrainSettings, make_optimizer
 from .objective import DISTANCES
 from .state import load_state_file, save_state_file
@@ -139,11 +139,7 @@ def main(argv=None) -> None:
     frozen_predict = unet_predictor(tap_net, schedule, ctx_dim)
     tap = FeatureTap(tap_net.mid_block)
 
-    def frozen_features(x, sigma, cond=None):
-        if switch is None:
-            return tap(frozen_predict, x, sigma, cond)
-        with switch.off():
-            return tap(frozen_predict, x, sigma, cond)
+    frozen_features = frozen_features_fn(frozen_predict, tap, switch)
 
     def grad_sync(ps):  # mean of the processes' gradients (no DDP wrapper: the frozen passes reuse the net)
         if acc.num_processes > 1:
