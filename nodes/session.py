@@ -14,7 +14,7 @@ import comfy.model_management
 import torch
 
 from ..selfperc_core import FeatureTap
-from ..selfperc_core.adapter import AdapterSwitch, checkpoint_forward, uncheckpoint_forward
+from ..selfperc_core.adapter import AdapterSwitch, checkpoint_forward, out_of_place_forward, uncheckpoint_forward
 from ..selfperc_core.host import ModelHost, frozen_features_fn
 from . import bridge, conditioning, lora, taps
 
@@ -99,12 +99,11 @@ def training_session(model, rank: int, alpha: float, seed: int, layer: str = tap
         comfy.model_management.load_models_gpu([mp], memory_required=need)
         make_trainable_tensors(dm)
         tap = FeatureTap(point.module, early_exit=early_exit)
-        if not checkpointing and taps.must_checkpoint(dm):
-            log.info("selfperc: %s blocks update their inputs in place: they are checkpointed anyway",
-                     type(dm).__name__)
-            checkpointing = True
+        blocks = taps.checkpointed_blocks(dm)
+        if taps.adds_in_place(dm):
+            for b in blocks:
+                out_of_place_forward(b)
         if checkpointing:
-            blocks = taps.checkpointed_blocks(dm)
             for b in blocks:
                 checkpoint_forward(b, switch)
         predict = conditioning.predictor(mp)

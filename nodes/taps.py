@@ -51,8 +51,8 @@ def whole(out, n, dm):
 class Arch:
     # (block list attribute, picker), in forward order; picker(block output, n image tokens, model) -> tokens
     stacks: tuple[tuple[str, Callable], ...]
-    # ComfyUI's code of these blocks adds to its input tensors in place (img += ...), which autograd cannot
-    # differentiate through; checkpointed blocks get fresh copies of their inputs, so they are always checkpointed.
+    # ComfyUI's code of these blocks adds in place to tensors autograd saved (img += ...): they run under
+    # adapter.OutOfPlace while training (see there)
     inplace: bool = False
 
 
@@ -166,8 +166,8 @@ def tap_point(dm, layer: str = MID_BLOCK, depth: float = DEFAULT_DEPTH) -> TapPo
     return TapPoint(module, f"block {i} of {len(stack)}", features)
 
 
-def must_checkpoint(dm) -> bool:
-    """Whether training needs the blocks checkpointed whatever the user chose (see Arch.inplace)."""
+def adds_in_place(dm) -> bool:
+    """Whether the model's blocks must run their in-place arithmetic out of place to be differentiable."""
     return not is_unet(dm) and arch_of(dm).inplace
 
 

@@ -54,11 +54,11 @@ def checkpoint_forward(module: torch.nn.Module, switch: AdapterSwitch | None) ->
             return original(*args, **kwargs)
         state = switch.enabled if switch is not None else None
 
+        # dicts (e.g. ComfyUI's transformer_options, which the model updates per block) as they are now, for
+        # the recomputation in backward
+        kw = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
+
         def run(*a):
-            # Fresh copies of the inputs: some blocks (ComfyUI's Flux, ...) add to their inputs in place, which
-            # would change what the recomputation in backward starts from.
-            a = [x.clone() if isinstance(x, torch.Tensor) else x for x in a]
-            kw = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
             if switch is None:
                 return original(*a, **kw)
             with switch.state(state):
@@ -70,7 +70,48 @@ def checkpoint_forward(module: torch.nn.Module, switch: AdapterSwitch | None) ->
     module.forward = forward
 
 
+_INPLACE = {
+    torch.Tensor.__iadd__: torch.Tensor.__add__, torch.Tensor.add_: torch.Tensor.add,
+    torch.Tensor.__isub__: torch.Tensor.__sub__, torch.Tensor.sub_: torch.Tensor.sub,
+    torch.Tensor.__imul__: torch.Tensor.__mul__, torch.Tensor.mul_: torch.Tensor.mul,
+    torch.Tensor.__itruediv__: torch.Tensor.__truediv__, torch.Tensor.div_: torch.Tensor.div,
+    torch.Tensor.addcmul_: torch.Tensor.addcmul,
+}
+
+
+class OutOfPlace(torch.overrides.TorchFunctionMode):
+    """Runs in-place arithmetic (x += y, x.add_(y), ...) out of place: ``x += y`` rebinds x to a new tensor.
+
+    Inference code adds to tensors that autograd saved for backward (ComfyUI's Flux blocks normalise ``img``,
+    then ``img += ...``): without this, backward fails, and under checkpointing the recomputation silently
+    reads the overwritten values and gives wrong input gradients.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return _INPLACE.get(func, func)(*args, **(kwargs or {}))
+
+
+def out_of_place_forward(module: torch.nn.Module) -> None:
+    """Make ``module.forward`` run under OutOfPlace while gradients are on (forward and recomputation).
+
+    Apply it before ``checkpoint_forward``; ``uncheckpoint_forward`` undoes both."""
+    if hasattr(module, "_selfperc_oop_forward"):
+        return
+    original = module.forward
+
+    def forward(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return original(*args, **kwargs)
+        with OutOfPlace():
+            return original(*args, **kwargs)
+
+    module._selfperc_oop_forward = original
+    module.forward = forward
+
+
 def uncheckpoint_forward(module: torch.nn.Module) -> None:
-    if hasattr(module, "_selfperc_forward"):
-        module.forward = module._selfperc_forward
-        del module._selfperc_forward
+    """Undo ``checkpoint_forward`` and ``out_of_place_forward`` (whichever were applied)."""
+    for attr in ("_selfperc_forward", "_selfperc_oop_forward"):
+        if hasattr(module, attr):
+            module.forward = getattr(module, attr)
+            delattr(module, attr)

@@ -260,3 +260,74 @@ def test_fp8_weights_stay_as_stored_and_the_lora_trains_in_fp32(pack, tmp_path):
         parts.loss.backward()
         assert torch.isfinite(parts.loss) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in ses.params)
         assert all(m.weight.dtype == torch.float8_e4m3fn for m in linears)
+
+
+@pytest.mark.parametrize("fam", ["flux", "chroma", "hunyuan_image21"])
+def test_blocks_that_add_in_place_differentiate_the_same_with_and_without_checkpointing(pack, fam):
+    """ComfyUI's Flux-type blocks add in place to tensors autograd saved; run out of place (adapter.OutOfPlace)
+    the session's input gradient, checkpointed (recomputed) or not, is plain autograd's through the whole model
+    run out of place, at O(1) activations (where a recomputation reading overwritten tensors goes far off)."""
+    import comfy.model_management
+    from selfperc_pack.nodes import conditioning
+    from selfperc_pack.nodes.session import make_trainable_tensors, release
+    from selfperc_pack.selfperc_core.adapter import OutOfPlace
+
+    shape = shape_of(fam)
+
+    def model():
+        mp = tiny_model(fam)
+        with torch.no_grad():
+            for p in mp.model.diffusion_model.parameters():
+                if p.ndim >= 2:
+                    p.mul_(10.0)
+        return mp, conditioning.collate([conditioning.model_inputs(mp, tiny_conditioning(fam), shape[1:])])
+
+    def x():
+        return torch.randn(shape, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    mp, c = model()
+    try:
+        comfy.model_management.load_models_gpu([mp])
+        make_trainable_tensors(mp.model.diffusion_model)
+        ref = x()
+        with OutOfPlace():
+            mp.model.apply_model(ref, torch.tensor([0.5]), **c).square().mean().backward()
+    finally:
+        release(mp)
+    for ck in (True, False):
+        mp, c = model()
+        with session(pack, mp, checkpointing=ck) as ses:
+            xi = x()
+            ses.predict_x0(xi, torch.tensor([0.5]), c).square().mean().backward()
+        torch.testing.assert_close(xi.grad, ref.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_flux_blocks_under_out_of_place_match_finite_differences_in_float64(pack):
+    from selfperc_pack.selfperc_core.adapter import OutOfPlace
+
+    dm = tiny_model("flux").model.diffusion_model.double()
+    with torch.no_grad():
+        for p in dm.parameters():
+            if p.ndim >= 2:
+                p.mul_(10.0)
+    g = torch.Generator().manual_seed(0)
+    f64 = dict(generator=g, dtype=torch.float64)
+    img, txt, vec = torch.randn(1, 4, 64, **f64), torch.randn(1, 7, 64, **f64), torch.randn(1, 64, **f64)
+    ids = torch.zeros(1, 11, 3, dtype=torch.float64)
+    ids[:, 7:, 1], ids[:, 7:, 2] = torch.tensor([0, 0, 1, 1.0]), torch.tensor([0, 1, 0, 1.0])
+    pe = dm.pe_embedder(ids)
+
+    def double(i):
+        with OutOfPlace():
+            a, b = dm.double_blocks[0](img=i, txt=txt.clone(), vec=vec, pe=pe, attn_mask=None, transformer_options={})
+        return a.square().mean() + b.square().mean()
+
+    def single(i):
+        with OutOfPlace():
+            return dm.single_blocks[0](i, vec=vec, pe=pe, attn_mask=None, transformer_options={}).square().mean()
+    for f, x0 in ((double, img), (single, torch.randn(1, 11, 64, **f64))):
+        d = torch.randn(x0.shape, **f64)
+        x = x0.clone().requires_grad_(True)
+        f(x).backward()
+        with torch.no_grad():
+            numeric = (f(x0 + 1e-5 * d) - f(x0 - 1e-5 * d)).item() / 2e-5
+        assert (x.grad * d).sum().item() == pytest.approx(numeric, rel=2e-3)
