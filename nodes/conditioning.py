@@ -18,14 +18,17 @@ import comfy.samplers
 import node_helpers
 import torch
 
-# Flux-dev and other guidance-distilled models read the guidance strength from the conditioning (the
-# FluxGuidance node sets it); 3.5 is ComfyUI's own default in the model's extra_conds.
-DEFAULT_GUIDANCE = 3.5
+# Guidance-distilled models read the guidance strength from the conditioning (the FluxGuidance node sets it);
+# 0 leaves the conditioning as it is (its own value, else the model's default: 3.5 Flux, 0 Chroma, 6 Hunyuan).
+DEFAULT_GUIDANCE = 0.0
+# Inputs that add reference-image tokens beside the image's (Kontext / edit models): the tap reads the image's
+# own tokens by position, which these shift, so they are refused for now.
+REFERENCE_INPUTS = ("ref_latents", "ref_latent", "time_dim_concat", "image_cond")
 
 
 def with_guidance(conditioning: list, guidance: float | None) -> list:
-    """Set the distilled guidance value (FluxGuidance's key) on every entry; None leaves the conditioning."""
-    if guidance is None:
+    """Set the distilled guidance value (FluxGuidance's key) on every entry; None or 0 leaves the conditioning."""
+    if not guidance:
         return conditioning
     return node_helpers.conditioning_set_values(conditioning, {"guidance": guidance})
 
@@ -59,20 +62,26 @@ def model_inputs(model_patcher, conditioning: list, latent_shape: tuple, seed: i
                                               "positive", latent_image=noise, denoise_mask=None, seed=seed)
     out = {}
     for k, v in conds[0]["model_conds"].items():
+        if k in REFERENCE_INPUTS:
+            raise ValueError(f"the conditioning carries reference images ({k}: Kontext / edit models), which "
+                             "training does not support yet; use a plain text conditioning")
         out[k] = v.process_cond(batch_size=1, area=None, device=torch.device("cpu"))
     return out
 
 
-def collate(inputs: list[dict]) -> dict:
-    """Per-image model inputs -> one batch's keyword inputs (ComfyUI's cond_cat)."""
+def collate(inputs: list[dict], unet: bool = False) -> dict:
+    """Per-image model inputs -> one batch's keyword inputs (ComfyUI's cond_cat).
+
+    Token sequences of different lengths batch by repetition only for UNets (pure cross-attention, where it is
+    exact, up to 8x the longest); joint-attention transformers get ComfyUI's own rule."""
     keys = set(inputs[0])
     for i, x in enumerate(inputs[1:], 1):
         if set(x) != keys:
             raise ValueError(f"image {i} of the batch has model inputs {sorted(x)}, not {sorted(keys)}")
     for k in keys:
         first = inputs[0][k]
-        if isinstance(first, comfy.conds.CONDCrossAttn) and _repeatable([x[k] for x in inputs]):
-            continue  # cond_cat repeats each sequence to the lengths' LCM (ComfyUI stops at 4x for speed)
+        if isinstance(first, comfy.conds.CONDCrossAttn) and unet and _repeatable([x[k] for x in inputs]):
+            continue  # UNet cross-attention: repeating a sequence is exact; cond_cat repeats to the lengths' LCM
         if any(not first.can_concat(x[k]) for x in inputs[1:]):
             raise ValueError(f"the batch's '{k}' inputs cannot be batched (shapes "
                              f"{[tuple(x[k].size()) for x in inputs]}): use batch_size 1 or captions of similar "
@@ -104,6 +113,8 @@ def predictor(model_patcher):
     """
     base = model_patcher.model
     empty: dict[tuple, dict] = {}
+    # Distilled HunyuanImage models add a second timestep from the sampler's schedule (there is none here).
+    extra = {"disable_time_r": True} if getattr(base.diffusion_model, "time_r_in", None) is not None else {}
 
     def predict_x0(x_t, sigma, cond=None):
         if cond is None:
@@ -111,6 +122,7 @@ def predictor(model_patcher):
             if shape not in empty:
                 empty[shape] = model_inputs(model_patcher, empty_conditioning(model_patcher), shape)
             cond = collate([empty[shape]] * x_t.shape[0])
-        return base.apply_model(x_t, sigma, transformer_options=transformer_options(model_patcher, sigma), **cond)
+        return base.apply_model(x_t, sigma, transformer_options=transformer_options(model_patcher, sigma), **cond,
+                                **extra)
     return predict_x0
 

@@ -132,6 +132,13 @@ def load_resume(lora_file: Path) -> tuple[dict[str, torch.Tensor], dict]:
     if not (isinstance(state, dict) and isinstance(state.get("trainer"), dict)
             and {"optimizer", "step", "rng", "losses"} <= set(state["trainer"])):
         raise StateFileError(f"resume file {state_file.name} does not hold a fine-tune state")
+    from safetensors import safe_open
+
+    with safe_open(str(lora_file), framework="pt") as f:
+        lora_steps = (f.metadata() or {}).get("steps")
+    if lora_steps is not None and str(lora_steps) != str(state["trainer"]["step"]):
+        raise StateFileError(f"{state_file.name} is at step {state['trainer']['step']} but {lora_file.name} at "
+                             f"step {lora_steps}: the pair is out of step (a run stopped while saving?)")
     if isinstance(state.get("raw_weights"), dict):  # the LoRA file holds the EMA: continue from the raw weights
         weights = state["raw_weights"]
     return weights, state

@@ -97,7 +97,8 @@ class SelfPerceptualSampler(io.ComfyNode):
                 io.Conditioning.Input("positive", optional=True, tooltip="Prompt; none = unconditional (SD1.x/SD2.x; other families need their "
                                                       "text encoder's output, e.g. CLIPTextEncode with an empty text)."),
                 io.Conditioning.Input("negative", optional=True,
-                                      tooltip="Negative prompt (only used with cfg > 1); none = the positive."),
+                                      tooltip="Negative prompt (only used with cfg > 1); none = unconditional (SD1.x/"
+                                                      "SD2.x; other families: connect one for cfg > 1)."),
                 io.Vae.Input("vae", optional=True, tooltip="Decodes the samples for the grid (else a rough "
                                                            "latent preview)."),
             ],

@@ -6,6 +6,7 @@ happens inside, the incoming MODEL and the shared modules come out without adapt
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -109,7 +110,8 @@ def training_session(model, rank: int, alpha: float, seed: int, layer: str = tap
         predict = conditioning.predictor(mp)
         ms = bridge.model_sampling(mp)
         host = ModelHost(predict, frozen_features_fn(predict, tap, switch, point.features), bridge.noise_scaling_fn(ms),
-                         bridge.sigma_of_t_fn(ms), bridge.parameterization(ms), conditioning.collate)
+                         bridge.sigma_of_t_fn(ms), bridge.parameterization(ms),
+                         functools.partial(conditioning.collate, unet=taps.is_unet(dm)))
         yield Session(mp, switch, lora_.adapters, lora_.params(), tap, point.name, host, ms)
     finally:
         if tap is not None:

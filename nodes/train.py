@@ -261,8 +261,9 @@ class SelfPerceptualFineTune(io.ComfyNode):
                              tooltip="Steps between validation passes (0 = at the start and the end only)."),
                 io.Float.Input("guidance", default=conditioning.DEFAULT_GUIDANCE, min=0.0, max=100.0, step=0.1,
                                optional=True,
-                               tooltip="Distilled guidance fed to guidance-distilled models (Flux-dev, Flux.2, "
-                                       "HunyuanImage) during training, as FluxGuidance sets it; others ignore it."),
+                               tooltip="Distilled guidance for guidance-distilled models (Flux-dev, Flux.2, Chroma, "
+                                       "HunyuanImage) while training, as FluxGuidance sets it. 0 = leave the "
+                                       "conditioning's own value or the model's default."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The base model with the trained LoRA applied."),
@@ -289,7 +290,8 @@ class SelfPerceptualFineTune(io.ComfyNode):
 
     @classmethod
     def _job(cls, model, clip, cond, dataset_folder, i: dict) -> Job:
-        """The run's settings, every one checked before any work (no file is read or written on a refusal)."""
+        """The run's settings, every one checked before any training work (a refusal may come after the LoRA's
+        folder was created or a resume/init file was read, never after a model or dataset was touched)."""
         settings = TrainSettings(steps=i["steps"], learning_rate=i["learning_rate"], batch_size=i["batch_size"],
                                  seed=i["seed"], t_prime=i["t_prime"], t_prime_range=(i["t_prime_min"],
                                                                                      i["t_prime_max"]),
@@ -343,8 +345,10 @@ class SelfPerceptualFineTune(io.ComfyNode):
     @classmethod
     def _train(cls, model, vae, clip, ds, job: Job):
         latents = encode_latents(model, vae, ds.images)
-        prompts = [conditioning.with_guidance(p, job.guidance)
+        guided: dict[int, list] = {}  # one guided conditioning per distinct caption: model inputs are cached by it
+        prompts = [guided.setdefault(id(p), conditioning.with_guidance(p, job.guidance))
                    for p in caption_conditionings(clip, ds.captions, job.fallback)]
+        ds.images = []  # encoded: the decoded images are not needed any more
         held = held_out(len(latents), job.validation_split, job.settings.seed)
         if held:
             log.info("selfperc: %d of %d images held out for validation", len(held), len(latents))
@@ -485,9 +489,11 @@ class SelfPerceptualFineTune(io.ComfyNode):
         state = {"trainer": trainer.state_dict(), "metadata": meta}
         if job.save_weights == "ema" or job.save_format != "comfyui":
             state["raw_weights"] = raw
-        files.save_state(files.state_path(job.out_file), state)
         if job.save_weights == "raw+ema":
             files.save_lora(files.ema_path(job.out_file), layout(ema), dict(meta, weights="ema"))
         use_ema = job.save_weights == "ema"
-        return files.save_lora(job.out_file, layout(ema if use_ema else raw), dict(meta, weights="ema" if use_ema
+        path = files.save_lora(job.out_file, layout(ema if use_ema else raw), dict(meta, weights="ema" if use_ema
                                                                                    else "raw"))
+        # the state after the LoRA: a run stopped in between leaves an older state, which load_resume refuses
+        files.save_state(files.state_path(job.out_file), state)
+        return path

@@ -66,34 +66,47 @@ def cache_bytes(n_images: int, resolution: int) -> int:
 
 
 def scan_folder(folder: Path) -> tuple[list[Path], list[Skipped]]:
-    """Image files under ``folder`` (recursive, sorted, folder symlinks not followed)."""
+    """Image files under ``folder`` (recursive, sorted, folder symlinks not followed).
+
+    Entries are counted while they are read (os.scandir), so a folder of millions of names is refused after
+    MAX_SCAN_ENTRIES of them, not after listing it all.
+    """
     folder = Path(folder)
     if not folder.exists():
         raise DatasetError(f"dataset folder not found: {folder}")
     if not folder.is_dir():
         raise DatasetError(f"dataset path is not a folder: {folder}")
     found, skipped, seen = [], [], 0
-    for root, dirs, files in os.walk(folder, followlinks=False, onerror=lambda e: skipped.append(
-            Skipped(Path(e.filename or folder), f"cannot list folder: {e.strerror}"))):
-        seen += len(dirs) + len(files)
-        if seen > MAX_SCAN_ENTRIES or len(found) > MAX_IMAGES:
-            raise DatasetError(f"dataset folder {folder} holds more than {MAX_IMAGES} images or "
-                               f"{MAX_SCAN_ENTRIES} entries: pick a smaller folder")
-        dirs.sort()
-        for d in list(dirs):
-            if os.path.islink(os.path.join(root, d)):
-                skipped.append(Skipped(Path(root, d), "folder symlink not followed"))
-                dirs.remove(d)
-        for f in sorted(files):
-            if f.lower().endswith(IMAGE_EXTS):
-                path = Path(root, f)
+
+    def walk(d: Path) -> None:
+        nonlocal seen
+        try:
+            with os.scandir(d) as it:
+                entries = []
+                for e in it:
+                    seen += 1
+                    if seen > MAX_SCAN_ENTRIES:
+                        raise DatasetError(f"dataset folder {folder} holds more than {MAX_SCAN_ENTRIES} entries: "
+                                           "pick a smaller folder")
+                    entries.append(e)
+        except OSError as e:
+            skipped.append(Skipped(d, f"cannot list folder: {e.strerror}"))
+            return
+        for e in sorted(entries, key=lambda e: e.name):
+            path = Path(e.path)
+            if e.is_dir(follow_symlinks=False):
+                walk(path)
+            elif e.is_symlink() and path.is_dir():
+                skipped.append(Skipped(path, "folder symlink not followed"))
+            elif e.name.lower().endswith(IMAGE_EXTS):
                 if not path.is_file():  # FIFO (would block the read), device, broken link
                     skipped.append(Skipped(path, "not a regular readable file"))
                     continue
                 found.append(path)
-    if len(found) > MAX_IMAGES:
-        raise DatasetError(f"dataset folder {folder} has {len(found)} images, more than {MAX_IMAGES}: "
-                           "pick a smaller folder")
+                if len(found) > MAX_IMAGES:
+                    raise DatasetError(f"dataset folder {folder} has more than {MAX_IMAGES} images: pick a smaller "
+                                       "folder")
+    walk(folder)
     return found, skipped
 
 

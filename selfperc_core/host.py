@@ -16,8 +16,6 @@ from torch import Tensor
 
 from .schedule import NoiseScaling
 
-PARAMETERIZATIONS = ("eps", "v", "flow")
-
 
 def default_t_range(parameterization: str) -> tuple[float, float]:
     """Online noise levels to train on, as fractions of the schedule (0 clean).

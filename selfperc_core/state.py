@@ -124,6 +124,6 @@ def load_state_file(path: Path, max_bytes: int | None = None) -> Any:
         return unpack_state(load_file(str(path)), meta[_KEY])
     except StateFileError:
         raise
-    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as e:
+    except (SafetensorError, OSError, ValueError, TypeError, RecursionError, json.JSONDecodeError) as e:
         raise StateFileError(f"resume file {path.name} is not a valid selfperc state file ({e}); it was not "
                              "loaded (pickle files are never loaded: they can run code)") from None

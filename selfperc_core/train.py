@@ -72,6 +72,8 @@ def save_checkpoint(folder: Path, trainer: Trainer, params: list[torch.Tensor]) 
 def load_checkpoint(folder: Path, trainer: Trainer, params: list[torch.Tensor]) -> None:
     state = load_state_file(folder / STATE_FILE)
     saved = state.get("params") if isinstance(state, dict) else None
+    if not isinstance(state.get("trainer") if isinstance(state, dict) else None, dict):
+        raise ValueError(f"{folder / STATE_FILE} holds no trainer state")
     if not isinstance(saved, list) or len(saved) != len(params) or any(
             not isinstance(s, torch.Tensor) or s.shape != p.shape for s, p in zip(saved, params)):
         raise ValueError(f"{folder / STATE_FILE} does not hold this run's weights (other rank, model or --full)")

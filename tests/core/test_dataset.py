@@ -149,5 +149,11 @@ def test_too_many_files_is_refused_before_decoding(tmp_path, monkeypatch):
 
     make_dataset(tmp_path, names=["chelsea", "coffee", "astronaut"])
     monkeypatch.setattr(dataset, "MAX_IMAGES", 2)
-    with pytest.raises(DatasetError, match="has 3 images, more than 2"):
+    with pytest.raises(DatasetError, match="has more than 2 images"):
+        load_dataset(tmp_path, 64)
+    monkeypatch.setattr(dataset, "MAX_IMAGES", 100)
+    for i in range(10):
+        (tmp_path / f"note{i}.txt").write_text("x")
+    monkeypatch.setattr(dataset, "MAX_SCAN_ENTRIES", 8)  # counted while listing, whatever the entries are
+    with pytest.raises(DatasetError, match="holds more than 8 entries"):
         load_dataset(tmp_path, 64)

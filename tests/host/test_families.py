@@ -331,3 +331,17 @@ def test_flux_blocks_under_out_of_place_match_finite_differences_in_float64(pack
         with torch.no_grad():
             numeric = (f(x0 + 1e-5 * d) - f(x0 - 1e-5 * d)).item() / 2e-5
         assert (x.grad * d).sum().item() == pytest.approx(numeric, rel=2e-3)
+
+
+def test_guidance_is_set_only_when_asked_and_reference_images_are_refused(pack):
+    from selfperc_pack.nodes import conditioning
+
+    mp, shape = tiny_model("flux"), shape_of("flux")
+    cond = tiny_conditioning("flux")  # carries guidance 3.5, as FluxGuidance would set it
+    assert conditioning.with_guidance(cond, 0.0) is cond
+    kept = conditioning.model_inputs(mp, cond, shape[1:])["guidance"].cond
+    set_ = conditioning.model_inputs(mp, conditioning.with_guidance(cond, 7.0), shape[1:])["guidance"].cond
+    assert kept.tolist() == [3.5] and set_.tolist() == [7.0]
+    ref = [[cond[0][0], dict(cond[0][1], reference_latents=[torch.zeros(shape)])]]
+    with pytest.raises(ValueError, match="reference images"):
+        conditioning.model_inputs(mp, ref, shape[1:])

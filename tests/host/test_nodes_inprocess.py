@@ -299,3 +299,17 @@ def test_loss_curve_smoothing_formula(pack):
     assert smoothed([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])  # bias-corrected: a constant stays put
     m1, m2 = 0.1 * 1.0, 0.9 * 0.1 + 0.1 * 3.0
     assert smoothed([1.0, 3.0]) == pytest.approx([m1 / 0.1, m2 / (1 - 0.81)])
+
+
+def test_a_lora_and_state_out_of_step_are_refused(pack, models, photos):
+    import folder_paths
+
+    from selfperc_pack.nodes import files
+
+    model, clip, vae = models
+    train(pack, model, vae, photos, lora_name="step/a", steps=1)
+    train(pack, model, vae, photos, lora_name="step/b", steps=2)
+    loras = Path(folder_paths.get_folder_paths("loras")[0]) / "step"
+    (loras / "a.selfperc_state").write_bytes((loras / "b.selfperc_state").read_bytes())  # a state of step 2
+    with pytest.raises(files.StateFileError, match="a.selfperc_state is at step 2 but a.safetensors at step 1"):
+        train(pack, model, vae, photos, lora_name="step/c", steps=1, resume_from="step/a.safetensors")
