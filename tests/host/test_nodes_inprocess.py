@@ -303,7 +303,6 @@ def test_loss_curve_smoothing_formula(pack):
 
 def test_a_lora_and_state_out_of_step_are_refused(pack, models, photos):
     import folder_paths
-
     from selfperc_pack.nodes import files
 
     model, clip, vae = models
