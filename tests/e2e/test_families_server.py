@@ -8,12 +8,10 @@ from safetensors.torch import load_file
 from dev.datasets import make_dataset, photo
 from dev.tiny_families import FAMILIES
 from tests.e2e.test_server import assert_success
+from tests.host import test_families as host_tests
 
 pytestmark = pytest.mark.e2e
-TRAIN = dict(steps=2, learning_rate=1e-3, rank=2, alpha=2.0, batch_size=2, resolution=64, resize_mode="center_crop",
-             seed=0, feature_layer="mid_block", t_prime="uniform", t_prime_min=0.0, t_prime_max=1.0, distance="mse",
-             normalize_features=False, mse_weight=0.0, gradient_checkpointing=True, training_dtype="auto",
-             overwrite=True, save_every=0, preview_every=2)
+TRAIN = dict(host_tests.TRAIN, resolution=64)  # the node's minimum through the API
 
 
 @pytest.fixture(scope="module")

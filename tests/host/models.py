@@ -45,3 +45,16 @@ def nonzero_lora(ses, seed=1, scale=0.05):
     with torch.no_grad():
         for p in ses.params:
             p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def loaded_output(patcher, x, sigma, **cond):
+    """The model's x0 for (x, sigma) loaded as ComfyUI loads it (model_sampling, weight patches), then unloaded."""
+    import comfy.model_management
+    from selfperc_pack.nodes.session import release
+
+    try:
+        comfy.model_management.load_models_gpu([patcher])
+        with torch.no_grad():
+            return patcher.model.apply_model(x, sigma, **cond)
+    finally:
+        release(patcher)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dev.tiny_families import latent_shape, tiny_conditioning, tiny_model
-from tests.host.models import load_checkpoint, nonzero_lora, session
+from tests.host.models import load_checkpoint, loaded_output, nonzero_lora, session
 
 pytestmark = pytest.mark.host
 
@@ -129,7 +129,6 @@ def test_every_adapter_runs_beside_the_layer_as_core_loraloader_applies_it(comfy
     import comfy.model_management
     import comfy.sd
     from selfperc_pack.nodes import conditioning, lora
-    from selfperc_pack.nodes.session import release
 
     mp = tiny_model(family)
     shape = latent_shape(family, None, side=4)
@@ -146,13 +145,8 @@ def test_every_adapter_runs_beside_the_layer_as_core_loraloader_applies_it(comfy
         ses.predict_x0(x, sigma, cond).square().mean().backward()
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in ses.params)
         sd = lora.lora_state_dict(ses.adapters)
-    def output(patcher):  # loaded as ComfyUI loads it (weight patches applied), then unloaded
-        try:
-            comfy.model_management.load_models_gpu([patcher])
-            with torch.no_grad():
-                return patcher.model.apply_model(x, sigma, **cond)
-        finally:
-            release(patcher)
+    def output(patcher):
+        return loaded_output(patcher, x, sigma, **cond)
     plain = output(mp)
     with caplog.at_level(logging.WARNING):
         loaded, _ = comfy.sd.load_lora_for_models(mp, None, sd, 1.0, 0)

@@ -2,7 +2,14 @@
 import pytest
 import torch
 
-from tests.host.models import PARAMETERIZATIONS, as_parameterization, load_checkpoint, nonzero_lora, session
+from tests.host.models import (
+    PARAMETERIZATIONS,
+    as_parameterization,
+    load_checkpoint,
+    loaded_output,
+    nonzero_lora,
+    session,
+)
 
 pytestmark = pytest.mark.host
 
@@ -126,19 +133,13 @@ def test_bypass_lora_is_the_lora_core_loraloader_applies_and_off_is_the_base(pac
     import comfy.model_management
     import comfy.sd
     from selfperc_pack.nodes import lora
-    from selfperc_pack.nodes.session import release
 
     model = as_parameterization(base, kind)
     x, _, sigma, _ = fixed_batch(model.get_model_object("model_sampling"))
     ctx = {"c_crossattn": torch.zeros(2, 77, 768)}  # unconditional, as the session's predictor builds it
 
-    def output(mp):  # loaded as ComfyUI loads it (model_sampling, weight patches), then unloaded
-        try:
-            comfy.model_management.load_models_gpu([mp])
-            with torch.no_grad():
-                return mp.model.apply_model(x, sigma, **ctx)
-        finally:
-            release(mp)
+    def output(mp):
+        return loaded_output(mp, x, sigma, **ctx)
 
     plain = output(model)
     with session(pack, model, checkpointing=True, alpha=2.0) as ses:  # alpha != rank: the scale matters
