@@ -29,6 +29,7 @@ class TrainSettings:
     distance: str = "mse"
     normalize: bool = False
     mse_weight: float = 0.0
+    perceptual_weight: float = 1.0  # 0 (with mse_weight > 0): the plain MSE baseline
     batched_frozen: bool = False
     optimizer: str = "adamw"
     lr_schedule: str = "constant"
@@ -169,7 +170,8 @@ class Trainer:
             lambda x, sg: h.predict_x0(x, sg, cond),
             lambda x, sg: h.frozen_features(x, sg, cond),
             h.noise_scaling, x0, eps, sigma, sigma_p,
-            distance=s.distance, normalize=s.normalize, mse_weight=s.mse_weight, batched_frozen=s.batched_frozen)
+            distance=s.distance, normalize=s.normalize, mse_weight=s.mse_weight, batched_frozen=s.batched_frozen,
+            perceptual_weight=s.perceptual_weight)
 
     @torch.no_grad()
     def validate(self, latents: list[Tensor], conds: list, seed: int = 0) -> tuple[float, float]:

@@ -8,7 +8,7 @@ Given clean latents x0, noise eps, an online noise level sigma and an independen
     x_t'     = a(sigma') x0     + b(sigma') eps                 (target: the real pair, no gradient)
     x_hat_t' = a(sigma') x0_hat + b(sigma') eps_hat             (prediction: re-noised with eps_hat, not eps)
     L_sp     = D( f*(x_t', sigma'), f*(x_hat_t', sigma') )      (f*: frozen network up to the tapped layer)
-    L        = L_sp + mse_weight * mean((x0_hat - x0)^2)
+    L        = perceptual_weight * L_sp + mse_weight * mean((x0_hat - x0)^2)
 
 D is the mean squared (or absolute) difference per sample, optionally divided by the mean square of the
 target features (scale-free, which keeps transformer features with large norms stable).
@@ -65,6 +65,7 @@ def self_perceptual_loss(
     normalize: bool = False,
     mse_weight: float = 0.0,
     batched_frozen: bool = False,
+    perceptual_weight: float = 1.0,
 ) -> LossParts:
     """Self-perceptual loss for one batch (module docstring states the maths).
 
@@ -81,10 +82,19 @@ def self_perceptual_loss(
         mse_weight: weight of the ordinary x0-space MSE term (0 = pure self-perceptual, as in the paper).
         batched_frozen: run target and prediction through f* as one batch of 2B. Off (default) runs the
             target under no_grad, which records no graph for it.
+        perceptual_weight: weight of L_sp (1 as in the paper). 0 with mse_weight > 0 is plain x0-space MSE
+            fine-tuning (core Train LoRA's loss), the honest baseline: the frozen passes are then skipped and
+            ``perceptual`` is reported as 0.
     """
+    if not perceptual_weight and not mse_weight:
+        raise ValueError("perceptual_weight and mse_weight are both 0: nothing to train")
     x_t = noise_scaling(sigma, eps, x0)
     x0_hat = predict_x0(x_t, sigma)
     eps_hat = split_prediction(x_t, sigma, x0_hat, noise_scaling)
+
+    mse = (x0_hat.float() - x0.float()).square().mean()
+    if not perceptual_weight:
+        return LossParts(loss=mse_weight * mse, perceptual=torch.zeros((), device=mse.device), mse=mse.detach())
 
     a_p, b_p = noise_coefficients(noise_scaling, sigma_prime, x0)
     x_hat_tp = a_p * x0_hat + b_p * eps_hat
@@ -101,6 +111,6 @@ def self_perceptual_loss(
         f_pred = frozen_features(x_hat_tp, sigma_prime)
 
     perceptual = feature_distance(f_pred, f_target, distance, normalize).mean()
-    mse = (x0_hat.float() - x0.float()).square().mean()
-    loss = perceptual + mse_weight * mse if mse_weight else perceptual
+    loss = perceptual_weight * perceptual if perceptual_weight != 1 else perceptual
+    loss = loss + mse_weight * mse if mse_weight else loss
     return LossParts(loss=loss, perceptual=perceptual.detach(), mse=mse.detach())

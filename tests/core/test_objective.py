@@ -244,13 +244,15 @@ def test_flow_model_at_sigma_one_has_finite_eps_hat():
     assert torch.isfinite(split_prediction(x_t, s, x0 * 0.5, FLOW.noise_scaling)).all()
 
 
-def test_core_never_imports_comfyui():
-    """Every module of the core (found on disk, so a new one is covered) imports without ComfyUI."""
+def test_core_never_imports_comfyui_or_a_host_library():
+    """Every module of the core (found on disk, so a new one is covered) imports without ComfyUI, and without the
+    headless host's libraries (diffusers, accelerate, peft) or the metrics library (imported when used)."""
     code = ("import sys, pkgutil, importlib, selfperc_core;"
             "mods=[m.name for m in pkgutil.iter_modules(selfperc_core.__path__)];"
             "[importlib.import_module('selfperc_core.' + m) for m in mods];"
-            "assert {'loop', 'dataset', 'train', 'host', 'state', 'objective'} <= set(mods), mods;"
-            "bad=[m for m in sys.modules if m.split('.')[0] in ('comfy','comfy_api','folder_paths','nodes')];"
+            "assert {'loop', 'dataset', 'host', 'state', 'objective', 'evaluation', 'realimage'} <= set(mods), mods;"
+            "bad=[m for m in sys.modules if m.split('.')[0] in ('comfy','comfy_api','folder_paths','nodes',"
+            "'diffusers','accelerate','peft','transformers','torchmetrics')];"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -267,3 +269,24 @@ def test_conditionings_of_different_lengths_batch_like_comfyui():
     att = torch.nn.functional.scaled_dot_product_attention
     torch.testing.assert_close(att(q, out[:1], out[:1]), att(q, a, a))
     assert torch.equal(out[1:], b)
+
+
+def test_perceptual_weight_scales_the_loss_and_zero_is_plain_mse_without_frozen_passes():
+    param = PARAMS["eps"]
+    net, switch = trained_net()
+    predict_x0, frozen_features, _ = host_callables(net, switch, param)
+    batch = make_batch(param=param)
+    one = self_perceptual_loss(predict_x0, frozen_features, param.noise_scaling, *batch)
+    two = self_perceptual_loss(predict_x0, frozen_features, param.noise_scaling, *batch, perceptual_weight=2.0)
+    torch.testing.assert_close(two.loss, 2 * one.loss)
+
+    def no_frozen(*a):
+        raise AssertionError("the MSE baseline must not run the frozen network")
+    mse = self_perceptual_loss(predict_x0, no_frozen, param.noise_scaling, *batch, perceptual_weight=0.0,
+                               mse_weight=1.0)
+    x0, eps, sigma, _ = batch
+    expected = (predict_x0(param.noise_scaling(sigma, eps, x0), sigma) - x0).square().mean()
+    torch.testing.assert_close(mse.loss, expected)
+    assert float(mse.perceptual) == 0.0
+    with pytest.raises(ValueError, match="nothing to train"):
+        self_perceptual_loss(predict_x0, frozen_features, param.noise_scaling, *batch, perceptual_weight=0.0)
