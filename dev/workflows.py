@@ -68,7 +68,47 @@ LOAD_LORA = {
         5: ("SaveImage", {"images": (4, 1), "filename_prefix": "selfperc/lora_compare"}, (1140, 120), (420, 460)),
     },
 }
-SPECS = [FINE_TUNE, DISTANCE, LOAD_LORA]
+EVALUATE = {
+    "title": "selfperc_evaluate",
+    "note": ("Did the fine-tune help on YOUR data? Base and fine-tuned (base + the LoRA) sample from identical "
+             "noise without guidance; each is compared with a dataset folder by Fréchet and kernel distances in "
+             "the frozen base model's own features (lower is better), with their spread over resamples.\n\n"
+             "1. Pick the checkpoint the LoRA was trained on, the LoRA, and a folder of held-out images in input/.\n"
+             "2. For an honest baseline, also train the same LoRA with mse_weight 1 (or the core Train LoRA) and "
+             "connect it as baseline_model. Connect Load CLIP Vision for distances in CLIP embeddings too.\n"
+             "A difference whose interval contains 0 is noise: sample more (sample_count) before concluding."),
+    "nodes": {
+        1: ("CheckpointLoaderSimple", {"ckpt_name": CKPT}, (40, 120), (320, 100)),
+        2: ("LoraLoaderModelOnly", {"model": (1, 0), "lora_name": "selfperc/selfperc_lora.safetensors",
+                                    "strength_model": 1.0}, (40, 280), (320, 90)),
+        3: ("SelfPerceptualEvaluate", {"base_model": (1, 0), "model": (2, 0), "vae": (1, 2),
+                                       "dataset_folder": "my_dataset", "resolution": 512}, (400, 120), (360, 600)),
+        4: ("SaveImage", {"images": (3, 0), "filename_prefix": "selfperc/evaluation"}, (800, 120), (520, 300)),
+        5: ("SaveImage", {"images": (3, 2), "filename_prefix": "selfperc/evaluation_samples"}, (800, 460),
+            (520, 420)),
+    },
+}
+REAL_IMAGE_AB = {
+    "title": "selfperc_real_image_ab",
+    "note": ("A/B on a real image, base vs fine-tuned from identical noise, no guidance.\n\n"
+             "mode sample + denoise < 1: SDEdit (the image is noised to that strength and denoised by each "
+             "model; denoise 0 returns it unchanged). mode ilvr: the image's coarse layout (ilvr_factor, "
+             "ilvr_weight) guides sampling from noise. mode invert: the image is inverted to noise with the base "
+             "model's deterministic ODE and reconstructed by each model (steps 50+ for a close reconstruction).\n"
+             "Pick the checkpoint, the LoRA and an image (LoadImage uploads into input/)."),
+    "nodes": {
+        1: ("CheckpointLoaderSimple", {"ckpt_name": CKPT}, (40, 120), (320, 100)),
+        2: ("LoraLoaderModelOnly", {"model": (1, 0), "lora_name": "selfperc/selfperc_lora.safetensors",
+                                    "strength_model": 1.0}, (40, 280), (320, 90)),
+        3: ("LoadImage", {"image": "example.png"}, (40, 420), (320, 320)),
+        4: ("VAEEncode", {"pixels": (3, 0), "vae": (1, 2)}, (400, 420), (200, 50)),
+        5: ("SelfPerceptualSampler", {"model": (2, 0), "base_model": (1, 0), "latent": (4, 0), "vae": (1, 2),
+                                      "steps": 30, "denoise": 0.6}, (640, 120), (340, 480)),
+        6: ("SaveImage", {"images": (5, 1), "filename_prefix": "selfperc/real_image_ab"}, (1020, 120),
+            (420, 460)),
+    },
+}
+SPECS = [FINE_TUNE, DISTANCE, LOAD_LORA, EVALUATE, REAL_IMAGE_AB]
 
 
 def _inputs(spec: dict) -> list[tuple[str, str, dict]]:

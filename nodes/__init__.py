@@ -3,10 +3,11 @@ from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
 from .distance import PerceptualDistance
+from .evaluate import SelfPerceptualEvaluate
 from .sample import SelfPerceptualSampler
 from .train import SelfPerceptualFineTune
 
-NODES = [SelfPerceptualFineTune, SelfPerceptualSampler, PerceptualDistance]
+NODES = [SelfPerceptualFineTune, SelfPerceptualSampler, PerceptualDistance, SelfPerceptualEvaluate]
 
 
 class SelfPerceptualExtension(ComfyExtension):

@@ -1,5 +1,7 @@
 """Self-Perceptual Sampler: sample the fine-tuned model the way the paper evaluates it (no CFG by default),
-optionally beside the base model from identical noise."""
+optionally beside the base model from identical noise, and A/B on a real image: SDEdit (denoise < 1 from an
+encoded image), ILVR (the reference's low frequencies guide sampling) and inversion (invert the image with the
+base model, reconstruct with both)."""
 from __future__ import annotations
 
 import comfy.sample
@@ -12,6 +14,7 @@ from comfy_api.latest import io, ui
 from comfy_extras.nodes_model_advanced import RescaleCFG
 from PIL import Image, ImageDraw, ImageFont
 
+from . import realimage
 from .conditioning import empty_conditioning
 
 
@@ -101,6 +104,17 @@ class SelfPerceptualSampler(io.ComfyNode):
                                                       "SD2.x; other families: connect one for cfg > 1)."),
                 io.Vae.Input("vae", optional=True, tooltip="Decodes the samples for the grid (else a rough "
                                                            "latent preview)."),
+                io.Combo.Input("mode", options=list(realimage.MODES), default="sample", optional=True,
+                               tooltip="sample: from noise, or SDEdit from an encoded image with denoise < 1. "
+                                       "ilvr: the latent is a reference image whose coarse layout guides sampling. "
+                                       "invert: the latent is a real image, inverted to noise with the base model "
+                                       "(or the model) by the deterministic ODE, then reconstructed by each model."),
+                io.Float.Input("ilvr_weight", default=1.0, min=0.0, max=1.0, step=0.05, optional=True,
+                               tooltip="ilvr: how much of the reference's low frequencies replace the model's at "
+                                       "each step (0 = plain sampling)."),
+                io.Int.Input("ilvr_factor", default=4, min=1, max=64, optional=True,
+                             tooltip="ilvr: low-pass factor in latent pixels (larger = only the coarser layout "
+                                     "is kept)."),
             ],
             outputs=[
                 io.Latent.Output(display_name="latent", tooltip="The fine-tuned model's samples."),
@@ -111,7 +125,13 @@ class SelfPerceptualSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, latent, seed, steps, sampler_name, scheduler, cfg, cfg_rescale, denoise,
-                base_model=None, positive=None, negative=None, vae=None):
+                base_model=None, positive=None, negative=None, vae=None, mode="sample", ilvr_weight=1.0,
+                ilvr_factor=4):
+        if mode not in realimage.MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {realimage.MODES}")
+        if mode != "sample" and not torch.count_nonzero(latent["samples"]):
+            raise ValueError(f"mode {mode!r} needs a real image's latent (e.g. LoadImage -> VAEEncode); the latent "
+                             "given is empty")
         positive = positive if positive is not None else empty_conditioning(model)
         if negative is None:
             try:
@@ -121,15 +141,30 @@ class SelfPerceptualSampler(io.ComfyNode):
                     raise ValueError("cfg > 1 needs a negative conditioning for this model (e.g. CLIPTextEncode "
                                      "with an empty text)") from None
                 negative = positive  # cfg 1.0 never evaluates the negative
-        noise = comfy.sample.prepare_noise(latent["samples"], seed, latent.get("batch_index"))
-        args = (noise, seed, steps, cfg, sampler_name, scheduler, positive, negative, denoise, cfg_rescale)
-        tuned = sample_model(model, latent, *args)
         decode = (lambda s: frames(vae.decode(s)[..., :3])) if vae is not None else (lambda s: latent_to_rgb(model, s))
         columns = []
-        if base_model is not None:
-            base = sample_model(base_model, latent, *args)
-            columns.append(("base", decode(base)))
-        columns.append(("fine-tuned" if base_model is not None else "sample", decode(tuned)))
+        if mode == "invert":
+            ode = (scheduler, steps, positive, negative, cfg, seed)
+            noise = realimage.invert(base_model if base_model is not None else model, latent["samples"], *ode)
+            tuned = realimage.reconstruct(model, noise, *ode)
+            columns.append(("input", decode(latent["samples"])))
+            if base_model is not None:
+                columns.append(("base (recon.)", decode(realimage.reconstruct(base_model, noise, *ode))))
+            columns.append(("fine-tuned (recon.)" if base_model is not None else "reconstruction", decode(tuned)))
+        else:
+            start = latent
+            if mode == "ilvr":
+                columns.append(("reference", decode(latent["samples"])))
+                if denoise >= 1.0:  # ILVR samples from noise; below 1 it is SDEdit from the reference, guided
+                    start = dict(latent, samples=torch.zeros_like(latent["samples"]))
+            noise = comfy.sample.prepare_noise(start["samples"], seed, latent.get("batch_index"))
+            args = (noise, seed, steps, cfg, sampler_name, scheduler, positive, negative, denoise, cfg_rescale)
+            guide = ((lambda m: realimage.with_ilvr(m, latent["samples"], ilvr_weight, ilvr_factor))
+                     if mode == "ilvr" else (lambda m: m))
+            tuned = sample_model(guide(model), start, *args)
+            if base_model is not None:
+                columns.append(("base", decode(sample_model(guide(base_model), start, *args))))
+            columns.append(("fine-tuned" if base_model is not None else "sample", decode(tuned)))
         grid = labelled_grid(columns)
         out = latent.copy()
         out["samples"] = tuned

@@ -264,6 +264,10 @@ class SelfPerceptualFineTune(io.ComfyNode):
                                tooltip="Distilled guidance for guidance-distilled models (Flux-dev, Flux.2, Chroma, "
                                        "HunyuanImage) while training, as FluxGuidance sets it. 0 = leave the "
                                        "conditioning's own value or the model's default."),
+                io.Float.Input("perceptual_weight", default=1.0, min=0.0, max=100.0, step=0.01, optional=True,
+                               tooltip="Weight of the self-perceptual loss (1 = the paper). 0 with mse_weight 1 "
+                                       "trains the same LoRA with plain MSE (core Train LoRA's loss): the "
+                                       "baseline to compare against in Self-Perceptual Evaluate."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The base model with the trained LoRA applied."),
@@ -296,10 +300,13 @@ class SelfPerceptualFineTune(io.ComfyNode):
                                  seed=i["seed"], t_prime=i["t_prime"], t_prime_range=(i["t_prime_min"],
                                                                                      i["t_prime_max"]),
                                  distance=i["distance"], normalize=i["normalize_features"],
-                                 mse_weight=i["mse_weight"],
+                                 mse_weight=i["mse_weight"], perceptual_weight=i.get("perceptual_weight", 1.0),
                                  batched_frozen=i.get("batched_frozen", TrainSettings.batched_frozen),
                                  optimizer=i.get("optimizer", "adamw"), lr_schedule=i.get("lr_schedule", "constant"),
                                  warmup_steps=i.get("warmup_steps", 0), ema_decay=i.get("ema_decay", 0.0))
+        if not settings.perceptual_weight and not settings.mse_weight:
+            raise ValueError("perceptual_weight and mse_weight are both 0: nothing to train (perceptual_weight 0 "
+                             "with mse_weight 1 is the plain-MSE baseline)")
         if i["t_prime_max"] - i["t_prime_min"] < 0.01:
             raise ValueError(f"t_prime_min {i['t_prime_min']} must be below t_prime_max {i['t_prime_max']}")
         check_sizes(i["batch_size"], i["resolution"])

@@ -1,6 +1,7 @@
 """The real ComfyUI server with this pack: node registry, the harness graph, and every node through the API."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -11,7 +12,7 @@ from tests.e2e import graphs
 
 pytestmark = pytest.mark.e2e
 OUR_NODES = {"SelfPerceptualFineTune": "selfperc/training", "SelfPerceptualSampler": "selfperc/sampling",
-             "SelfPerceptualDistance": "selfperc/analysis"}
+             "SelfPerceptualDistance": "selfperc/analysis", "SelfPerceptualEvaluate": "selfperc/analysis"}
 
 
 def outputs_of(entry: dict, node: str) -> dict:
@@ -27,6 +28,7 @@ def test_object_info_lists_our_nodes_with_tooltips(server):
     info = server.get("/object_info")
     for node_id, category in OUR_NODES.items():
         assert node_id in info, node_id
+        assert (Path(__file__).parents[2] / "web" / "docs" / f"{node_id}.md").is_file(), f"{node_id}: no help page"
         spec = info[node_id]
         assert spec["category"] == category
         inputs = {**spec["input"]["required"], **spec["input"].get("optional", {})}

@@ -12,14 +12,17 @@ pytestmark = pytest.mark.e2e
 NAMES = sorted(p.name for p in workflows.WORKFLOWS.glob("*.json"))
 
 
-def test_three_workflows_ship_with_what_each_is_for():
-    assert NAMES == ["selfperc_fine_tune_compare.json", "selfperc_load_lora_compare.json",
-                     "selfperc_perceptual_distance.json"]
+def test_five_workflows_ship_with_what_each_is_for():
+    assert NAMES == ["selfperc_evaluate.json", "selfperc_fine_tune_compare.json", "selfperc_load_lora_compare.json",
+                     "selfperc_perceptual_distance.json", "selfperc_real_image_ab.json"]
     kinds = {n: sorted(node["type"] for node in workflows.load(n)["nodes"]) for n in NAMES}
     assert {"SelfPerceptualFineTune", "SelfPerceptualSampler", "LossGraphNode", "SaveImage"} <= set(
         kinds["selfperc_fine_tune_compare.json"])
     assert {"LoraLoaderModelOnly", "SelfPerceptualSampler", "SaveImage"} <= set(kinds["selfperc_load_lora_compare.json"])
     assert {"SelfPerceptualDistance", "LoadImage", "SaveImage"} <= set(kinds["selfperc_perceptual_distance.json"])
+    assert {"SelfPerceptualEvaluate", "LoraLoaderModelOnly", "SaveImage"} <= set(kinds["selfperc_evaluate.json"])
+    assert {"SelfPerceptualSampler", "LoadImage", "VAEEncode", "SaveImage"} <= set(
+        kinds["selfperc_real_image_ab.json"])
 
 
 def test_template_browser_lists_and_serves_them(server):
@@ -81,3 +84,58 @@ def test_distance_workflow_runs(server):
     expected = 0.6 * np.array([0, 0, 4], np.float32) / 255 + 0.4 * np.asarray(a, np.float32) / 255
     assert np.abs(same - expected).max() <= 1.5 / 255
     assert np.abs(edited - same).max() > 0.2, "an edited image must light up the map"
+
+
+@pytest.fixture(scope="module")
+def eval_lora(server):
+    """A LoRA of the tiny checkpoint, saved by the fine-tune workflow (2 steps)."""
+    info = server.get("/object_info")
+    folder = make_dataset(server.base / "input" / "wf_eval", names=["astronaut", "coffee", "camera", "chelsea"],
+                          captions=False).name
+    prompt = workflows.set_widgets(workflows.to_api(workflows.load("selfperc_fine_tune_compare.json"), info),
+                                   ckpt_name="tiny_sd15.safetensors", dataset_folder=folder, resolution=64, width=64,
+                                   height=64, batch_size=1, lora_name="selfperc/wf_eval_lora", steps=2,
+                                   learning_rate=1e-2, overwrite=True)
+    prompt["4"]["inputs"]["steps"] = 1
+    entry = server.run(prompt)
+    assert execution_error(entry) is None, execution_error(entry)
+    return folder, "selfperc/wf_eval_lora.safetensors"
+
+
+def saved(server, entry, node):
+    img = entry["outputs"][node]["images"][0]
+    with Image.open(server.base / "output" / img["subfolder"] / img["filename"]) as im:
+        return im.size
+
+
+def test_evaluate_workflow_runs_and_bad_input_is_an_error_not_a_crash(server, eval_lora):
+    folder, lora = eval_lora
+    info = server.get("/object_info")
+    prompt = workflows.set_widgets(workflows.to_api(workflows.load("selfperc_evaluate.json"), info),
+                                   ckpt_name="tiny_sd15.safetensors", lora_name=lora, dataset_folder=folder,
+                                   resolution=64, sample_count=4, steps=2, bootstraps=3)
+    entry = server.run(prompt)
+    assert execution_error(entry) is None, execution_error(entry)
+    w, h = saved(server, entry, "4")  # the table
+    assert w > 200 and h > 100
+    assert saved(server, entry, "5")[0] > 2 * 64  # base | fine-tuned columns
+
+    one = make_dataset(server.base / "input" / "wf_eval_one", names=["coffee"], captions=False).name
+    bad = workflows.set_widgets(json.loads(json.dumps(prompt)), dataset_folder=one)
+    err = execution_error(server.run(bad))
+    assert err is not None and "at least 2" in err["exception_message"] and "wf_eval_one" in err["exception_message"]
+    assert execution_error(server.run(prompt)) is None  # the server keeps working
+
+
+@pytest.mark.parametrize("mode,denoise", [("sample", 0.6), ("ilvr", 1.0), ("invert", 1.0)])
+def test_real_image_ab_workflow_runs_in_each_mode(server, eval_lora, mode, denoise):
+    _, lora = eval_lora
+    Image.fromarray(photo("chelsea")).resize((64, 64)).save(server.base / "input" / "wf_real.png")
+    info = server.get("/object_info")
+    prompt = workflows.set_widgets(workflows.to_api(workflows.load("selfperc_real_image_ab.json"), info),
+                                   ckpt_name="tiny_sd15.safetensors", lora_name=lora, image="wf_real.png",
+                                   steps=3, denoise=denoise, mode=mode)
+    entry = server.run(prompt)
+    assert execution_error(entry) is None, execution_error(entry)
+    columns = 3 if mode != "sample" else 2  # reference/input | base | fine-tuned
+    assert saved(server, entry, "6")[0] > columns * 64

@@ -1,4 +1,4 @@
-"""The three nodes called in-process on real ModelPatchers (the server tier runs them through the API)."""
+"""The fine-tune, sampler and distance nodes called in-process on real ModelPatchers (the server tier runs them through the API)."""
 import logging
 from pathlib import Path
 
