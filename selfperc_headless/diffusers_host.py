@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .adapter import AdapterSwitch
+from selfperc_core.adapter import AdapterSwitch
 
 # Zero terminal SNR sets the last alpha_bar to 0 (sigma = inf); ComfyUI uses this value instead.
 ZSNR_MIN_ALPHA_BAR = 4.8973451890853435e-08

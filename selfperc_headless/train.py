@@ -1,4 +1,4 @@
-"""Headless self-perceptual trainer on accelerate + diffusers: `python -m selfperc_core.train ...`, and the
+"""Headless self-perceptual trainer on accelerate + diffusers: `python -m selfperc_headless.train ...`, and the
 same under `accelerate launch` (multi-GPU, multi-node, or multi-CPU with gloo).
 
 The model folder is a diffusers layout: unet/ (UNet2DConditionModel), vae/ (AutoencoderKL), scheduler/
@@ -17,19 +17,25 @@ from pathlib import Path
 
 import torch
 
-from .adapter import checkpoint_forward
-from .dataset import RESIZE_MODES, as_float, load_dataset
-from .diffusers_host import DiffusersSchedule, PeftSwitch, comfy_lora_state_dict, lora_targets, unet_predictor
-from .features import FeatureTap
-from .host import ModelHost, frozen_features_fn, stack_token_conds
-from .loop import LR_SCHEDULES, OPTIMIZERS, Trainer, TrainSettings, make_optimizer
-from .objective import DISTANCES
-from .state import load_state_file, save_state_file
-from .timesteps import T_PRIME_STRATEGIES
+from selfperc_core.adapter import checkpoint_forward
+from selfperc_core.dataset import RESIZE_MODES, as_float, load_dataset
+from selfperc_core.features import FeatureTap
+from selfperc_core.host import ModelHost, frozen_features_fn, stack_token_conds
+from selfperc_core.loop import LR_SCHEDULES, OPTIMIZERS, Trainer, TrainSettings, make_optimizer
+from selfperc_core.objective import DISTANCES
+from selfperc_core.state import load_state_file, save_state_file
+from selfperc_core.timesteps import T_PRIME_STRATEGIES
+from selfperc_headless.diffusers_host import (
+    DiffusersSchedule,
+    PeftSwitch,
+    comfy_lora_state_dict,
+    lora_targets,
+    unet_predictor,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m selfperc_core.train", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m selfperc_headless.train", description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, required=True, help="diffusers model folder (unet/, vae/, scheduler/)")
     ap.add_argument("--data", type=Path, required=True, help="folder of training images")
     ap.add_argument("--out", type=Path, required=True, help="output folder (LoRA, checkpoints, log)")
@@ -48,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--distance", choices=DISTANCES, default="mse")
     ap.add_argument("--normalize", action="store_true")
     ap.add_argument("--mse-weight", type=float, default=0.0)
+    ap.add_argument("--perceptual-weight", type=float, default=1.0,
+                    help="0 with --mse-weight 1: the same run with plain MSE (the baseline to evaluate against)")
     ap.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     ap.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant")
     ap.add_argument("--warmup-steps", type=int, default=0)
@@ -152,7 +160,8 @@ def main(argv=None) -> None:
     opt = acc.prepare_optimizer(make_optimizer(a.optimizer, params, a.lr))
     settings = TrainSettings(steps=a.steps, learning_rate=a.lr, batch_size=a.batch_size, seed=a.seed,
                              t_prime=a.t_prime, t_prime_range=tuple(a.t_prime_range), distance=a.distance,
-                             normalize=a.normalize, mse_weight=a.mse_weight, optimizer=a.optimizer,
+                             normalize=a.normalize, mse_weight=a.mse_weight, perceptual_weight=a.perceptual_weight,
+                             optimizer=a.optimizer,
                              lr_schedule=a.lr_schedule, warmup_steps=a.warmup_steps)
     host = ModelHost(predict, frozen_features, schedule.noise_scaling, schedule.sigma_of_t, schedule.parameterization,
                      lambda conds: stack_token_conds(conds).to(dev))

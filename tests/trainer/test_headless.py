@@ -1,4 +1,4 @@
-"""The headless trainer (selfperc_core.train) on accelerate + diffusers, with the core's objective unchanged."""
+"""The headless trainer (selfperc_headless.train) on accelerate + diffusers, with the core's objective unchanged."""
 import json
 import logging
 import shutil
@@ -28,7 +28,7 @@ def data_dir(tmp_path_factory):
 
 
 def train(model_dir, data_dir, out, *extra, launcher=None):
-    cmd = (launcher or [sys.executable]) + ["-m", "selfperc_core.train", "--model", str(model_dir), "--data",
+    cmd = (launcher or [sys.executable]) + ["-m", "selfperc_headless.train", "--model", str(model_dir), "--data",
                                             str(data_dir), "--out", str(out), "--resolution", "64",
                                             "--log-json", str(out / "log.json"), *map(str, extra)]
     res = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
@@ -88,7 +88,7 @@ def test_diffusers_predictions_match_comfyui_for_the_same_weights(comfy, tiny_mo
     from diffusers import DDPMScheduler
 
     from dev.diffusers_fixture import diffusers_unet_from_comfy
-    from selfperc_core.diffusers_host import DiffusersSchedule, unet_predictor
+    from selfperc_headless.diffusers_host import DiffusersSchedule, unet_predictor
     from tests.host.models import as_parameterization, load_checkpoint
 
     model = load_checkpoint(str(tiny_models["checkpoint"]))[0]
@@ -115,7 +115,7 @@ def test_v_prediction_zero_snr_and_full_fine_tune_run(tmp_path, data_dir):
     log, lora = train(v_dir, data_dir, tmp_path / "v_out", "--steps", 2, "--batch-size", 2,
                       "--gradient-checkpointing")
     assert all(torch.isfinite(torch.tensor(log["losses"])))
-    cmd = [sys.executable, "-m", "selfperc_core.train", "--model", str(v_dir), "--data", str(data_dir), "--out",
+    cmd = [sys.executable, "-m", "selfperc_headless.train", "--model", str(v_dir), "--data", str(data_dir), "--out",
            str(tmp_path / "full"), "--resolution", "64", "--steps", "1", "--full", "--lr", "1e-6"]
     res = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -133,9 +133,49 @@ def test_resume_never_unpickles_a_planted_state(model_dir, data_dir, tmp_path):
     state.mkdir()
     (state / "trainer.selfperc_state").write_bytes(pickle.dumps({"trainer": _Payload(marker)}))
     (state / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(_Payload(marker)))
-    cmd = [sys.executable, "-m", "selfperc_core.train", "--model", str(model_dir), "--data", str(data_dir), "--out",
+    cmd = [sys.executable, "-m", "selfperc_headless.train", "--model", str(model_dir), "--data", str(data_dir), "--out",
            str(tmp_path / "out"), "--resolution", "64", "--steps", "2", "--resume", str(state)]
     res = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert res.returncode != 0
     assert "trainer.selfperc_state is not a valid selfperc state file" in res.stderr, res.stderr[-2000:]
     assert not marker.exists(), "the planted pickle ran"
+
+
+def evaluate(model_dir, data_dir, out, *compare, extra=()):
+    cmd = [sys.executable, "-m", "selfperc_headless.evaluate", "--model", str(model_dir), "--data", str(data_dir),
+           "--resolution", "64", "--samples", "4", "--steps", "4", "--bootstraps", "3", "--noise-levels", "0.2",
+           "0.6", "--out", str(out), *[f"--compare={c}" for c in compare], *extra]
+    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_headless_evaluate_measures_a_trained_lora_with_paired_spread(model_dir, data_dir, tmp_path):
+    """The node's measurement from the command line: a LoRA written by the trainer against the base model, and a
+    LoRA with zero up weights (the base model itself) whose difference is exactly 0 (identical noise)."""
+    from safetensors.torch import save_file
+
+    _, lora = train(model_dir, data_dir, tmp_path / "run", "--steps", 2, "--batch-size", 2, "--lr", "1e-2")
+    zero = {k: (torch.zeros_like(v) if k.endswith("lora_up.weight") else v) for k, v in lora.items()}
+    save_file(zero, str(tmp_path / "zero.safetensors"))
+    res = evaluate(model_dir, data_dir, tmp_path / "report.json",
+                   f"tuned={tmp_path / 'run' / 'selfperc_lora.safetensors'}", f"zero={tmp_path / 'zero.safetensors'}")
+    assert res.returncode == 0, res.stderr[-4000:]
+    rep = json.loads((tmp_path / "report.json").read_text())
+    for metric in ("FD", "KID"):
+        rows = rep["metrics"]["self"][metric]
+        assert set(rows) == {"base", "tuned", "zero", "tuned - base", "zero - base"}
+        assert rows["zero - base"]["value"] == 0 and rows["zero - base"]["std"] == 0
+        assert rows["tuned - base"]["value"] != 0 and rows["base"]["std"] > 0
+    assert "self FD" in res.stdout and "tuned - base" in res.stdout
+
+
+def test_headless_evaluate_refuses_a_foreign_lora_and_too_few_images(model_dir, data_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"lora_unet_not_a_layer.lora_down.weight": torch.zeros(2, 4),
+               "lora_unet_not_a_layer.lora_up.weight": torch.zeros(4, 2)}, str(tmp_path / "foreign.safetensors"))
+    res = evaluate(model_dir, data_dir, tmp_path / "r.json", f"x={tmp_path / 'foreign.safetensors'}")
+    assert res.returncode != 0 and "lora_unet_not_a_layer matches no layer" in res.stderr
+    one = make_dataset(tmp_path / "one", names=["coffee"], captions=False)
+    res = evaluate(model_dir, one, tmp_path / "r.json")
+    assert res.returncode != 0 and "at least 2" in res.stderr
+    assert not (tmp_path / "r.json").exists()  # nothing half-written

@@ -1,0 +1,185 @@
+"""Headless evaluation: `python -m selfperc_headless.evaluate`, the Evaluate node's measurement for diffusers
+models and folders of images.
+
+Base (the diffusers model folder) and each fine-tune (a LoRA written by `selfperc_headless.train` or the ComfyUI
+node in kohya format, or a fully fine-tuned unet/ folder) sample from identical noise without guidance, with the
+deterministic probability-flow ODE (selfperc_core.realimage, i.e. DDIM). Samples and the images of --data are
+compared in the frozen base UNet's mid-block features at the --noise-levels, by FD and KID with their paired
+spread (selfperc_core.evaluation, the node's code). Unconditional, as the headless trainer.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from selfperc_core.dataset import load_dataset
+from selfperc_core.evaluation import MIN_IMAGES, distances, noised_features, report_lines
+from selfperc_core.features import FeatureTap
+from selfperc_core.host import frozen_features_fn
+from selfperc_core.realimage import euler_ode
+from selfperc_headless.diffusers_host import DiffusersSchedule, unet_predictor
+from selfperc_headless.train import encode
+
+LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m selfperc_headless.evaluate", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, required=True, help="diffusers model folder (unet/, vae/, scheduler/)")
+    ap.add_argument("--data", type=Path, required=True, help="folder of (held-out) images to compare with")
+    ap.add_argument("--compare", action="append", default=[], metavar="NAME=PATH",
+                    help="a fine-tune to measure: NAME=a LoRA .safetensors or NAME=a unet/ folder (repeatable)")
+    ap.add_argument("--samples", type=int, default=32, help="samples per model (identical noise for all)")
+    ap.add_argument("--steps", type=int, default=30, help="ODE (DDIM) steps")
+    ap.add_argument("--resolution", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--noise-levels", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7])
+    ap.add_argument("--bootstraps", type=int, default=20)
+    ap.add_argument("--max-images", type=int, default=256, help="dataset images used (the first by name)")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--out", type=Path, default=None, help="write the report JSON here")
+    a = ap.parse_args(argv)
+    if a.samples < MIN_IMAGES:
+        ap.error(f"--samples {a.samples}: a distance between distributions needs at least {MIN_IMAGES}")
+    if any(not 0 < t < 1 for t in a.noise_levels):
+        ap.error("--noise-levels must lie strictly between 0 and 1")
+    for item in a.compare:
+        if "=" not in item or not item.split("=", 1)[0]:
+            ap.error(f"--compare {item!r}: give NAME=PATH")
+    return a
+
+
+def lora_deltas(unet, sd: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
+    """Weight deltas (alpha / rank) * up @ down per layer of a kohya-format LoRA ('lora_unet_<module>'); every key
+    must name a layer of ``unet`` (a LoRA of another model is an error, not a silent no-op)."""
+    layers = {n.replace(".", "_"): m for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear,
+                                                                                       torch.nn.Conv2d))}
+    out = {}
+    bases = {k[: -len(s)] for k in sd for s in LORA_SUFFIXES if k.endswith(s)}
+    if not bases:
+        raise ValueError(f"{source}: not a kohya-format LoRA (lora_unet_*.lora_down/lora_up.weight); the ComfyUI "
+                         "node writes one with save_format kohya, the headless trainer always does")
+    for base in sorted(bases):
+        name = base[len("lora_unet_"):] if base.startswith("lora_unet_") else None
+        if name not in layers or f"{base}.lora_down.weight" not in sd or f"{base}.lora_up.weight" not in sd:
+            raise ValueError(f"{source}: LoRA key {base} matches no layer of this UNet")
+        down, up = sd[f"{base}.lora_down.weight"].float(), sd[f"{base}.lora_up.weight"].float()
+        alpha = float(sd.get(f"{base}.alpha", torch.tensor(float(down.shape[0]))))
+        w = layers[name].weight
+        out[name] = ((up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)) * alpha / down.shape[0]
+                     ).reshape(w.shape)
+    return out
+
+
+class Merged:
+    """``unet`` with weight deltas added in place for the ``with`` block, restored exactly afterwards."""
+
+    def __init__(self, unet, deltas: dict[str, torch.Tensor]):
+        self.layers = {n.replace(".", "_"): m for n, m in unet.named_modules()}
+        self.deltas, self.saved = deltas, {}
+
+    def __enter__(self):
+        with torch.no_grad():
+            for name, d in self.deltas.items():
+                w = self.layers[name].weight
+                self.saved[name] = w.detach().clone()
+                w.add_(d.to(w))
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for name, w0 in self.saved.items():
+                self.layers[name].weight.copy_(w0)
+
+
+def ode_sigmas(schedule: DiffusersSchedule, steps: int) -> torch.Tensor:
+    """Evenly spaced training timesteps from the last to the first (ComfyUI's 'normal' spacing), then 0."""
+    n = len(schedule.log_sigmas)
+    sig = schedule.sigma_of_timestep(torch.linspace(n - 1, 0, steps))
+    return torch.cat([sig, torch.zeros(1)])
+
+
+def sample(predict, shape: tuple, count: int, seed: int, sigmas: torch.Tensor, batch: int, device) -> torch.Tensor:
+    """``count`` latents from the ODE; sample i starts from the noise of seed + i, whichever model samples."""
+    out = []
+    for start in range(0, count, batch):
+        idx = range(start, min(count, start + batch))
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in idx])
+        x = noise.to(device) * sigmas[0]
+        with torch.no_grad():
+            out.append(euler_ode(lambda xi, s: predict(xi, s.expand(xi.shape[0]).to(device), None), x,
+                                 sigmas.to(device)).float().cpu())
+    return torch.cat(out)
+
+
+def main(argv=None) -> dict:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    a = parse_args(argv)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ds = load_dataset(a.data, a.resolution)
+    images = ds.images[: a.max_images]
+    if len(images) < MIN_IMAGES:
+        raise SystemExit(f"{a.data}: {len(images)} usable image(s); the distances need at least {MIN_IMAGES}")
+    schedule = DiffusersSchedule(DDPMScheduler.from_pretrained(a.model / "scheduler"))
+    unet = UNet2DConditionModel.from_pretrained(a.model / "unet").to(dev).eval().requires_grad_(False)
+    tuned = {}
+    for item in a.compare:  # every input is read (and refused) before any sampling
+        name, path = item.split("=", 1)
+        path = Path(path)
+        if path.is_dir():
+            tuned[name] = UNet2DConditionModel.from_pretrained(path).to(dev).eval().requires_grad_(False)
+        elif path.suffix == ".safetensors":
+            tuned[name] = lora_deltas(unet, load_file(str(path)), path)
+        else:
+            raise SystemExit(f"--compare {item}: give a .safetensors LoRA or a unet/ folder")
+    vae = AutoencoderKL.from_pretrained(a.model / "vae").to(dev).eval()
+    real = torch.stack(encode(vae, images, dev))
+    del vae
+    ctx = unet.config.cross_attention_dim
+    sigmas = ode_sigmas(schedule, a.steps)
+    shape = tuple(real.shape[1:])
+    samples = {"base": sample(unet_predictor(unet, schedule, ctx), shape, a.samples, a.seed, sigmas,
+                              a.batch_size, dev)}
+    for name, t in tuned.items():
+        print(f"selfperc evaluate: sampling {name}", flush=True)
+        if isinstance(t, dict):
+            with Merged(unet, t):
+                samples[name] = sample(unet_predictor(unet, schedule, ctx), shape, a.samples, a.seed, sigmas,
+                                       a.batch_size, dev)
+        else:
+            samples[name] = sample(unet_predictor(t, schedule, ctx), shape, a.samples, a.seed, sigmas,
+                                   a.batch_size, dev)
+    with FeatureTap(unet.mid_block) as tap:
+        feats = frozen_features_fn(unet_predictor(unet, schedule, ctx), tap)
+
+        def stack(lat):
+            per = noised_features(feats, lat.to(dev), a.noise_levels, schedule.sigma_of_t, schedule.noise_scaling,
+                                  seed=a.seed, batch=a.batch_size)
+            return torch.stack([per[t] for t in a.noise_levels], 1)
+        real_f = stack(real)
+        fake_f = {k: stack(v) for k, v in samples.items()}
+    dim = real_f.shape[-1]
+    notes = [f"self features: the base UNet's mid_block, {dim} channels, pooled, at t' = "
+             f"{', '.join(map(str, a.noise_levels))}"]
+    if min(a.samples, len(images)) <= dim:
+        notes.append(f"FD is biased upward here: {min(a.samples, len(images))} points in {dim} dimensions; trust KID "
+                     "and the differences")
+    report = {"samples": a.samples, "dataset_images": len(images), "dataset": str(a.data), "cfg": 1.0,
+              "steps": a.steps, "sampler": "ode (DDIM)", "seed": a.seed, "noise_levels": a.noise_levels,
+              "bootstraps": a.bootstraps, "latent_shape": list(shape),
+              "metrics": {"self": distances(real_f, fake_f, a.bootstraps, a.seed)}, "notes": notes}
+    print("\n".join(report_lines(report)))
+    if a.out is not None:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = a.out.with_name(a.out.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        tmp.replace(a.out)
+    return report
+
+
+if __name__ == "__main__":
+    main()
