@@ -1,7 +1,7 @@
 # The two commands of README: `make demo` (the main job) and `make test`. Each builds .venv if needed.
 PY := .venv/bin/python
 
-.PHONY: venv test test-core demo bench bench-quick bench-profile bench-pairs lint clean
+.PHONY: venv test test-core demo bench bench-wide bench-quick bench-profile bench-pairs lint clean
 
 venv:
 	@bash dev/setup_venv.sh
@@ -32,3 +32,6 @@ bench-profile: venv
 
 bench-pairs: venv
 	$(PY) -m bench.pairs
+
+bench-wide: venv
+	$(PY) -m bench.wide

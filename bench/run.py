@@ -26,6 +26,7 @@ from selfperc_core.loop import TrainSettings
 # (d2) toggles whatever the shipped default of the frozen passes is
 _D2 = (("selfperc_separate", "(b) with separate frozen passes") if TrainSettings().batched_frozen
        else ("selfperc_batched", "(b) with batched frozen passes"))
+WIDE_MARKER = "<!-- bench.wide: everything below is written by `make bench-wide` -->"
 STEPS, WARMUP = 3, 1  # timed steps after warm-up steps, per configuration process (also bench/pairs.py)
 MAIN = [("a", "core_train_lora", "core Train LoRA (MSE)"),
         ("a2", "mse_same_lora", "MSE step with our LoRA (floor baseline)"),
@@ -102,7 +103,11 @@ def main() -> None:
 def save(res: dict, out_dir: Path, quick: bool) -> None:
     name = "quick-results" if quick else "results"
     (out_dir / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
-    (out_dir / f"{name}.md").write_text(markdown(res))
+    md = out_dir / f"{name}.md"
+    tail = ""  # keep the section `make bench-wide` writes (bench/wide.py)
+    if md.exists() and WIDE_MARKER in md.read_text():
+        tail = "\n" + WIDE_MARKER + md.read_text().split(WIDE_MARKER, 1)[1]
+    md.write_text(markdown(res) + tail)
 
 
 def markdown(res: dict) -> str:

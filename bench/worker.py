@@ -29,13 +29,17 @@ def sd15_unet_config() -> dict:
                 use_temporal_resblock=False)
 
 
-def load_model(which: str):
-    """A ComfyUI ModelPatcher: the full SD1.5 UNet (random, cached) or the tiny test UNet."""
+def load_model(which: str, dtype: str = "fp32", overrides: dict | None = None):
+    """A ComfyUI ModelPatcher: the full SD1.5 UNet (random, cached), the tiny test UNet, or one of the full-width
+    architectures of bench/archs.py (random, built in-process)."""
     import_comfy()
     import comfy.sd
 
+    from bench import archs
     from dev.tiny_models import write_unet
 
+    if which in archs.ARCHS:
+        return archs.build(which, {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype], **(overrides or {}))
     if which == "sd15":
         path = write_unet(CACHE / "sd15_unet_random.safetensors", seed=0, config=sd15_unet_config())
     else:
@@ -43,9 +47,36 @@ def load_model(which: str):
     return comfy.sd.load_diffusion_model(str(path))
 
 
-def latents_for(size: int, n: int) -> torch.Tensor:
+def latents_for(size: int, n: int, model=None) -> torch.Tensor:
+    from bench.archs import latent_shape
+
+    shape = latent_shape(model, size) if model is not None else (4, size, size)
     g = torch.Generator().manual_seed(0)
-    return torch.randn(n, 4, size, size, generator=g)
+    return torch.randn(n, *shape, generator=g)
+
+
+def conditioning_for(which: str) -> list | None:
+    """The CONDITIONING every configuration trains on: None (the node's empty prompt) for the SD1.5 UNets,
+    text-encoder-shaped for the others (which need one)."""
+    from bench import archs
+
+    return archs.conditioning(which) if which in archs.ARCHS else None
+
+
+def per_image_inputs(mp, conditioning: list | None, lat: torch.Tensor) -> list:
+    """The Trainer's per-image conditioning list (None: the empty prompt)."""
+    if conditioning is None:
+        return [None] * len(lat)
+    from selfperc_pack.nodes.conditioning import model_inputs
+
+    return [model_inputs(mp, conditioning, tuple(lat.shape[1:]))] * len(lat)
+
+
+def batch_inputs(ses, conditioning: list | None, lat: torch.Tensor, n: int):
+    """One batch's model inputs for ``n`` images (None: the empty prompt)."""
+    if conditioning is None:
+        return None
+    return ses.host.collate(per_image_inputs(ses.mp, conditioning, lat[:n]))
 
 
 def on_cuda() -> bool:
@@ -109,11 +140,13 @@ def run_core_train_lora(model, lat, a) -> tuple[list[float], bool]:
 
     clock = StepClock(a.warmup)
     comfy.utils.set_progress_bar_global_hook(clock)
-    cond = [[torch.zeros(1, 77, 768), {}]]
-    dtype = "bf16" if on_cuda() else "fp32"
+    cond = a.conditioning or [[torch.zeros(1, 77, 768), {}]]
+    # As our step computes: bf16 on a GPU, else in the weights' dtype (bf16 weights compute in bf16 on a CPU too)
+    dtype = "bf16" if on_cuda() or a.dtype == "bf16" else "fp32"
     kw = dict(model=model, positive=cond, batch_size=a.batch, grad_accumulation_steps=1,
               steps=a.warmup + a.steps + 1, learning_rate=1e-4, rank=a.rank, optimizer="AdamW",
-              loss_function="MSE", seed=0, training_dtype=dtype, lora_dtype=dtype, algorithm="LoRA",
+              loss_function="MSE", seed=0, training_dtype=dtype, lora_dtype="bf16" if on_cuda() else "fp32",
+              algorithm="LoRA",
               gradient_checkpointing=a.checkpointing, existing_lora="[None]")
     # As a dataset graph feeds it (one latent per image, an output list): this ComfyUI's node only defines
     # its multi-resolution flag on that path and fails on a single batched LATENT.
@@ -138,12 +171,13 @@ def selfperc_trainer(model, lat, a, early_exit=True, batched=None, naive=False):
     if batched is not None:
         settings.batched_frozen = batched
     with torch.inference_mode(False), training_session(model, a.rank, float(a.rank), 0, "mid_block",
-                                                       a.checkpointing, early_exit=early_exit) as ses:
+                                                       a.checkpointing, early_exit=early_exit, depth=a.depth) as ses:
         host = ses.host
         if naive:
             frozen, _copy = naive_frozen_features(ses.mp, checkpointing=a.checkpointing)
             host = dataclasses.replace(host, frozen_features=frozen)
-        yield Trainer(ses.params, [x for x in lat.clone()], [None] * len(lat), host, settings, device=bridge.device())
+        conds = per_image_inputs(ses.mp, a.conditioning, lat)
+        yield Trainer(ses.params, [x for x in lat.clone()], conds, host, settings, device=bridge.device())
 
 
 def seconds(fn) -> float:
@@ -191,17 +225,37 @@ def run_mse_same_lora(model, lat, a) -> tuple[list[float], bool]:
         opt = torch.optim.AdamW(ses.params, lr=1e-4)
         g = torch.Generator().manual_seed(0)
         dev = bridge.device()
+        cond = batch_inputs(ses, a.conditioning, lat, a.batch)
 
         def step():
             idx = torch.randperm(len(lat), generator=g)[: a.batch]
             x0 = lat[idx].to(dev)
             sigma = sig(draw_t(a.batch, g, ses.host.t_range)).to(dev)  # the node's t-range for this model
             x_t = ns(sigma, torch.randn(x0.shape, generator=g).to(dev), x0)
-            loss = (ses.predict_x0(x_t, sigma, None) - x0).square().mean()
+            loss = (ses.predict_x0(x_t, sigma, cond) - x0).square().mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
         return timed_steps(step, a)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmRSS:")).split()[1]) * 1024
+
+
+def measure_activations(model, lat, a) -> dict:
+    """Peak memory of (b)'s steps above what the process held before them (weights, runtime): the activation
+    memory one step needs. Run with MALLOC_MMAP_THRESHOLD_ set so freed tensors leave the RSS (bench/wide.py)."""
+    with selfperc_trainer(model, lat, a) as tr:
+        tr.step()  # first-step allocations (optimizer state, caches) belong to the baseline
+        base = rss_bytes()
+        reset_worked = reset_peak_memory()
+        for _ in range(a.steps):
+            seconds(tr.step)
+        peak, _kind = peak_memory(reset_worked)
+    return {"activation_bytes": peak - base, "baseline_rss_bytes": base, "peak_bytes": peak,
+            "weight_bytes": sum(p.numel() * p.element_size() for p in model.model.diffusion_model.parameters())}
 
 
 def count_flops(model, lat, a) -> dict:
@@ -212,26 +266,32 @@ def count_flops(model, lat, a) -> dict:
 
     lat = model.model.process_latent_in(lat[: a.batch]).to(bridge.device())
     sigma = torch.full((a.batch,), 1.0, device=lat.device)
-    with torch.inference_mode(False), training_session(model, a.rank, float(a.rank), 0, "mid_block", False) as ses:
+    with torch.inference_mode(False), training_session(model, a.rank, float(a.rank), 0, "mid_block", False,
+                                                       depth=getattr(a, "depth", 0.5)) as ses:
         x = lat.clone().requires_grad_(False)
+        cond = batch_inputs(ses, getattr(a, "conditioning", None), lat, a.batch)
         with FlopCounterMode(display=False) as fc:
-            out = ses.predict_x0(x, sigma, None)
+            out = ses.predict_x0(x, sigma, cond)
             (out - lat).square().mean().backward()
         mse_step = fc.get_total_flops()
         with FlopCounterMode(display=False) as fc, torch.no_grad():
-            ses.frozen_features(x, sigma, None)
+            ses.frozen_features(x, sigma, cond)
         to_tap = fc.get_total_flops()
         with FlopCounterMode(display=False) as fc, torch.no_grad():
-            ses.predict_x0(x, sigma, None)
+            ses.predict_x0(x, sigma, cond)
         full_fwd = fc.get_total_flops()
-    return {"mse_step": mse_step, "forward_to_tap": to_tap, "forward_full": full_fwd}
+    return {"mse_step": mse_step, "forward_to_tap": to_tap, "forward_full": full_fwd, "tap": ses.tap_name}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("method", choices=["core_train_lora", "mse_same_lora", "selfperc", "selfperc_no_early_exit",
-                                       "selfperc_batched", "selfperc_separate", "naive", "flops"])
-    ap.add_argument("--model", default="sd15", choices=["sd15", "tiny"])
+                                       "selfperc_batched", "selfperc_separate", "naive", "flops",
+                                       "activations"])
+    ap.add_argument("--model", default="sd15", choices=["sd15", "tiny", "sdxl", "flux", "qwen_image"])
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights of the built architectures")
+    ap.add_argument("--depth", type=float, default=0.5, help="tap depth fraction (transformers)")
+    ap.add_argument("--config", default="{}", help="JSON overrides of the architecture's unet_config (block counts)")
     ap.add_argument("--size", type=int, default=32, help="latent side")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rank", type=int, default=8)
@@ -241,10 +301,14 @@ def main() -> None:
     a = ap.parse_args()
     torch.manual_seed(0)
     import_pack()
-    model = load_model(a.model)
-    lat = latents_for(a.size, max(4, a.batch))
+    model = load_model(a.model, a.dtype, json.loads(a.config))
+    lat = latents_for(a.size, max(4, a.batch), model)
+    a.conditioning = conditioning_for(a.model)
     if a.method == "flops":
         print(json.dumps(count_flops(model, lat, a)))
+        return
+    if a.method == "activations":
+        print(json.dumps(measure_activations(model, lat, a)))
         return
     t0 = time.perf_counter()
     if a.method == "core_train_lora":

@@ -116,17 +116,24 @@ def _init_params(module: torch.nn.Module, seed: int) -> None:
 
 def tiny_model(family: str, seed: int = 0):
     """A ModelPatcher around a tiny random model of ``family`` (CPU, fp32), as ComfyUI's loaders produce one."""
+    cls_name, unet_config, _, _ = SPECS[family]
+    return build_model(cls_name, unet_config, seed, v_prediction=family == "sd20_v")
+
+
+def build_model(cls_name: str, unet_config: dict, seed: int = 0, dtype: torch.dtype = torch.float32,
+                v_prediction: bool = False):
+    """A ModelPatcher around a random model of the ``comfy.supported_models`` class ``cls_name`` built from
+    ``unet_config`` (detection skipped), weights N(0, 0.02) in ``dtype``."""
     import_comfy()
     import comfy.model_base
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
 
-    cls_name, unet_config, _, _ = SPECS[family]
     model_config = getattr(comfy.supported_models, cls_name)(unet_config)
-    if family == "sd20_v":  # SD20.model_type() detects v-prediction from checkpoint weight statistics
+    if v_prediction:  # SD20.model_type() detects v-prediction from checkpoint weight statistics
         model_config.model_type = lambda state_dict, prefix="": comfy.model_base.ModelType.V_PREDICTION
-    model_config.set_inference_dtype(torch.float32, None)
+    model_config.set_inference_dtype(dtype, None)
     model = model_config.get_model({}, "")
     _init_params(model.diffusion_model, seed)
     model = model.to(comfy.model_management.unet_offload_device())

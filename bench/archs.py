@@ -1,0 +1,76 @@
+"""The architectures `make bench-wide` measures, at the width people train them (random weights).
+
+Each entry: the ``comfy.supported_models`` class, its unet_config as ComfyUI's detection reads it from the
+released checkpoint (transformers with fewer blocks, so they fit this machine), and the text-encoder output
+shapes its conditioning carries. Real depth is kept beside it for the memory prediction.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+SDXL_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2],
+                 channel_mult=[1, 2, 4], transformer_depth=[0, 0, 2, 2, 10, 10],
+                 transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], transformer_depth_middle=10,
+                 context_dim=2048, num_heads=-1, num_head_channels=64, use_linear_in_transformer=True,
+                 use_spatial_transformer=True, legacy=False, adm_in_channels=2816, num_classes="sequential",
+                 use_temporal_attention=False, use_temporal_resblock=False)
+FLUX1 = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
+             hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38, axes_dim=[16, 56, 56],
+             theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)
+QWEN_IMAGE = dict(image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=60,
+                  attention_head_dim=128, num_attention_heads=24, joint_attention_dim=3584,
+                  axes_dims_rope=(16, 56, 56))
+
+
+@dataclass(frozen=True)
+class Arch:
+    cls_name: str            # comfy.supported_models class
+    config: dict             # as benchmarked (reduced depth for transformers)
+    context: int             # text-encoder token width
+    tokens: int              # text tokens per prompt in the benchmark
+    pooled: int | None = None
+    extras: dict = field(default_factory=dict)
+    real_blocks: dict = field(default_factory=dict)  # depth keys of the released model -> their real value
+    note: str = ""
+
+
+ARCHS: dict[str, Arch] = {
+    "sdxl": Arch("SDXL", SDXL_UNET, 2048, 77, pooled=1280, note="the whole SDXL UNet (2.6B parameters)"),
+    "flux": Arch("Flux", dict(FLUX1, depth=2, depth_single_blocks=4), 4096, 64, pooled=768,
+                 extras={"guidance": 3.5}, real_blocks={"depth": 19, "depth_single_blocks": 38},
+                 note="Flux.1-dev width (hidden 3072, 24 heads), 2 double + 4 single blocks of 19 + 38"),
+    "qwen_image": Arch("QwenImage", dict(QWEN_IMAGE, num_layers=4), 3584, 64,
+                       real_blocks={"num_layers": 60},
+                       note="Qwen-Image width (hidden 3072, 24 heads), 4 of its 60 blocks"),
+}
+
+
+def build(name: str, dtype: torch.dtype = torch.float32, **config_overrides):
+    """A ComfyUI ModelPatcher of architecture ``name`` with random weights (seed 0)."""
+    from dev.tiny_families import build_model
+
+    arch = ARCHS[name]
+    return build_model(arch.cls_name, {**arch.config, **config_overrides}, seed=0, dtype=dtype)
+
+
+def conditioning(name: str) -> list:
+    """A CONDITIONING shaped like this architecture's text encoders' output (seeded random values)."""
+    arch = ARCHS[name]
+    g = torch.Generator().manual_seed(1)
+    extras = dict(arch.extras)
+    if arch.pooled:
+        extras["pooled_output"] = torch.randn((1, arch.pooled), generator=g)
+    return [[torch.randn((1, arch.tokens, arch.context), generator=g), extras]]
+
+
+def latent_shape(model_patcher, side: int) -> tuple:
+    """(C, ...) of one latent of ``side`` x ``side`` for this model's latent format."""
+    fmt = model_patcher.model.latent_format
+    c = fmt.latent_channels
+    return (c, 1, side, side) if getattr(fmt, "latent_dimensions", 2) == 3 else (c, side, side)
+
+
+def parameter_count(model_patcher) -> int:
+    return sum(p.numel() for p in model_patcher.model.diffusion_model.parameters())

@@ -1,0 +1,236 @@
+"""`make bench-wide`: the self-perceptual step on the architectures people train, at their real width.
+
+Per architecture of bench/archs.py (random weights, fp32, this machine), with gradient checkpointing on and off,
+each configuration in its own process (bench/worker.py, the harness of `make bench`):
+  (a)  core Train LoRA (MSE), as ComfyUI calls it
+  (a2) an MSE step with our adapter (the baseline of the FLOP floor)
+  (b)  our step with the shipped defaults (UNets: mid-block; transformers: the block at depth 0.5),
+       and for transformers (b) at tap depth 0.25 and 0.75
+Targets: time b/floor <= 1.15, peak memory b/a <= 1.15, time b/a <= 1.0.
+
+Then the memory model: activation memory of (b) (checkpointing on) measured above the weights at two sizes per
+architecture (and two depths for Flux), fitted as linear in tokens (pixels) and blocks, and used to predict
+full-depth Flux.1 and SDXL at 1024x1024 on a GPU (bf16 activations).
+
+``python -m bench.wide [sdxl flux qwen_image memory]`` runs those parts (default all) and rewrites the wide
+section of bench/results.md; results are kept in bench/results-wide.json, so parts can be rerun alone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from bench.archs import ARCHS, FLUX1
+from bench.run import STEPS, WARMUP, summary, worker
+from bench.run import WIDE_MARKER as MARKER
+from dev.host import REPO_ROOT
+
+SIZES = {"sdxl": 32, "flux": 16, "qwen_image": 16}  # latent side benchmarked (32: 256 px; 16: 128 px)
+# Weights: SDXL in bf16, because core Train LoRA without checkpointing keeps a patched copy of every weight for
+# backward and with fp32 weights (10.3 GB) that ran this 24 GB machine out of memory; the rest in fp32.
+DTYPES = {"sdxl": "bf16", "flux": "fp32", "qwen_image": "fp32"}
+DEPTHS = (0.25, 0.5, 0.75)
+TARGETS = {"time_b/floor": 1.15, "memory_b/a": 1.15, "time_b/a": 1.0}
+JSON = REPO_ROOT / "bench" / "results-wide.json"
+MD = REPO_ROOT / "bench" / "results.md"
+GIB = 2**30
+# Memory probes: (architecture, latent side, unet_config overrides); the mmap threshold makes freed tensors
+# leave the RSS at once, so peak RSS minus the RSS before the steps is the step's activation memory.
+PROBES = [("sdxl", 16, {}), ("sdxl", 32, {}),
+          ("flux", 16, {"depth": 2, "depth_single_blocks": 4}), ("flux", 48, {"depth": 2, "depth_single_blocks": 4}),
+          ("flux", 48, {"depth": 1, "depth_single_blocks": 2})]
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def is_unet(name: str) -> bool:
+    return name == "sdxl"
+
+
+def run_arch(name: str, steps: int, warmup: int) -> dict:
+    size = SIZES[name]
+    common = dict(model=name, size=size, batch=1, rank=8, steps=steps, warmup=warmup, dtype=DTYPES[name])
+    depths = (0.5,) if is_unet(name) else DEPTHS
+    res = {"note": ARCHS[name].note, "dtype": DTYPES[name], "latent_size": size, "text_tokens": ARCHS[name].tokens, "flops": {},
+           "tables": {}}
+    for d in depths:
+        print(f"[bench-wide] {name} flops depth {d}", file=sys.stderr, flush=True)
+        res["flops"][str(d)] = worker("flops", model=name, size=size, batch=1, depth=d, dtype=DTYPES[name])
+    for ckpt in (1, 0):
+        rows = {}
+        configs = [("a", "core_train_lora", 0.5, "core Train LoRA (MSE)"),
+                   ("a2", "mse_same_lora", 0.5, "MSE step with our LoRA (floor baseline)")]
+        configs += [(f"b@{d}" if d != 0.5 else "b", "selfperc", d,
+                     "self-perceptual, shipped defaults" + ("" if is_unet(name) else f" (tap {res['flops'][str(d)]['tap']})")
+                     if d == 0.5 else f"self-perceptual, tap depth {d} ({res['flops'][str(d)]['tap']})")
+                    for d in depths]
+        for key, method, d, label in configs:
+            print(f"[bench-wide] {name} checkpointing={ckpt} {key}", file=sys.stderr, flush=True)
+            r = worker(method, checkpointing=ckpt, depth=d, **common)
+            rows[key] = dict(summary(r), label=label, device=r["device"], memory_kind=r["memory_kind"])
+            if key.startswith("b"):
+                f = res["flops"][str(d)]
+                rows[key]["floor_s"] = rows["a2"]["median_s"] * (1 + 3 * f["forward_to_tap"] / f["mse_step"])
+        med = {k: v["median_s"] for k, v in rows.items()}
+        mem = {k: v["peak_memory_mb"] for k, v in rows.items()}
+        rows["ratios"] = {"time_b/a": med["b"] / med["a"], "time_b/floor": med["b"] / rows["b"]["floor_s"],
+                          "memory_b/a": mem["b"] / mem["a"], "time_b/a2": med["b"] / med["a2"]}
+        for d in depths:
+            if d != 0.5:
+                rows["ratios"][f"time_b@{d}/floor"] = med[f"b@{d}"] / rows[f"b@{d}"]["floor_s"]
+                rows["ratios"][f"time_b@{d}/a"] = med[f"b@{d}"] / med["a"]
+        res["tables"][f"checkpointing_{'on' if ckpt else 'off'}"] = rows
+    return res
+
+
+def run_probes(steps: int) -> list[dict]:
+    out = []
+    os.environ.update(MALLOC)  # inherited by the worker processes
+    try:
+        for name, size, cfg in PROBES:
+            print(f"[bench-wide] memory probe {name} latent {size} {cfg}", file=sys.stderr, flush=True)
+            r = worker("activations", model=name, size=size, batch=1, rank=8, steps=steps, warmup=1,
+                       checkpointing=1, config=json.dumps(cfg, separators=(",", ":")), dtype=DTYPES[name])
+            out.append(dict(r, model=name, latent_size=size, config=cfg, tokens=tokens(name, size)))
+    finally:
+        for k in MALLOC:
+            os.environ.pop(k, None)
+    return out
+
+
+def tokens(name: str, side: int) -> int:
+    """Sequence length a transformer block sees (image patches + text), or latent pixels for a UNet."""
+    if is_unet(name):
+        return side * side
+    return (side // 2) ** 2 + ARCHS[name].tokens
+
+
+def blocks(name: str, cfg: dict) -> int:
+    c = {**ARCHS[name].config, **cfg}
+    return c.get("depth", 0) + c.get("depth_single_blocks", 0) if name == "flux" else 0
+
+
+def memory_model(probes: list[dict]) -> dict:
+    """Fit activation bytes = tokens x (c + blocks x s) (Flux) or pixels x k (SDXL) and predict 1024x1024."""
+    import numpy as np
+
+    model = {}
+    sdxl = [p for p in probes if p["model"] == "sdxl"]
+    if sdxl:
+        k = max(p["activation_bytes"] / p["tokens"] for p in sdxl)  # the larger per-pixel cost, conservatively
+        act = k * 128 * 128 * (0.5 if DTYPES["sdxl"] == "fp32" else 1.0)  # latent 128x128, bf16 activations
+        weights = 2.567e9 * 2  # the SDXL UNet's parameters in fp16/bf16
+        model["sdxl"] = {"per_pixel_bytes": {p["latent_size"]: p["activation_bytes"] / p["tokens"] for p in sdxl},
+                         "weights_gib": weights / GIB, "activations_gib": act / GIB,
+                         "predicted_gib": (weights + act) / GIB}
+    flux = [p for p in probes if p["model"] == "flux"]
+    if len(flux) >= 2:
+        a = np.array([[p["tokens"], p["tokens"] * blocks("flux", p["config"])] for p in flux], dtype=float)
+        y = np.array([p["activation_bytes"] for p in flux], dtype=float)
+        (c, s), *_ = np.linalg.lstsq(a, y, rcond=None)
+        fitted = a @ np.array([c, s])
+        n_tok = (1024 // 16) ** 2 + 512  # 64x64 patches of a 128x128 latent + 512 T5 tokens (Flux.1-dev)
+        n_blk = FLUX1["depth"] + FLUX1["depth_single_blocks"]
+        act = n_tok * (c + n_blk * s) * (0.5 if DTYPES["flux"] == "fp32" else 1.0)  # bf16 activations
+        weights = 11.9e9  # Flux.1's 11.9B parameters in fp8
+        model["flux"] = {"c_bytes_per_token": c, "s_bytes_per_token_block": s,
+                         "fit": [{"tokens": p["tokens"], "blocks": blocks("flux", p["config"]),
+                                  "measured_mb": p["activation_bytes"] / 2**20, "fitted_mb": f / 2**20}
+                                 for p, f in zip(flux, fitted)],
+                         "weights_gib": weights / GIB, "activations_gib": act / GIB,
+                         "predicted_gib": (weights + act) / GIB}
+    return model
+
+
+def load() -> dict:
+    return json.loads(JSON.read_text()) if JSON.exists() else {"archs": {}}
+
+
+def save(res: dict) -> None:
+    JSON.write_text(json.dumps(res, indent=2) + "\n")
+    head = MD.read_text().split(MARKER)[0].rstrip() + "\n\n" if MD.exists() else ""
+    MD.write_text(head + MARKER + "\n\n" + markdown(res))
+
+
+def markdown(res: dict) -> str:
+    lines = ["# Full-width architectures (`make bench-wide`)", "",
+             f"Random weights (fp32, SDXL bf16: see each section) on this machine's CPU ({res.get('machine', '')}), batch 1, LoRA rank 8, "
+             f"{res.get('steps', STEPS)} timed steps after {res.get('warmup', WARMUP)} warm-up, one process per "
+             "configuration; memory = peak RSS over the timed steps. (a) core Train LoRA, (a2) an MSE step with "
+             "our adapter, (b) our step; floor = (a2) x (1 + 3 x forward-to-tap / MSE step) from the FLOP count "
+             "at the tap used. Targets: time b/floor <= 1.15, memory b/a <= 1.15, time b/a <= 1.0.", ""]
+    for name, r in res["archs"].items():
+        lines += [f"## {name}: {r['note']}", "",
+                  f"Weights {r['dtype']}, latent {r['latent_size']}x{r['latent_size']}" + ("" if is_unet(name) else
+                                                                     f", {r['text_tokens']} text tokens") + ". "
+                  + "FLOPs: " + "; ".join(f"tap {f['tap']}: MSE step {f['mse_step'] / 1e9:.0f} GFLOP, forward to "
+                                          f"tap {f['forward_to_tap'] / 1e9:.0f}, full forward "
+                                          f"{f['forward_full'] / 1e9:.0f}" for f in r["flops"].values()), ""]
+        for t_name, t in r["tables"].items():
+            lines += [f"### Gradient checkpointing {t_name.split('_')[1]}", "",
+                      "| | configuration | step median (s) | min-max (s) | floor (s) | peak memory (MB) |",
+                      "|---|---|---|---|---|---|"]
+            for k, v in t.items():
+                if k == "ratios":
+                    continue
+                floor = f"{v['floor_s']:.2f}" if "floor_s" in v else ""
+                lines.append(f"| {k} | {v['label']} | {v['median_s']:.2f} | {v['min_s']:.2f}-{v['max_s']:.2f} | "
+                             f"{floor} | {v['peak_memory_mb']:.0f} |")
+            lines += ["", "| ratio | value | target | met |", "|---|---|---|---|"]
+            for k, v in t["ratios"].items():
+                target = TARGETS.get(k)
+                lines.append(f"| {k} | {v:.2f} | {'' if target is None else f'<= {target}'} | "
+                             f"{'' if target is None else ('yes' if v <= target else '**no**')} |")
+            lines.append("")
+    m = res.get("memory_model")
+    if m:
+        lines += ["## Predicted peak memory at 1024x1024 (batch 1, checkpointing on, GPU, bf16 activations)", "",
+                  "Model: peak = weights + activations; activations measured on this CPU as peak RSS above "
+                  "the RSS before the step (probes below; SDXL with bf16 weights, Flux fp32), taken as linear in "
+                  "tokens (SDXL: latent pixels) and, for Flux, in blocks (bytes = tokens x (c + blocks x s), least "
+                  "squares); fp32 activations are halved for bf16. Assumes attention memory linear in tokens (SDPA's flash / memory-efficient "
+                  "kernels, as on a GPU) and excludes the CUDA context (~0.5 GB) and allocator fragmentation.", "",
+                  "| probe | tokens (pixels) | blocks | activation (MB) |", "|---|---|---|---|"]
+        for p in res.get("probes", []):
+            lines.append(f"| {p['model']} latent {p['latent_size']} {p['config'] or ''} | {p['tokens']} | "
+                         f"{blocks(p['model'], p['config']) or 'all'} | {p['activation_bytes'] / 2**20:.0f} |")
+        lines += ["", "| model | weights (GiB) | activations (GiB) | predicted peak (GiB) | fits 24 GB |",
+                  "|---|---|---|---|---|"]
+        names = {"sdxl": "SDXL UNet (fp16 weights), latent 128x128",
+                 "flux": "Flux.1-dev, 19+38 blocks (fp8 weights), 4096 image + 512 text tokens"}
+        for k, v in m.items():
+            lines.append(f"| {names[k]} | {v['weights_gib']:.1f} | {v['activations_gib']:.1f} | "
+                         f"{v['predicted_gib']:.1f} | {'yes' if v['predicted_gib'] < 22.3 else 'no'} |")
+        if "flux" in m:
+            lines += ["", "Flux fit: " + "; ".join(f"{f['tokens']} tokens x {f['blocks']} blocks: measured "
+                                                   f"{f['measured_mb']:.0f} MB, fitted {f['fitted_mb']:.0f} MB"
+                                                   for f in m["flux"]["fit"])]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("parts", nargs="*", default=[*SIZES, "memory"])
+    ap.add_argument("--steps", type=int, default=STEPS)
+    a = ap.parse_args()
+    import platform
+
+    res = load()
+    res.update(machine=f"{platform.machine()} {platform.processor() or ''}".strip(), steps=a.steps, warmup=WARMUP)
+    for part in a.parts:
+        t0 = time.time()
+        if part == "memory":
+            res["probes"] = run_probes(1)
+            res["memory_model"] = memory_model(res["probes"])
+        else:
+            res["archs"][part] = run_arch(part, a.steps, WARMUP)
+        res.setdefault("seconds", {})[part] = time.time() - t0
+        save(res)
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()
