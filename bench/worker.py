@@ -249,12 +249,12 @@ def measure_activations(model, lat, a) -> dict:
     memory one step needs. Run with MALLOC_MMAP_THRESHOLD_ set so freed tensors leave the RSS (bench/wide.py)."""
     with selfperc_trainer(model, lat, a) as tr:
         tr.step()  # first-step allocations (optimizer state, caches) belong to the baseline
-        base = rss_bytes()
+        base = torch.cuda.memory_allocated() if on_cuda() else rss_bytes()  # the same kind as peak_memory's
         reset_worked = reset_peak_memory()
         for _ in range(a.steps):
             seconds(tr.step)
         peak, _kind = peak_memory(reset_worked)
-    return {"activation_bytes": peak - base, "baseline_rss_bytes": base, "peak_bytes": peak,
+    return {"activation_bytes": peak - base, "baseline_bytes": base, "peak_bytes": peak,
             "weight_bytes": sum(p.numel() * p.element_size() for p in model.model.diffusion_model.parameters())}
 
 

@@ -48,8 +48,9 @@ def parse_levels(text: str) -> list[float]:
 
 
 def self_features(model, latents: torch.Tensor, levels: list[float], positive, layer: str, depth: float,
-                  seed: int) -> torch.Tensor:
-    """(N, levels, C): the frozen ``model``'s tapped features of ``latents`` (model space) at each t'."""
+                  seed: int, stream: str) -> torch.Tensor:
+    """(N, levels, C): the frozen ``model``'s tapped features of ``latents`` (model space) at each t'; ``stream``
+    names the corruption-noise stream (the dataset's is independent of the samples')."""
     point = taps.tap_point(model.model.diffusion_model, layer, depth)
     comfy.model_management.load_models_gpu([model])
     dev = model.load_device
@@ -59,17 +60,24 @@ def self_features(model, latents: torch.Tensor, levels: list[float], positive, l
     with FeatureTap(point.module) as tap:
         def features(x, sigma, cond):
             return point.features(tap(predict, x, sigma, cond), tuple(x.shape))
-        per_level = noised_features(features, latents.to(dev), levels, bridge.sigma_of_t_fn(ms),
+        per_level = noised_features(features, latents, levels, bridge.sigma_of_t_fn(ms),
                                     bridge.noise_scaling_fn(ms), cond=lambda n: cond_mod.collate([one] * n),
-                                    seed=seed, batch=CHUNK)
+                                    seed=seed, batch=CHUNK, stream=stream, device=dev)
     return torch.stack([per_level[t] for t in levels], 1)
 
 
-def clip_embeddings(clip_vision, images: torch.Tensor) -> torch.Tensor:
-    """(N, D) CLIP image embeddings of (N, H, W, 3) images in [0, 1]."""
+def decoded_chunks(vae, latents: torch.Tensor):
+    """Decoded (n, H, W, 3) images, CHUNK latents at a time (all of them at once could take many GB)."""
+    for i in range(0, latents.shape[0], CHUNK):
+        yield frames(vae.decode(latents[i:i + CHUNK])[..., :3]).float().cpu()
+
+
+def clip_embeddings(clip_vision, images) -> torch.Tensor:
+    """(N, D) CLIP image embeddings of images in [0, 1]: an (N, H, W, 3) tensor or an iterable of such chunks."""
+    chunks = [images[i:i + CHUNK] for i in range(0, images.shape[0], CHUNK)] if torch.is_tensor(images) else images
     out = []
-    for i in range(0, images.shape[0], CHUNK):
-        out_i = clip_vision.encode_image(images[i:i + CHUNK])  # ComfyUI's Output: attributes, no .get
+    for chunk in chunks:
+        out_i = clip_vision.encode_image(chunk)  # ComfyUI's Output: attributes, no .get
         emb = getattr(out_i, "image_embeds", None) if not isinstance(out_i, dict) else out_i.get("image_embeds")
         if not isinstance(emb, torch.Tensor) or emb.ndim != 2:
             raise ValueError(f"the connected CLIP vision model ({type(clip_vision).__name__}) gives no image "
@@ -173,10 +181,11 @@ class SelfPerceptualEvaluate(io.ComfyNode):
             else:
                 negative = positive  # cfg 1.0 never evaluates the negative
         folder = files.resolve_dataset(dataset_folder, dataset_path)
-        ds = load_dataset(folder, resolution, "center_crop", max_cache_bytes=cache_budget())
+        ds = load_dataset(folder, resolution, "center_crop", max_cache_bytes=cache_budget(),
+                          max_images=max_dataset_images)
         for s in ds.skipped:
             log.warning("selfperc evaluate: skipped %s: %s", s.path, s.reason)
-        images = ds.images[:max_dataset_images]
+        images = ds.images
         if len(images) < MIN_IMAGES:
             raise ValueError(f"dataset folder {folder} has {len(images)} usable image(s); the distances need at "
                              f"least {MIN_IMAGES} (a covariance needs 2 points; use many more for a stable answer)")
@@ -189,8 +198,11 @@ class SelfPerceptualEvaluate(io.ComfyNode):
                 raise ValueError(f"the {name} model works in {type(m.model.latent_format).__name__} latents but the "
                                  f"base model in {fmt.__name__}: every model must be a fine-tune of the base model")
 
+        if clip_vision is not None:
+            clip_embeddings(clip_vision, torch.zeros(1, 64, 64, 3))  # a vision model of another kind: refuse now
         real_latents = torch.stack(encode_latents(base_model, vae, images))
         shape = tuple(real_latents.shape[1:])
+        cond_mod.model_inputs(base_model, positive, shape, seed)  # a conditioning it cannot read: refuse now
         empty = torch.zeros((sample_count, *shape))
         noise = comfy.sample.prepare_noise(empty, seed)
         samples = {}
@@ -198,19 +210,21 @@ class SelfPerceptualEvaluate(io.ComfyNode):
             chunks = []
             for i in range(0, sample_count, CHUNK):
                 lat = {"samples": empty[i:i + CHUNK]}
-                chunks.append(sample_model(m, lat, noise[i:i + CHUNK], seed, steps, cfg, sampler_name, scheduler,
-                                           positive, negative, 1.0, 0.0))
+                # seed + i: ancestral/SDE samplers draw their per-step noise from it, per chunk
+                chunks.append(sample_model(m, lat, noise[i:i + CHUNK], seed + i, steps, cfg, sampler_name,
+                                           scheduler, positive, negative, 1.0, 0.0))
             samples[name] = torch.cat(chunks)
 
-        self_real = self_features(base_model, real_latents, levels, positive, taps.MID_BLOCK, tap_depth, seed)
+        self_real = self_features(base_model, real_latents, levels, positive, taps.MID_BLOCK, tap_depth, seed,
+                                  "data")
         self_fake = {k: self_features(base_model, base_model.model.process_latent_in(v.float()), levels, positive,
-                                      taps.MID_BLOCK, tap_depth, seed) for k, v in samples.items()}
+                                      taps.MID_BLOCK, tap_depth, seed, "samples") for k, v in samples.items()}
         spaces = {"self": (self_real, self_fake)}
-        decoded = {k: frames(vae.decode(v)[..., :3]).float().cpu() for k, v in samples.items()}
         if clip_vision is not None:
-            real_rgb = torch.stack([as_float(x)[..., :3] for x in images])
+            real_rgb = (torch.stack([as_float(x)[..., :3] for x in images[i:i + CHUNK]])
+                        for i in range(0, len(images), CHUNK))
             spaces["CLIP"] = (clip_embeddings(clip_vision, real_rgb),
-                              {k: clip_embeddings(clip_vision, v) for k, v in decoded.items()})
+                              {k: clip_embeddings(clip_vision, decoded_chunks(vae, v)) for k, v in samples.items()})
         metrics = {space: distances(real, fake, bootstraps, seed) for space, (real, fake) in spaces.items()}
         dim = self_real.shape[-1]
         notes = [f"self features: {taps.tap_point(base_model.model.diffusion_model, taps.MID_BLOCK, tap_depth).name} "
@@ -223,5 +237,5 @@ class SelfPerceptualEvaluate(io.ComfyNode):
                   "noise_levels": levels, "bootstraps": bootstraps, "latent_shape": list(shape),
                   "metrics": metrics, "notes": notes}
         table = table_image(report_lines(report))
-        grid = labelled_grid([(k, v[:GRID_ROWS]) for k, v in decoded.items()])
+        grid = labelled_grid([(k, torch.cat(list(decoded_chunks(vae, v[:GRID_ROWS])))) for k, v in samples.items()])
         return io.NodeOutput(table, json.dumps(report, indent=1), grid, ui=ui.PreviewImage(table, cls=cls))

@@ -53,14 +53,17 @@ def run_ode(model, latent: torch.Tensor, sigmas: torch.Tensor, positive, negativ
     return out.to(comfy.model_management.intermediate_device())
 
 
-def invert(model, latent, scheduler, steps, positive, negative, cfg, seed):
-    """The noise a real image's latent maps to under the model's ODE (DDIM inversion)."""
-    return run_ode(model, latent, schedule(model, scheduler, steps).flip(0), positive, negative, cfg, seed)
+def invert(model, latent, sigmas, positive, negative, cfg, seed):
+    """The noise a real image's latent maps to under the model's ODE (DDIM inversion) along ``sigmas``
+    (decreasing, as ``schedule`` gives them; integrated upwards)."""
+    return run_ode(model, latent, sigmas.flip(0), positive, negative, cfg, seed)
 
 
-def reconstruct(model, inverted, scheduler, steps, positive, negative, cfg, seed):
-    """Integrate an inverted latent back to an image with ``model`` (the same or another one)."""
-    return run_ode(model, inverted, schedule(model, scheduler, steps), positive, negative, cfg, seed)
+def reconstruct(model, inverted, sigmas, positive, negative, cfg, seed):
+    """Integrate an inverted latent back to an image with ``model`` (the same or another one) along the
+    inversion's own ``sigmas``: the noise is at the inverting model's sigma_max, whatever another model's
+    schedule would start from."""
+    return run_ode(model, inverted, sigmas, positive, negative, cfg, seed)
 
 
 def with_ilvr(model, reference: torch.Tensor, weight: float, factor: int):

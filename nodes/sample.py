@@ -106,9 +106,12 @@ class SelfPerceptualSampler(io.ComfyNode):
                                                            "latent preview)."),
                 io.Combo.Input("mode", options=list(realimage.MODES), default="sample", optional=True,
                                tooltip="sample: from noise, or SDEdit from an encoded image with denoise < 1. "
-                                       "ilvr: the latent is a reference image whose coarse layout guides sampling. "
+                                       "ilvr: the latent is a reference image whose coarse layout guides sampling "
+                                       "from noise (with denoise < 1: SDEdit from the reference, guided). "
                                        "invert: the latent is a real image, inverted to noise with the base model "
-                                       "(or the model) by the deterministic ODE, then reconstructed by each model."),
+                                       "(or the model) by the deterministic ODE (Euler = DDIM), then reconstructed by "
+                                       "each model on the same schedule; sampler_name, denoise and cfg_rescale are "
+                                       "not used."),
                 io.Float.Input("ilvr_weight", default=1.0, min=0.0, max=1.0, step=0.05, optional=True,
                                tooltip="ilvr: how much of the reference's low frequencies replace the model's at "
                                        "each step (0 = plain sampling)."),
@@ -144,8 +147,9 @@ class SelfPerceptualSampler(io.ComfyNode):
         decode = (lambda s: frames(vae.decode(s)[..., :3])) if vae is not None else (lambda s: latent_to_rgb(model, s))
         columns = []
         if mode == "invert":
-            ode = (scheduler, steps, positive, negative, cfg, seed)
-            noise = realimage.invert(base_model if base_model is not None else model, latent["samples"], *ode)
+            inverter = base_model if base_model is not None else model
+            ode = (realimage.schedule(inverter, scheduler, steps), positive, negative, cfg, seed)
+            noise = realimage.invert(inverter, latent["samples"], *ode)
             tuned = realimage.reconstruct(model, noise, *ode)
             columns.append(("input", decode(latent["samples"])))
             if base_model is not None:

@@ -178,16 +178,18 @@ def to_tensor(im: Image.Image) -> torch.Tensor:
 
 
 def load_dataset(folder: Path, resolution: int, mode: str = "center_crop", multiple: int = 64,
-                 max_cache_bytes: int | None = None) -> Dataset:
+                 max_cache_bytes: int | None = None, max_images: int | None = None) -> Dataset:
     """Read every usable image of ``folder`` at ``resolution`` (module docstring states the policy).
 
-    ``max_cache_bytes`` bounds the decoded images' memory (``cache_bytes``), checked before decoding any.
+    ``max_cache_bytes`` bounds the decoded images' memory (``cache_bytes``), checked before decoding any;
+    ``max_images`` reads only the first that many image files (in scan order, sorted by path).
     """
     if mode not in RESIZE_MODES:
         raise DatasetError(f"unknown resize mode {mode!r}; choose one of {RESIZE_MODES}")
     if resolution < 8 or resolution % 8:
         raise DatasetError(f"resolution {resolution} must be a multiple of 8")
     files, skipped = scan_folder(folder)
+    files = files[:max_images] if max_images is not None else files
     need = cache_bytes(len(files), resolution)
     if max_cache_bytes is not None and need > max_cache_bytes:
         raise DatasetError(f"dataset folder {folder}: {len(files)} images at {resolution}px need "

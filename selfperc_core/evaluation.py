@@ -15,6 +15,7 @@ the unbiased estimator.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -74,16 +75,13 @@ def kernel_distance(real: Tensor, fake: Tensor, seed: int = 0) -> float:
     _, kid = _metrics()
     _check(real, fake)
     size = min(real.shape[0], fake.shape[0])
-    m = kid(feature=_Given(real.shape[1]), subsets=1, subset_size=size,
-                                normalize=False).to(real.device)
+    m = kid(feature=_Given(real.shape[1]), subsets=1, subset_size=size, normalize=False).to(real.device)
     m.update(real.double(), real=True)
     m.update(fake.double(), real=False)
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)  # torchmetrics draws its subsets from the global generator
-    try:
+    devices = list(range(torch.cuda.device_count())) if real.is_cuda else []
+    with torch.random.fork_rng(devices=devices):  # torchmetrics draws its subsets from the global generators
+        torch.manual_seed(seed)
         mean, _std = m.compute()
-    finally:
-        torch.random.set_rng_state(state)
     return float(mean)
 
 
@@ -121,6 +119,8 @@ def compare(real: Tensor, fakes: dict[str, Tensor], metric, bootstraps: int = 20
     if len(counts) != 1:
         raise ValueError(f"every model needs the same number of samples (paired by noise), got {sorted(counts)}")
     m = counts.pop()
+    if not replace and min(real.shape[0], m) < 2 * MIN_IMAGES:
+        bootstraps = 0  # halves of fewer than 4 points cannot vary: report no spread rather than a false zero
     g = torch.Generator().manual_seed(seed)
     reps: dict[str, list[float]] = {k: [] for k in fakes}
     for _ in range(bootstraps):
@@ -148,22 +148,32 @@ def pooled(features: Tensor) -> Tensor:
     return features.flatten(2).mean(-1) if features.ndim > 2 else features
 
 
+def noise_seed(*parts) -> int:
+    """A generator seed from any integers/strings, well mixed (sha256) and within torch's range, so that derived
+    noise streams never coincide with a caller's own seed + i."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def noised_features(features_fn, latents: Tensor, t_levels: list[float], sigma_of_t, noise_scaling, cond=None,
-                    seed: int = 0, batch: int = 8) -> dict[float, Tensor]:
+                    seed: int = 0, batch: int = 8, stream: str = "samples",
+                    device: torch.device | None = None) -> dict[float, Tensor]:
     """Frozen-model features of ``latents`` (N, ...) noised to each level t' (fraction of the schedule).
 
-    Image i gets the same noise at a given t' whichever set it belongs to (a generator seeded by ``seed``, t' and
-    i), so a sample and a dataset image are compared through the same corruption. ``features_fn(x, sigma, cond)``
-    is the frozen tap (e.g. ModelHost.frozen_features); ``cond``: one batch-1 cond repeated per chunk, or None.
-    Returns {t': (N, C) pooled features}.
+    Row i of a ``stream`` gets noise from a generator keyed by (``seed``, ``stream``, t', i): every model's samples
+    (one stream, paired by index like their sampling noise) see the same corruption, while the dataset's stream is
+    independent of theirs, so no cross-set pair shares noise (which would correlate them and bias KID's cross
+    term) and no sample is corrupted with its own starting noise. ``features_fn(x, sigma, cond)`` is the frozen
+    tap (e.g. ModelHost.frozen_features); ``cond``: a batch cond or a function of the chunk size, or None.
+    Chunks move to ``device`` one at a time. Returns {t': (N, C) pooled features, on the CPU}.
     """
     out = {}
-    for li, t in enumerate(t_levels):
+    for t in t_levels:
         chunks = []
         for start in range(0, latents.shape[0], batch):
-            x0 = latents[start:start + batch]
+            x0 = latents[start:start + batch].to(device if device is not None else latents.device)
             eps = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(
-                seed * 1_000_003 + li * 100_003 + start + j)) for j in range(x0.shape[0])]).to(x0)
+                noise_seed(seed, stream, float(t), start + j))) for j in range(x0.shape[0])]).to(x0)
             sigma = sigma_of_t(torch.full((x0.shape[0],), float(t))).to(x0)
             c = cond(x0.shape[0]) if callable(cond) else cond
             with torch.no_grad():
@@ -179,15 +189,28 @@ def levels_mean(metric):
     return f
 
 
+# FD costs an eigen-decomposition of a width x width matrix per (resample, model, level); its resamples are capped
+# so that the total stays near this many decompositions of width 1024 (~1 min on a CPU). KID is cheap.
+FD_BUDGET = 250
+
+
+def fd_resamples(bootstraps: int, width: int, models: int, levels: int) -> int:
+    """How many of ``bootstraps`` resamples FD gets within FD_BUDGET (0: FD without spread)."""
+    per = FD_BUDGET / (models * levels * max(1.0, (width / 1024) ** 3))
+    return max(0, min(bootstraps, int(per) - 1))
+
+
 def distances(real: Tensor, fakes: dict[str, Tensor], bootstraps: int, seed: int, reference: str = "base") -> dict:
     """FD and KID (with spread) of every model's features against the dataset's; (N, L, C) stacks of noise levels
-    are averaged over L. Returns {"FD": {row: spread dict}, "KID": {...}}."""
+    are averaged over L. Returns {"FD": {row: spread dict}, "KID": {...}, "resamples": {"FD": n, "KID": n}}."""
     stacked = real.ndim == 3
     fd = levels_mean(frechet_distance) if stacked else frechet_distance
     kid = levels_mean(kernel_distance) if stacked else kernel_distance
-    return {"FD": {k: v.as_dict() for k, v in compare(real, fakes, fd, bootstraps, seed, reference).items()},
+    n_fd = fd_resamples(bootstraps, real.shape[-1], len(fakes), real.shape[1] if stacked else 1)
+    return {"FD": {k: v.as_dict() for k, v in compare(real, fakes, fd, n_fd, seed, reference).items()},
             "KID": {k: v.as_dict() for k, v in compare(real, fakes, kid, bootstraps, seed, reference,
-                                                       replace=False).items()}}
+                                                       replace=False).items()},
+            "resamples": {"FD": n_fd, "KID": bootstraps}}
 
 
 def verdict(s: dict) -> str:
@@ -207,7 +230,10 @@ def report_lines(report: dict) -> list[str]:
              "lower is better; mean +- std over resamples (FD: bootstrap, KID: random halves)", ""]
     for space, metrics in report["metrics"].items():
         for metric, rows in metrics.items():
-            lines.append(f"{space} {metric}" + (" (x1000)" if metric == "KID" else ""))
+            if metric == "resamples":
+                continue
+            lines.append(f"{space} {metric}" + (" (x1000)" if metric == "KID" else "")
+                         + f", {metrics.get('resamples', {}).get(metric, 0)} resamples")
             scale = 1000.0 if metric == "KID" else 1.0
             for name, s in rows.items():
                 tag = f"   {verdict(s)}" if " - " in name else ""

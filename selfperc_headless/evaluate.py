@@ -58,6 +58,10 @@ def lora_deltas(unet, sd: dict[str, torch.Tensor], source: Path) -> dict[str, to
     layers = {n.replace(".", "_"): m for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear,
                                                                                        torch.nn.Conv2d))}
     out = {}
+    other = sorted(k for k in sd if not k.endswith(LORA_SUFFIXES))
+    if other:
+        raise ValueError(f"{source}: holds {other[0]} (a LoHa/LoKr/DoRA or text-encoder key); only plain LoRA "
+                         "weights of the UNet (lora_down/lora_up/alpha) are merged here")
     bases = {k[: -len(s)] for k in sd for s in LORA_SUFFIXES if k.endswith(s)}
     if not bases:
         raise ValueError(f"{source}: not a kohya-format LoRA (lora_unet_*.lora_down/lora_up.weight); the ComfyUI "
@@ -120,8 +124,7 @@ def main(argv=None) -> dict:
 
     a = parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ds = load_dataset(a.data, a.resolution)
-    images = ds.images[: a.max_images]
+    images = load_dataset(a.data, a.resolution, max_images=a.max_images).images
     if len(images) < MIN_IMAGES:
         raise SystemExit(f"{a.data}: {len(images)} usable image(s); the distances need at least {MIN_IMAGES}")
     schedule = DiffusersSchedule(DDPMScheduler.from_pretrained(a.model / "scheduler"))
@@ -156,12 +159,12 @@ def main(argv=None) -> dict:
     with FeatureTap(unet.mid_block) as tap:
         feats = frozen_features_fn(unet_predictor(unet, schedule, ctx), tap)
 
-        def stack(lat):
-            per = noised_features(feats, lat.to(dev), a.noise_levels, schedule.sigma_of_t, schedule.noise_scaling,
-                                  seed=a.seed, batch=a.batch_size)
+        def stack(lat, stream):
+            per = noised_features(feats, lat, a.noise_levels, schedule.sigma_of_t, schedule.noise_scaling,
+                                  seed=a.seed, batch=a.batch_size, stream=stream, device=dev)
             return torch.stack([per[t] for t in a.noise_levels], 1)
-        real_f = stack(real)
-        fake_f = {k: stack(v) for k, v in samples.items()}
+        real_f = stack(real, "data")
+        fake_f = {k: stack(v, "samples") for k, v in samples.items()}
     dim = real_f.shape[-1]
     notes = [f"self features: the base UNet's mid_block, {dim} channels, pooled, at t' = "
              f"{', '.join(map(str, a.noise_levels))}"]

@@ -157,3 +157,12 @@ def test_too_many_files_is_refused_before_decoding(tmp_path, monkeypatch):
     monkeypatch.setattr(dataset, "MAX_SCAN_ENTRIES", 8)  # counted while listing, whatever the entries are
     with pytest.raises(DatasetError, match="holds more than 8 entries"):
         load_dataset(tmp_path, 64)
+
+
+def test_max_images_reads_only_the_first_files_and_bounds_memory_by_them(tmp_path):
+    folder = make_dataset(tmp_path / "d", captions=False)
+    everything = load_dataset(folder, 64)
+    first = load_dataset(folder, 64, max_images=2, max_cache_bytes=cache_bytes(2, 64))
+    assert first.files == everything.files[:2] and len(first.images) == 2
+    with pytest.raises(DatasetError, match="need"):
+        load_dataset(folder, 64, max_cache_bytes=cache_bytes(2, 64))

@@ -79,6 +79,9 @@ def test_paired_resampling_spread_and_differences():
     halves = compare(x[:100], {"base": x[100:200], "tuned": y[:100]}, kernel_distance, bootstraps=8,
                      reference="base", replace=False)
     assert halves["tuned - base"].value > 0 and 0 < halves["tuned - base"].std < float("inf")
+    tiny = compare(x[:3], {"base": y[:3], "tuned": y[3:6]}, kernel_distance, bootstraps=8, reference="base",
+                   replace=False)
+    assert np.isnan(tiny["tuned - base"].std) and tiny["tuned - base"].as_dict()["p05"] is None  # no false zero
     with pytest.raises(ValueError, match="same number of samples"):
         compare(x, {"base": y[:10], "tuned": y[:11]}, frechet_distance)
 
@@ -96,6 +99,22 @@ def test_noised_features_share_noise_by_index_and_pool_spatially():
     assert set(out) == {0.2, 0.6} and out[0.2].shape == (5, 3)
     again = noised_features(feats, lat[:3], [0.2, 0.6], lambda t: t * 10,
                             lambda s, e, x0: x0 + s.view(-1, 1, 1, 1) * e, batch=3)
-    torch.testing.assert_close(again[0.6], out[0.6][:3])  # image i gets the same noise in any set or batching
+    torch.testing.assert_close(again[0.6], out[0.6][:3])  # row i of a stream: the same noise in any batching
     assert not torch.allclose(out[0.2], out[0.6])
+    data = noised_features(feats, lat, [0.2], lambda t: t * 10, lambda s, e, x0: x0 + s.view(-1, 1, 1, 1) * e,
+                           stream="data")
+    assert not torch.allclose(data[0.2], out[0.2])  # the dataset's corruption is independent of the samples'
+    huge = noised_features(feats, lat[:1], [0.2], lambda t: t * 10, lambda s, e, x0: x0 + s.view(-1, 1, 1, 1) * e,
+                           seed=2**64 - 1)  # the largest seed ComfyUI's widget allows
+    assert torch.isfinite(huge[0.2]).all()
     assert pooled(torch.ones(2, 3, 4, 5)).shape == (2, 3)
+
+
+def test_fd_resamples_stay_within_budget_at_transformer_widths():
+    from selfperc_core.evaluation import FD_BUDGET, fd_resamples
+
+    assert fd_resamples(20, 64, 2, 2) == 20  # small features: all resamples
+    assert 0 < fd_resamples(20, 1280, 3, 4) < 20  # SD's mid-block: capped
+    assert fd_resamples(20, 3072, 3, 4) == 0  # Flux/Qwen width: FD without spread, KID keeps its spread
+    n = fd_resamples(1000, 1280, 3, 4)
+    assert (n + 1) * 3 * 4 * (1280 / 1024) ** 3 <= FD_BUDGET

@@ -108,11 +108,16 @@ def test_inversion_then_reconstruction_with_the_same_model_returns_the_image(pac
     assert out["samples"].shape == lat["samples"].shape and torch.isfinite(out["samples"]).all()
 
 
-def test_inversion_with_another_fine_tuned_model_shows_three_columns(pack, models):
+def test_inversion_reconstructs_with_another_model_on_the_inverting_schedule(pack, models):
+    """Base eps model and a 'fine-tune' with another schedule (v + zero terminal SNR: sigma_max 4518, not 14.6),
+    both with the same exact denoiser: the fine-tune must integrate the inverted noise down from the base's
+    sigma_max (its own schedule would start 300x higher) and so return the image too."""
     model, _, vae = models
-    other = as_parameterization(model, "v_zsnr")  # stands in for a different fine-tune of the same latent space
-    out, grid = node("SelfPerceptualSampler").execute(model=other, base_model=model, latent=encoded(vae), vae=vae,
-                                                      mode="invert", **SAMPLE).args
+    base, other = exact_gaussian(model), exact_gaussian(as_parameterization(model, "v_zsnr"))
+    lat = encoded(vae)
+    out, grid = node("SelfPerceptualSampler").execute(model=other, base_model=base, latent=lat, vae=vae,
+                                                      mode="invert", **dict(SAMPLE, steps=100)).args
+    assert float((out["samples"] - lat["samples"]).norm() / lat["samples"].norm()) < 0.05
     assert grid.shape[2] > 3 * 64  # input | base | fine-tuned
 
 
@@ -199,6 +204,8 @@ def test_evaluate_bad_inputs_are_refused_before_sampling(pack, models, comfy, ev
         ev.execute(base_model=model, model=model, vae=vae, dataset_folder=one, **dict(EVAL, noise_levels="0.2, x"))
     with pytest.raises(ValueError, match="at least 2 samples"):
         ev.execute(base_model=model, model=model, vae=vae, dataset_folder=one, **dict(EVAL, sample_count=1))
+    with pytest.raises(ValueError, match="no image embedding"):
+        ev.execute(base_model=model, model=model, vae=vae, dataset_folder=eval_folder, clip_vision=NotClip(), **EVAL)
     from dev.tiny_families import tiny_model
 
     flux = tiny_model("flux")
@@ -206,12 +213,15 @@ def test_evaluate_bad_inputs_are_refused_before_sampling(pack, models, comfy, ev
         ev.execute(base_model=model, model=model, baseline_model=flux, vae=vae, dataset_folder=eval_folder, **EVAL)
 
 
+class NotClip:
+    """A vision model of another kind: hidden states, no projected image embedding."""
+
+    def encode_image(self, image):
+        return {"last_hidden_state": torch.zeros(image.shape[0], 5, 8)}
+
+
 def test_a_vision_model_without_image_embeddings_is_named(pack, models):
     from selfperc_pack.nodes.evaluate import clip_embeddings
-
-    class NotClip:
-        def encode_image(self, image):
-            return {"last_hidden_state": torch.zeros(image.shape[0], 5, 8)}
 
     with pytest.raises(ValueError, match="no image embedding.*CLIP ViT"):
         clip_embeddings(NotClip(), torch.zeros(2, 32, 32, 3))
