@@ -368,3 +368,24 @@ def test_guidance_is_set_only_when_asked_and_reference_images_are_refused(pack):
     ref = [[cond[0][0], dict(cond[0][1], reference_latents=[torch.zeros(shape)])]]
     with pytest.raises(ValueError, match="reference images"):
         conditioning.model_inputs(mp, ref, shape[1:])
+
+
+def test_evaluate_and_real_image_modes_run_on_the_family(family, captioned, comfy):
+    """The Evaluate node (self features at the family's tap) and the sampler's ILVR and inversion modes, on every
+    family's own latent format (5-D for the video models) and conditioning."""
+    import json
+
+    mp, shape = tiny_model(family), shape_of(family)
+    vae, cond = PatchVAE(shape, SPECS[family][2]), tiny_conditioning(family)
+    other = tiny_model(family, seed=1)  # a different model of the same family stands in for a fine-tune
+    report = node("SelfPerceptualEvaluate").execute(
+        base_model=mp, model=other, vae=vae, dataset_folder=captioned, resolution=32, sample_count=2, seed=0, steps=2,
+        sampler_name="euler", scheduler="normal", cfg=1.0, positive=cond, bootstraps=2, noise_levels="0.3").args[1]
+    rows = json.loads(report)["metrics"]["self"]
+    assert rows["FD"]["fine-tuned - base"]["value"] != 0 and rows["KID"]["base"]["value"] == rows["KID"]["base"]["value"]
+    ref = {"samples": vae.encode(torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(2)))}
+    for mode in ("ilvr", "invert"):
+        out, grid = node("SelfPerceptualSampler").execute(
+            model=other, base_model=mp, latent=ref, seed=1, steps=2, sampler_name="euler", scheduler="normal", cfg=1.0,
+            cfg_rescale=0.0, denoise=1.0, positive=cond, vae=vae, mode=mode).args
+        assert out["samples"].shape == ref["samples"].shape and torch.isfinite(out["samples"]).all(), mode
