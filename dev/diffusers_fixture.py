@@ -1,6 +1,7 @@
 """A tiny diffusers model folder for the headless trainer's tests: the tiny SD1.x UNet of dev/tiny_models in
 diffusers layout (same weights, converted with ComfyUI's own key map), a small AutoencoderKL and a DDPM
-scheduler (epsilon, or v-prediction with zero terminal SNR)."""
+scheduler (epsilon, or v-prediction with zero terminal SNR); optionally a one-layer random CLIP text encoder
+(width 768, the UNet's context) with ComfyUI's own CLIP tokenizer files."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,12 +30,26 @@ def diffusers_unet_from_comfy(seed: int = SEED):
     return unet
 
 
-def write_model_folder(folder: Path, prediction_type: str = "epsilon", zsnr: bool = False) -> Path:
+def write_text_encoder(folder: Path) -> None:
+    """text_encoder/ (CLIPTextModel, 1 layer, random) and tokenizer/ (the CLIP tokenizer ComfyUI ships)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    tree = import_comfy()
+    CLIPTokenizer.from_pretrained(tree / "comfy" / "sd1_tokenizer").save_pretrained(folder / "tokenizer")
+    torch.manual_seed(SEED + 3)
+    CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=256, num_hidden_layers=1, num_attention_heads=12,
+                                 max_position_embeddings=77)).save_pretrained(folder / "text_encoder")
+
+
+def write_model_folder(folder: Path, prediction_type: str = "epsilon", zsnr: bool = False,
+                       text_encoder: bool = False) -> Path:
     from diffusers import AutoencoderKL, DDPMScheduler
 
     folder = Path(folder)
     if (folder / "unet" / "config.json").exists():
         return folder
+    if text_encoder:
+        write_text_encoder(folder)
     diffusers_unet_from_comfy().save_pretrained(folder / "unet")
     torch.manual_seed(SEED)
     AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32, 32, 32),

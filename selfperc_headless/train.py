@@ -2,9 +2,11 @@
 same under `accelerate launch` (multi-GPU, multi-node, or multi-CPU with gloo).
 
 The model folder is a diffusers layout: unet/ (UNet2DConditionModel), vae/ (AutoencoderKL), scheduler/
-(prediction_type, rescale_betas_zero_snr). The loss, the loop, the dataset rules, the feature tap and the adapter
-switch are the core's; this file only wires them to diffusers, peft and accelerate. Training is unconditional
-(zero text context), as the ComfyUI node without a CLIP.
+(prediction_type, rescale_betas_zero_snr) and, optionally, text_encoder/ + tokenizer/ (CLIP). The loss, the loop,
+the dataset rules, the feature tap and the adapter switch are the core's; this file only wires them to diffusers,
+peft and accelerate. With a text encoder, captions (name.txt) condition training: each is encoded once and
+cached (captions.py); without one (or with --captions off) training is unconditional (zero text context), as
+the ComfyUI node without a CLIP.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from selfperc_core.loop import LR_SCHEDULES, OPTIMIZERS, Trainer, TrainSettings,
 from selfperc_core.objective import DISTANCES
 from selfperc_core.state import load_state_file, save_state_file
 from selfperc_core.timesteps import T_PRIME_STRATEGIES
+from selfperc_headless.captions import encode_captions, has_text_encoder
 from selfperc_headless.diffusers_host import (
     DiffusersSchedule,
     PeftSwitch,
@@ -64,6 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--save-every", type=int, default=0, help="resumable state every N steps (OUT/state-NNNNNN)")
     ap.add_argument("--resume", type=Path, default=None, help="a state folder written by --save-every")
+    ap.add_argument("--captions", choices=["auto", "off"], default="auto",
+                    help="auto: condition on captions when the model folder has text_encoder/ and tokenizer/")
+    ap.add_argument("--caption-cache", type=Path, default=None,
+                    help="folder of encoded captions (default OUT/caption_cache); share it between runs")
     ap.add_argument("--log-json", type=Path, default=None, help="write per-step global losses here (main process)")
     return ap.parse_args(argv)
 
@@ -118,6 +125,13 @@ def main(argv=None) -> None:
             print(f"selfperc: skipped {s.path}: {s.reason}")
         print(f"selfperc: {len(ds.images)} images ({len(ds.skipped)} skipped), {acc.num_processes} process(es)")
 
+    conds = [None] * len(ds.images)
+    if a.captions == "auto" and has_text_encoder(a.model):
+        with acc.main_process_first():  # the main process encodes and caches; the others then read the cache
+            conds = encode_captions(a.model, ds.captions, a.caption_cache or a.out / "caption_cache", dev,
+                                    log=print if acc.is_main_process else (lambda *_: None))
+    elif acc.is_main_process and any(ds.captions):
+        print("selfperc: captions ignored (no text_encoder/ + tokenizer/ in the model folder, or --captions off)")
     vae = AutoencoderKL.from_pretrained(a.model / "vae").to(dev).eval()
     latents = encode(vae, ds.images, dev)
     del vae
@@ -165,7 +179,7 @@ def main(argv=None) -> None:
                              lr_schedule=a.lr_schedule, warmup_steps=a.warmup_steps)
     host = ModelHost(predict, frozen_features, schedule.noise_scaling, schedule.sigma_of_t, schedule.parameterization,
                      lambda conds: stack_token_conds(conds).to(dev))
-    trainer = Trainer(params, latents, [None] * len(latents), host, settings, device=dev, rank=acc.process_index,
+    trainer = Trainer(params, latents, conds, host, settings, device=dev, rank=acc.process_index,
                       world_size=acc.num_processes, grad_sync=grad_sync, accumulation=a.grad_accum, optimizer=opt)
     if a.resume is not None:
         load_checkpoint(a.resume, trainer, params)  # every process reads the same state

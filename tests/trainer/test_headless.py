@@ -179,3 +179,45 @@ def test_headless_evaluate_refuses_a_foreign_lora_and_too_few_images(model_dir, 
     res = evaluate(model_dir, one, tmp_path / "r.json")
     assert res.returncode != 0 and "at least 2" in res.stderr
     assert not (tmp_path / "r.json").exists()  # nothing half-written
+
+
+def test_captions_are_encoded_once_cached_and_condition_training(tmp_path, data_dir, monkeypatch):
+    """With text_encoder/ + tokenizer/ in the model folder, each distinct caption is encoded once (the cache is
+    keyed by caption and encoder), the cache alone serves a second run, and captions change the training."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from selfperc_headless import captions as cap
+
+    model = write_model_folder(tmp_path / "te", text_encoder=True)
+    captioned = make_dataset(tmp_path / "captioned", captions=True)
+    (captioned / "coffee.txt").unlink()  # one image without a caption: the empty prompt
+    cache = tmp_path / "cache"
+    texts = sorted({p.read_text() for p in captioned.glob("*.txt")} | {""})
+    log, _ = train(model, captioned, tmp_path / "a", "--steps", 2, "--batch-size", 2, "--caption-cache", cache)
+    files = sorted(cache.glob("*.safetensors"))
+    assert len(files) == len(texts)  # one entry per distinct caption, the empty one included
+    enc_id = cap.encoder_id(model)
+    tok = CLIPTokenizer.from_pretrained(model / "tokenizer")
+    te = CLIPTextModel.from_pretrained(model / "text_encoder").eval()
+    for t in texts:
+        ids = tok(t, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            want = te(ids).last_hidden_state
+        got = load_file(str(cache / f"{cap.cache_key(enc_id, t)}.safetensors"))["cond"]
+        torch.testing.assert_close(got, want)
+    # the cache alone serves the same captions: the encoder is never loaded again
+    monkeypatch.setattr(CLIPTextModel, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("encoder loaded")))
+    from selfperc_core.dataset import load_dataset
+
+    ds = load_dataset(captioned, 64, "center_crop")
+    conds = cap.encode_captions(model, ds.captions, cache, "cpu", log=lambda *_: None)
+    assert all(c.shape == (1, 77, 768) for c in conds)
+    # captions condition training: the same run with them off (zero context) gives other losses
+    off, _ = train(model, captioned, tmp_path / "b", "--steps", 2, "--batch-size", 2, "--captions", "off")
+    assert off["losses"] != pytest.approx(log["losses"], rel=1e-4)
+    # a damaged cache entry is re-encoded, never trusted
+    monkeypatch.undo()
+    files[0].write_bytes(b"not a safetensors file")
+    again = cap.encode_captions(model, ds.captions, cache, "cpu", log=lambda *_: None)
+    for a, b in zip(again, conds):
+        torch.testing.assert_close(a, b)
