@@ -3,7 +3,7 @@
 UNets (SD1.x, SD2.x, SDXL): the paper's mid-block output, ``middle_block[-1]`` (a hook on ``middle_block``
 itself never fires: the UNet calls its children one by one), or another input/output block.
 Transformers have no mid-block: the tap is the block at a depth fraction of the whole stack (double-stream then
-single-stream blocks; default 0.5, i.e. block n//2, as the one DiT implementation of this loss we know of).
+single-stream blocks; the rule and the token-to-grid reshape are the core's, shared with the headless trainer).
 Its image tokens only (text tokens carry no spatial features) are reshaped to a (B, C, h, w) grid, so the
 distance and the heatmap work as for UNets.
 
@@ -17,9 +17,10 @@ from typing import Any, Callable
 
 import torch
 
+from ..selfperc_core.features import DEFAULT_DEPTH, block_at_depth, to_grid
+
 MID_BLOCK = "mid_block"
 UNET_LAYERS = [MID_BLOCK] + [f"input_block_{i}" for i in range(12)] + [f"output_block_{i}" for i in range(12)]
-DEFAULT_DEPTH = 0.5
 
 
 def item(i: int) -> Callable:
@@ -113,17 +114,6 @@ def token_grid(dm, latent_shape: tuple) -> tuple[int, ...]:
     return tuple(-(-d // q) for d, q in zip(dims, p))
 
 
-def to_grid(tokens: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
-    """(B, N, C) tokens in row-major grid order (or (B, T, H, W, C)) -> (B, C, T*h, w)."""
-    if tokens.ndim == 5:
-        tokens = tokens.flatten(1, 3)
-    b, n, c = tokens.shape
-    h, w = (grid[0] if len(grid) == 2 else grid[0] * grid[1]), grid[-1]
-    if n != h * w:
-        raise RuntimeError(f"the tapped block gave {n} image tokens, not the {h}x{w} grid the latent makes")
-    return tokens.reshape(b, h, w, c).permute(0, 3, 1, 2)
-
-
 @dataclass
 class TapPoint:
     """The layer to hook and how to turn its output into (B, C, h, w) features for an input of a given shape."""
@@ -152,9 +142,7 @@ def tap_point(dm, layer: str = MID_BLOCK, depth: float = DEFAULT_DEPTH) -> TapPo
     if layer != MID_BLOCK:
         raise ValueError(f"feature layer {layer!r} is a UNet block; {type(dm).__name__} is a transformer: use "
                          f"{MID_BLOCK} with tap_depth (0..1 of its {len(stack)} blocks)")
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"tap_depth {depth} must be within 0..1")
-    i = min(len(stack) - 1, int(depth * len(stack)))
+    i = block_at_depth(len(stack), depth)
     module, pick = stack[i]
 
     def features(out, shape):

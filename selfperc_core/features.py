@@ -70,3 +70,26 @@ class FeatureTap:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+# Transformers have no mid-block: the tap is the block at a fraction of the whole stack's depth (double-stream then
+# single-stream blocks), block n//2 by default, as the one DiT implementation of this loss we know of.
+DEFAULT_DEPTH = 0.5
+
+
+def block_at_depth(n_blocks: int, depth: float = DEFAULT_DEPTH) -> int:
+    """Index of the block at ``depth`` (0..1) of a stack of ``n_blocks``: min(n - 1, floor(depth * n))."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"tap_depth {depth} must be within 0..1")
+    return min(n_blocks - 1, int(depth * n_blocks))
+
+
+def to_grid(tokens: Tensor, grid: tuple[int, ...]) -> Tensor:
+    """(B, N, C) image tokens in row-major grid order (or (B, T, H, W, C)) -> (B, C, T*h, w) features."""
+    if tokens.ndim == 5:
+        tokens = tokens.flatten(1, 3)
+    b, n, c = tokens.shape
+    h, w = (grid[0] if len(grid) == 2 else grid[0] * grid[1]), grid[-1]
+    if n != h * w:
+        raise RuntimeError(f"the tapped block gave {n} image tokens, not the {h}x{w} grid the latent makes")
+    return tokens.reshape(b, h, w, c).permute(0, 3, 1, 2)

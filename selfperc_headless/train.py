@@ -1,12 +1,13 @@
 """Headless self-perceptual trainer on accelerate + diffusers: `python -m selfperc_headless.train ...`, and the
-same under `accelerate launch` (multi-GPU, multi-node, or multi-CPU with gloo).
+same under `accelerate launch` (multi-GPU, multi-node, or multi-CPU with gloo), optionally sharded with
+accelerate's FSDP plugin (`--fsdp`).
 
-The model folder is a diffusers layout: unet/ (UNet2DConditionModel), vae/ (AutoencoderKL), scheduler/
-(prediction_type, rescale_betas_zero_snr) and, optionally, text_encoder/ + tokenizer/ (CLIP). The loss, the loop,
-the dataset rules, the feature tap and the adapter switch are the core's; this file only wires them to diffusers,
-peft and accelerate. With a text encoder, captions (name.txt) condition training: each is encoded once and
-cached (captions.py); without one (or with --captions off) training is unconditional (zero text context), as
-the ComfyUI node without a CLIP.
+The model folder is a diffusers layout: the denoiser (unet/ for SD1.x, SD2.x and SDXL; transformer/ for SD3 and
+Flux.1), vae/ (AutoencoderKL), scheduler/ and, optionally, the family's text encoders and tokenizers
+(selfperc_headless.families, .captions). The loss, the loop, the dataset rules, the feature tap and the adapter
+switch are the core's; this file only wires them to diffusers, peft and accelerate. With the text encoders,
+captions (name.txt) condition training: each is encoded once and cached; without them (or with --captions off)
+training uses the zero conditioning.
 """
 from __future__ import annotations
 
@@ -21,25 +22,23 @@ import torch
 
 from selfperc_core.adapter import checkpoint_forward
 from selfperc_core.dataset import RESIZE_MODES, as_float, load_dataset
-from selfperc_core.features import FeatureTap
-from selfperc_core.host import ModelHost, frozen_features_fn, stack_token_conds
+from selfperc_core.features import DEFAULT_DEPTH, FeatureTap
+from selfperc_core.host import ModelHost, frozen_features_fn
 from selfperc_core.loop import LR_SCHEDULES, OPTIMIZERS, Trainer, TrainSettings, make_optimizer
 from selfperc_core.objective import DISTANCES
 from selfperc_core.state import load_state_file, save_state_file
 from selfperc_core.timesteps import T_PRIME_STRATEGIES
+from selfperc_headless import families as fam
 from selfperc_headless.captions import encode_captions, has_text_encoder
-from selfperc_headless.diffusers_host import (
-    DiffusersSchedule,
-    PeftSwitch,
-    comfy_lora_state_dict,
-    lora_targets,
-    unet_predictor,
-)
+from selfperc_headless.diffusers_host import PeftSwitch, comfy_lora_state_dict
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m selfperc_headless.train", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, required=True, help="diffusers model folder (unet/, vae/, scheduler/)")
+    ap.add_argument("--model", type=Path, required=True,
+                    help="diffusers model folder (unet/ or transformer/, vae/, scheduler/)")
     ap.add_argument("--data", type=Path, required=True, help="folder of training images")
     ap.add_argument("--out", type=Path, required=True, help="output folder (LoRA, checkpoints, log)")
     ap.add_argument("--steps", type=int, default=500)
@@ -52,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--full", action="store_true", help="full fine-tune (frozen model = a real frozen copy)")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=8.0)
+    ap.add_argument("--tap-depth", type=float, default=DEFAULT_DEPTH,
+                    help="transformers: the tapped block's depth in the whole stack (0..1); UNets: the mid-block")
+    ap.add_argument("--guidance", type=float, default=3.5, help="Flux dev's distilled guidance input while training")
     ap.add_argument("--t-prime", choices=T_PRIME_STRATEGIES, default="uniform")
     ap.add_argument("--t-prime-range", type=float, nargs=2, default=(0.0, 1.0))
     ap.add_argument("--distance", choices=DISTANCES, default="mse")
@@ -63,16 +65,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant")
     ap.add_argument("--warmup-steps", type=int, default=0)
     ap.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
-                    help="default: accelerate's config / launch flag")
+                    help="default: accelerate's config / launch flag; the frozen weights are stored in this dtype")
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--fsdp", action="store_true",
+                    help="shard the denoiser over the processes with accelerate's FSDP plugin (FSDP2, one unit per "
+                         "block); needs GPUs")
     ap.add_argument("--save-every", type=int, default=0, help="resumable state every N steps (OUT/state-NNNNNN)")
     ap.add_argument("--resume", type=Path, default=None, help="a state folder written by --save-every")
     ap.add_argument("--captions", choices=["auto", "off"], default="auto",
-                    help="auto: condition on captions when the model folder has text_encoder/ and tokenizer/")
+                    help="auto: condition on captions when the model folder has the family's text encoders")
     ap.add_argument("--caption-cache", type=Path, default=None,
                     help="folder of encoded captions (default OUT/caption_cache); share it between runs")
     ap.add_argument("--log-json", type=Path, default=None, help="write per-step global losses here (main process)")
-    return ap.parse_args(argv)
+    a = ap.parse_args(argv)
+    if not 0.0 <= a.tap_depth <= 1.0:
+        ap.error(f"--tap-depth {a.tap_depth} must be within 0..1")
+    if a.fsdp and (a.save_every or a.resume or a.full):
+        ap.error("--save-every, --resume and --full are not supported with --fsdp yet (sharded optimizer state; "
+                 "an unsharded frozen copy)")
+    return a
 
 
 STATE_FILE = "trainer.selfperc_state"
@@ -99,93 +110,119 @@ def load_checkpoint(folder: Path, trainer: Trainer, params: list[torch.Tensor]) 
 
 
 def encode(vae, images: list[torch.Tensor], device) -> list[torch.Tensor]:
-    """VAE-encode once (latent cache), scaled by the VAE's scaling_factor: the UNet's latent space."""
+    """VAE-encode once (latent cache) into the denoiser's latent space: (mean - shift_factor) * scaling_factor."""
+    scale, shift = fam.latent_scale(vae.config)
     out = []
     with torch.no_grad():
         for img in images:
-            x = as_float(img).permute(2, 0, 1)[None].to(device) * 2 - 1
-            lat = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+            x = as_float(img).permute(2, 0, 1)[None].to(device=device, dtype=vae.dtype) * 2 - 1
+            lat = (vae.encode(x).latent_dist.mean - shift) * scale
             out.append(lat[0].float().cpu())
     return out
 
 
+def add_lora(net: torch.nn.Module, rank: int, alpha: float, seed: int) -> list[torch.Tensor]:
+    """peft LoRA on every linear and conv layer of the denoiser; its weights in float32 (master weights)."""
+    from peft import LoraConfig
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                   target_modules=fam.lora_targets(net)))
+    params = [p for p in net.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    return params
+
+
+def fsdp_plugin(family: fam.Family):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    # FSDP2: one unit per block (the root holds the embedders), weights resharded after each forward; the LoRA
+    # weights are gathered to full tensors for saving
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=list(family.block_classes), reshard_after_forward=True,
+        state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False)
+
+
 def main(argv=None) -> None:
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from accelerate.utils import DistributedType, set_seed
+    from diffusers import AutoencoderKL
     from tqdm.auto import tqdm
 
     a = parse_args(argv)
-    acc = Accelerator(mixed_precision=a.mixed_precision, cpu=not torch.cuda.is_available() or None)
+    family = fam.detect(a.model)
+    acc = Accelerator(mixed_precision=a.mixed_precision, cpu=not torch.cuda.is_available() or None,
+                      fsdp_plugin=fsdp_plugin(family) if a.fsdp else None)
+    if a.fsdp and acc.distributed_type != DistributedType.FSDP:
+        raise SystemExit("--fsdp: accelerate enables its FSDP plugin on GPUs only (this run is "
+                         f"{acc.distributed_type}); leave --fsdp off here")
     set_seed(a.seed)
     dev = acc.device
+    weight_dtype = DTYPES[acc.mixed_precision]
     ds = load_dataset(a.data, a.resolution, a.resize_mode)
     if acc.is_main_process:
         for s in ds.skipped:
             print(f"selfperc: skipped {s.path}: {s.reason}")
-        print(f"selfperc: {len(ds.images)} images ({len(ds.skipped)} skipped), {acc.num_processes} process(es)")
+        print(f"selfperc: {family.name} model, {len(ds.images)} images ({len(ds.skipped)} skipped), "
+              f"{acc.num_processes} process(es)")
+    net = fam.load_denoiser(a.model, family, torch.float32 if a.full else weight_dtype).to(dev)
+    net.requires_grad_(False)
 
     conds = [None] * len(ds.images)
-    if a.captions == "auto" and has_text_encoder(a.model):
+    if a.captions == "auto" and has_text_encoder(a.model, family.name):
         with acc.main_process_first():  # the main process encodes and caches; the others then read the cache
             conds = encode_captions(a.model, ds.captions, a.caption_cache or a.out / "caption_cache", dev,
+                                    family.name, torch.bfloat16 if weight_dtype == torch.bfloat16 else torch.float32,
+                                    getattr(net.config, "joint_attention_dim", None),
                                     log=print if acc.is_main_process else (lambda *_: None))
-    elif acc.is_main_process and any(ds.captions):
-        print("selfperc: captions ignored (no text_encoder/ + tokenizer/ in the model folder, or --captions off)")
+    elif acc.is_main_process:
+        why = "--captions off" if a.captions == "off" else "the model folder has no text encoders of its family"
+        print(f"selfperc: zero text conditioning ({why}); captions are not used")
     vae = AutoencoderKL.from_pretrained(a.model / "vae").to(dev).eval()
     latents = encode(vae, ds.images, dev)
     del vae
-    schedule = DiffusersSchedule(DDPMScheduler.from_pretrained(a.model / "scheduler"))
-    unet = UNet2DConditionModel.from_pretrained(a.model / "unet").to(dev)
-    unet.requires_grad_(False)
-    ctx_dim = unet.config.cross_attention_dim
+    schedule = fam.load_schedule(a.model, family, (a.resolution // 8, a.resolution // 8))
 
     if a.full:
-        frozen = copy.deepcopy(unet).eval()
-        unet.requires_grad_(True)
-        params, switch, tap_net = list(unet.parameters()), None, frozen
+        frozen = copy.deepcopy(net).eval()
+        net.requires_grad_(True)
+        params, switch, tap_net = list(net.parameters()), None, frozen
     else:
-        from peft import LoraConfig
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(a.seed)
-            unet.add_adapter(LoraConfig(r=a.rank, lora_alpha=a.alpha, init_lora_weights="gaussian",
-                                        target_modules=lora_targets(unet)))
-        params = [p for p in unet.parameters() if p.requires_grad]
-        for p in params:
-            p.data = p.data.float()
-        switch, tap_net = PeftSwitch(unet), unet
+        params = add_lora(net, a.rank, a.alpha, a.seed)
+        switch, tap_net = PeftSwitch(net), net
     if a.gradient_checkpointing:
-        for blk in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+        for blk in fam.blocks(net, family):
             checkpoint_forward(blk, switch)
+    opt = make_optimizer(a.optimizer, params, a.lr)
+    if a.fsdp:
+        net, opt = acc.prepare(net, opt)  # shards the weights in place; the optimizer now holds the shards
+        params, tap_net = [p for p in net.parameters() if p.requires_grad], net
+    else:
+        opt = acc.prepare_optimizer(opt)
 
-    predict = unet_predictor(unet, schedule, ctx_dim)
-    frozen_predict = unet_predictor(tap_net, schedule, ctx_dim)
-    tap = FeatureTap(tap_net.mid_block)
-
-    frozen_features = frozen_features_fn(frozen_predict, tap, switch)
+    host = make_host(net, tap_net, family, schedule, switch, a.tap_depth, a.guidance, early_exit=not a.fsdp)
+    settings = TrainSettings(steps=a.steps, learning_rate=a.lr, batch_size=a.batch_size, seed=a.seed,
+                             t_prime=a.t_prime, t_prime_range=tuple(a.t_prime_range), distance=a.distance,
+                             normalize=a.normalize, mse_weight=a.mse_weight, perceptual_weight=a.perceptual_weight,
+                             optimizer=a.optimizer, lr_schedule=a.lr_schedule, warmup_steps=a.warmup_steps)
 
     def grad_sync(ps):  # mean of the processes' gradients (no DDP wrapper: the frozen passes reuse the net)
-        if acc.num_processes > 1:
+        if acc.num_processes > 1 and not a.fsdp:  # FSDP reduce-scatters the gradients itself
             for p in ps:
                 if p.grad is not None:
                     p.grad = acc.reduce(p.grad, reduction="mean")
 
-    opt = acc.prepare_optimizer(make_optimizer(a.optimizer, params, a.lr))
-    settings = TrainSettings(steps=a.steps, learning_rate=a.lr, batch_size=a.batch_size, seed=a.seed,
-                             t_prime=a.t_prime, t_prime_range=tuple(a.t_prime_range), distance=a.distance,
-                             normalize=a.normalize, mse_weight=a.mse_weight, perceptual_weight=a.perceptual_weight,
-                             optimizer=a.optimizer,
-                             lr_schedule=a.lr_schedule, warmup_steps=a.warmup_steps)
-    host = ModelHost(predict, frozen_features, schedule.noise_scaling, schedule.sigma_of_t, schedule.parameterization,
-                     lambda conds: stack_token_conds(conds).to(dev))
     trainer = Trainer(params, latents, conds, host, settings, device=dev, rank=acc.process_index,
                       world_size=acc.num_processes, grad_sync=grad_sync, accumulation=a.grad_accum, optimizer=opt)
     if a.resume is not None:
         load_checkpoint(a.resume, trainer, params)  # every process reads the same state
     a.out.mkdir(parents=True, exist_ok=True)
     global_losses = []
-    bar = tqdm(total=a.steps, initial=trainer.step_count, desc="self-perceptual", disable=not acc.is_main_process)
+    bar = tqdm(total=a.steps, initial=trainer.step_count, desc=f"self-perceptual ({family.name})",
+               disable=not acc.is_main_process)
     while trainer.step_count < a.steps:
         with acc.autocast():
             parts = trainer.step()
@@ -199,22 +236,35 @@ def main(argv=None) -> None:
             save_checkpoint(a.out / f"state-{trainer.step_count:06d}", trainer, params)
     bar.close()
     acc.wait_for_everyone()
+    lora = None if a.full else comfy_lora_state_dict(net, family.lora_prefix)  # every process: FSDP gathers
     if acc.is_main_process:
-        _write_outputs(a, unet, global_losses, trainer)
+        _write_outputs(a, net, lora, global_losses, trainer, family)
     acc.wait_for_everyone()
     acc.end_training()
 
 
-def _write_outputs(a, unet, global_losses, trainer) -> None:
+def make_host(net, tap_net, family: fam.Family, schedule, switch, depth: float, guidance: float,
+              early_exit: bool = True) -> ModelHost:
+    """The core's view of a diffusers denoiser: predictions through ``net`` (adapter on), features of ``tap_net``
+    (the same net with the adapter off, or a frozen copy) at the family's tap."""
+    tp = fam.tap_point(tap_net, family, depth)
+    # FSDP (un)shards each block in its forward hooks: the forward must run to the end for them all to run
+    tap = FeatureTap(tp.module, early_exit=early_exit)
+    frozen = frozen_features_fn(fam.predictor(tap_net, family, schedule, guidance), tap, switch, tp.features)
+    return ModelHost(fam.predictor(net, family, schedule, guidance), frozen, schedule.noise_scaling,
+                     schedule.sigma_of_t, schedule.parameterization, fam.collate)
+
+
+def _write_outputs(a, net, lora, global_losses, trainer, family) -> None:
     from safetensors.torch import save_file
 
     meta = {"selfperc_objective": "self-perceptual (Lin & Yang 2024)", "steps": str(trainer.step_count),
-            "settings": json.dumps({k: str(v) for k, v in vars(a).items()})}
+            "family": family.name, "settings": json.dumps({k: str(v) for k, v in vars(a).items()})}
     if a.full:
-        unet.save_pretrained(a.out / "unet")
+        net.save_pretrained(a.out / family.denoiser)
     else:
         tmp = a.out / ".selfperc_lora.safetensors.tmp"
-        save_file(comfy_lora_state_dict(unet), str(tmp), metadata=meta)
+        save_file(lora, str(tmp), metadata=meta)
         os.replace(tmp, a.out / "selfperc_lora.safetensors")
     if a.log_json:
         a.log_json.write_text(json.dumps({"losses": global_losses, "steps": trainer.step_count}))

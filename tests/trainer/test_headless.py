@@ -88,7 +88,8 @@ def test_diffusers_predictions_match_comfyui_for_the_same_weights(comfy, tiny_mo
     from diffusers import DDPMScheduler
 
     from dev.diffusers_fixture import diffusers_unet_from_comfy
-    from selfperc_headless.diffusers_host import DiffusersSchedule, unet_predictor
+    from selfperc_headless import families
+    from selfperc_headless.schedules import DiffusersSchedule
     from tests.host.models import as_parameterization, load_checkpoint
 
     model = load_checkpoint(str(tiny_models["checkpoint"]))[0]
@@ -105,7 +106,7 @@ def test_diffusers_predictions_match_comfyui_for_the_same_weights(comfy, tiny_mo
 
     comfy.model_management.load_models_gpu([model])  # applies the model_sampling patch to the BaseModel
     with torch.no_grad():
-        ours = unet_predictor(diffusers_unet_from_comfy(), sched, 768)(x, sig)
+        ours = families.predictor(diffusers_unet_from_comfy(), families.FAMILIES["sd"], sched)(x, sig)
         theirs = model.model.apply_model(x, sig, c_crossattn=torch.zeros(3, 77, 768))
     torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3)
 
@@ -196,14 +197,14 @@ def test_captions_are_encoded_once_cached_and_condition_training(tmp_path, data_
     log, _ = train(model, captioned, tmp_path / "a", "--steps", 2, "--batch-size", 2, "--caption-cache", cache)
     files = sorted(cache.glob("*.safetensors"))
     assert len(files) == len(texts)  # one entry per distinct caption, the empty one included
-    enc_id = cap.encoder_id(model)
+    enc_id = cap.encoder_id(model, "sd")
     tok = CLIPTokenizer.from_pretrained(model / "tokenizer")
     te = CLIPTextModel.from_pretrained(model / "text_encoder").eval()
     for t in texts:
         ids = tok(t, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         with torch.no_grad():
             want = te(ids).last_hidden_state
-        got = load_file(str(cache / f"{cap.cache_key(enc_id, t)}.safetensors"))["cond"]
+        got = load_file(str(cache / f"{cap.cache_key(enc_id, t)}.safetensors"))["context"]
         torch.testing.assert_close(got, want)
     # the cache alone serves the same captions: the encoder is never loaded again
     monkeypatch.setattr(CLIPTextModel, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("encoder loaded")))
@@ -211,7 +212,7 @@ def test_captions_are_encoded_once_cached_and_condition_training(tmp_path, data_
 
     ds = load_dataset(captioned, 64, "center_crop")
     conds = cap.encode_captions(model, ds.captions, cache, "cpu", log=lambda *_: None)
-    assert all(c.shape == (1, 77, 768) for c in conds)
+    assert all(set(c) == {"context"} and c["context"].shape == (1, 77, 768) for c in conds)
     # captions condition training: the same run with them off (zero context) gives other losses
     off, _ = train(model, captioned, tmp_path / "b", "--steps", 2, "--batch-size", 2, "--captions", "off")
     assert off["losses"] != pytest.approx(log["losses"], rel=1e-4)
@@ -220,4 +221,4 @@ def test_captions_are_encoded_once_cached_and_condition_training(tmp_path, data_
     files[0].write_bytes(b"not a safetensors file")
     again = cap.encode_captions(model, ds.captions, cache, "cpu", log=lambda *_: None)
     for a, b in zip(again, conds):
-        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a["context"], b["context"])

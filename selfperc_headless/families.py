@@ -1,0 +1,209 @@
+"""The diffusers model families the headless host trains: how each is loaded, called, tapped and conditioned.
+
+* ``sd``: SD1.x / SD2.x ``UNet2DConditionModel`` (DDPM scheduler: eps or v, zero terminal SNR);
+* ``sdxl``: the SDXL UNet (``addition_embed_type="text_time"``: pooled text + size embeddings);
+* ``sd3``: ``SD3Transformer2DModel`` (SD3 / SD3.5, rectified flow);
+* ``flux``: ``FluxTransformer2DModel`` (Flux.1 dev / schnell, rectified flow, packed 2x2 latents, guidance).
+
+The tap rules are the ComfyUI nodes': the UNet mid-block output, or for transformers the block at a depth fraction
+of the whole stack (double-stream then single-stream blocks; ``selfperc_core.features.block_at_depth``), its image
+tokens reshaped to the latent's token grid. A conditioning is a dict of (B, ...) tensors: ``context`` (text
+tokens) and, where the family reads one, ``pooled``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from selfperc_core.features import DEFAULT_DEPTH, block_at_depth, to_grid
+from selfperc_headless.schedules import DiffusersSchedule, FlowSchedule
+
+EMPTY_TOKENS = 77  # the token count of the zero conditioning used when no text encoder is there (CLIP's context)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    denoiser: str  # the model folder's subfolder holding the denoiser
+    lora_prefix: str  # kohya prefix ComfyUI's LoRA loader maps for diffusers names of this family
+    stacks: tuple[str, ...] = ()  # transformer block lists in forward order; () for UNets
+    block_classes: tuple[str, ...] = ()  # what FSDP wraps and gradient checkpointing recomputes
+
+
+FAMILIES = {
+    "sd": Family("sd", "unet", "lora_unet_", block_classes=("CrossAttnDownBlock2D", "DownBlock2D",
+                                                            "UNetMidBlock2DCrossAttn", "CrossAttnUpBlock2D",
+                                                            "UpBlock2D")),
+    "sdxl": Family("sdxl", "unet", "lora_unet_", block_classes=("CrossAttnDownBlock2D", "DownBlock2D",
+                                                                "UNetMidBlock2DCrossAttn", "CrossAttnUpBlock2D",
+                                                                "UpBlock2D")),
+    "sd3": Family("sd3", "transformer", "lora_transformer_", ("transformer_blocks",),
+                  ("JointTransformerBlock", "SD3SingleTransformerBlock")),
+    "flux": Family("flux", "transformer", "lora_transformer_", ("transformer_blocks", "single_transformer_blocks"),
+                   ("FluxTransformerBlock", "FluxSingleTransformerBlock")),
+}
+
+
+def _config(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable JSON config ({e})") from None
+
+
+def detect(model_dir: Path) -> Family:
+    """The family of a diffusers model folder, from its denoiser's config (unet/ or transformer/)."""
+    model_dir = Path(model_dir)
+    unet = _config(model_dir / "unet" / "config.json")
+    if unet:
+        return FAMILIES["sdxl" if unet.get("addition_embed_type") == "text_time" else "sd"]
+    cls = _config(model_dir / "transformer" / "config.json").get("_class_name")
+    if cls == "SD3Transformer2DModel":
+        return FAMILIES["sd3"]
+    if cls == "FluxTransformer2DModel":
+        return FAMILIES["flux"]
+    if cls:
+        raise ValueError(f"{model_dir}: transformer/ holds a {cls}; the headless trainer knows SD1.x/SD2.x/SDXL "
+                         "UNets, SD3Transformer2DModel and FluxTransformer2DModel")
+    raise ValueError(f"{model_dir}: no unet/config.json or transformer/config.json: not a diffusers model folder")
+
+
+def load_denoiser(model_dir: Path, family: Family, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    import diffusers
+
+    cls = {"unet": diffusers.UNet2DConditionModel, "sd3": diffusers.SD3Transformer2DModel,
+           "flux": diffusers.FluxTransformer2DModel}[family.denoiser if family.denoiser == "unet" else family.name]
+    return cls.from_pretrained(Path(model_dir) / family.denoiser, torch_dtype=dtype)
+
+
+def load_schedule(model_dir: Path, family: Family, latent_hw: tuple[int, int]):
+    """The scheduler config's noise levels; a flow model's resolution-dependent shift uses ``latent_hw``."""
+    if family.denoiser == "unet":
+        from diffusers import DDPMScheduler
+
+        return DiffusersSchedule(DDPMScheduler.from_pretrained(Path(model_dir) / "scheduler"))
+    cfg = _config(Path(model_dir) / "scheduler" / "scheduler_config.json")
+    seq = (latent_hw[0] // 2) * (latent_hw[1] // 2)  # both families patchify 2x2
+    return FlowSchedule(cfg, seq)
+
+
+def empty_cond(net: torch.nn.Module, family: Family) -> dict[str, Tensor]:
+    """The zero conditioning (1, ...) of this denoiser: unconditional training without a text encoder."""
+    c = net.config
+    if family.name in ("sd", "sdxl"):
+        out = {"context": torch.zeros(1, EMPTY_TOKENS, c.cross_attention_dim)}
+        if family.name == "sdxl":
+            out["pooled"] = torch.zeros(1, c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim)
+        return out
+    return {"context": torch.zeros(1, EMPTY_TOKENS, c.joint_attention_dim),
+            "pooled": torch.zeros(1, c.pooled_projection_dim)}
+
+
+def collate(conds: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Per-image conditionings -> one batch. Text encoders pad to a fixed length, so contexts stack as they are."""
+    lengths = {c["context"].shape[1] for c in conds}
+    if len(lengths) > 1:
+        raise ValueError(f"conditionings of different token counts {sorted(lengths)} cannot be batched")
+    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+
+def pack(x: Tensor) -> Tensor:
+    """Flux: (B, C, H, W) latents -> (B, H/2 * W/2, 4C) tokens, row-major over the 2x2 patches (diffusers' order)."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens: Tensor, shape: tuple) -> Tensor:
+    b, c, h, w = shape
+    return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def flux_image_ids(h: int, w: int, device, dtype) -> Tensor:
+    """(h/2 * w/2, 3) position ids (0, row, column) of the packed latent (diffusers' and ComfyUI's)."""
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] = torch.arange(h // 2)[:, None]
+    ids[..., 2] = torch.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+def predictor(net: torch.nn.Module, family: Family, schedule, guidance: float | None = None,
+              vae_scale: int = 8) -> Callable:
+    """(x_t, sigma, cond) -> x0_hat through ``net`` (the online or the frozen network); cond None = the zero one.
+
+    Args:
+        guidance: Flux dev's distilled guidance (the transformer's guidance input); ignored without guidance_embeds.
+        vae_scale: pixels per latent pixel (SDXL's size embeddings are in pixels).
+    """
+    empty = empty_cond(net, family)
+
+    def predict_x0(x: Tensor, sigma: Tensor, cond: dict | None = None) -> Tensor:
+        b, dev, dt = x.shape[0], x.device, x.dtype
+        cond = cond if cond is not None else {k: v.expand(b, *v.shape[1:]) for k, v in empty.items()}
+        cond = {k: v.to(device=dev, dtype=dt) for k, v in cond.items()}
+        sigma = sigma.to(dev)
+        x_in = schedule.model_input(x, sigma)
+        if family.denoiser == "unet":
+            ts = schedule.timestep_of_sigma(sigma).to(dev)
+            extra = {}
+            if family.name == "sdxl":
+                h, w = x.shape[-2] * vae_scale, x.shape[-1] * vae_scale
+                ids = torch.tensor([h, w, 0, 0, h, w], device=dev, dtype=dt).expand(b, 6)
+                extra["added_cond_kwargs"] = {"text_embeds": cond["pooled"], "time_ids": ids}
+            out = net(x_in, ts, encoder_hidden_states=cond["context"], **extra).sample
+        elif family.name == "sd3":
+            out = net(hidden_states=x_in, timestep=sigma * 1000, encoder_hidden_states=cond["context"],
+                      pooled_projections=cond["pooled"]).sample
+        else:  # flux: the transformer multiplies timestep and guidance by 1000 itself
+            g = None
+            if net.config.guidance_embeds:
+                g = torch.full((b,), 3.5 if guidance is None else guidance, device=dev, dtype=dt)
+            txt_ids = torch.zeros(cond["context"].shape[1], 3, device=dev, dtype=dt)
+            out = unpack(net(hidden_states=pack(x_in), timestep=sigma.to(dt), guidance=g,
+                             pooled_projections=cond["pooled"], encoder_hidden_states=cond["context"],
+                             txt_ids=txt_ids, img_ids=flux_image_ids(*x.shape[-2:], dev, dt)).sample, x.shape)
+        return schedule.denoise(x, sigma, out)
+    return predict_x0
+
+
+@dataclass
+class Tap:
+    """The module to hook and how its raw output becomes (B, C, h, w) features for a latent of a given shape."""
+    module: torch.nn.Module
+    name: str
+    features: Callable[[object, tuple], Tensor]
+
+
+def tap_point(net: torch.nn.Module, family: Family, depth: float = DEFAULT_DEPTH) -> Tap:
+    """UNets: the mid-block output; transformers: the image tokens of the block at ``depth`` of all blocks."""
+    if family.denoiser == "unet":
+        return Tap(net.mid_block, "mid_block", lambda out, shape: out)
+    stack = [b for attr in family.stacks for b in getattr(net, attr)]
+    i = block_at_depth(len(stack), depth)
+
+    def features(out, shape):  # every block returns (text tokens, image tokens)
+        return to_grid(out[1], (shape[-2] // 2, shape[-1] // 2))
+    return Tap(stack[i], f"block {i} of {len(stack)}", features)
+
+
+def blocks(net: torch.nn.Module, family: Family) -> list[torch.nn.Module]:
+    """The blocks to checkpoint (and FSDP's wrap units): the UNet's down/mid/up blocks, every transformer block."""
+    if family.denoiser == "unet":
+        return [*net.down_blocks, net.mid_block, *net.up_blocks]
+    return [b for attr in family.stacks for b in getattr(net, attr)]
+
+
+def lora_targets(net: torch.nn.Module) -> list[str]:
+    """Every linear and conv layer of the denoiser (as the ComfyUI node trains)."""
+    return [n for n, m in net.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+
+
+def latent_scale(vae_config) -> tuple[float, float]:
+    """(scaling_factor, shift_factor): the denoiser's latent = (VAE mean - shift) * scale (shift 0 for SD/SDXL)."""
+    return float(vae_config.scaling_factor), float(getattr(vae_config, "shift_factor", None) or 0.0)

@@ -1,0 +1,262 @@
+"""The headless trainer on SDXL, SD3 and Flux.1 diffusers models: the same weights predict what ComfyUI predicts,
+the tap is the node's, captions are what diffusers' own pipelines feed, the LoRA loads in ComfyUI as the trained
+function, 2 processes x B equal 1 process x 2B, and resume is exact."""
+import json
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dev.datasets import make_dataset
+from dev.diffusers_fixture import FLOW_SCHEDULERS, comfy_model, diffusers_denoiser, write_model_folder
+from dev.host import REPO_ROOT
+
+pytestmark = pytest.mark.host
+FAMILIES = ("sdxl", "sd3", "flux")
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return {f: write_model_folder(root / f, family=f, text_encoder=True) for f in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data") / "photos", captions=True)
+
+
+def train(model_dir, data_dir, out, *extra, launcher=None):
+    cmd = (launcher or [sys.executable]) + ["-m", "selfperc_headless.train", "--model", str(model_dir), "--data",
+                                            str(data_dir), "--out", str(out), "--resolution", "64",
+                                            "--log-json", str(out / "log.json"), *map(str, extra)]
+    res = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return json.loads((out / "log.json").read_text()), load_file(str(out / "selfperc_lora.safetensors"))
+
+
+def comfy_inputs(mp, family, cond, shape):
+    """ComfyUI's own model inputs (extra_conds) for a diffusers-style conditioning dict, batch shape[0]."""
+    import comfy.sampler_helpers
+    import comfy.samplers
+
+    extras = {"pooled_output": cond["pooled"][:1]}
+    if family == "sdxl":  # the diffusers convention: size embeddings of the image itself
+        extras.update(width=shape[-1] * 8, height=shape[-2] * 8)
+    if family == "flux":
+        extras["guidance"] = 3.5
+    conds = comfy.sampler_helpers.convert_cond([[cond["context"][:1], extras]])
+    enc = comfy.samplers.encode_model_conds(mp.model.extra_conds, conds, torch.zeros(shape), torch.device("cpu"),
+                                            "positive")
+    return {k: v.process_cond(batch_size=shape[0], area=None, device=torch.device("cpu")).cond
+            for k, v in enc[0]["model_conds"].items()}
+
+
+def schedule_of(family):
+    from diffusers import DDPMScheduler
+
+    from selfperc_headless.schedules import DiffusersSchedule, FlowSchedule
+
+    if family == "sdxl":
+        return DiffusersSchedule(DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
+    return FlowSchedule(FLOW_SCHEDULERS[family], 16)
+
+
+def random_cond(net, family, batch=2, seed=3):
+    from selfperc_headless.families import FAMILIES as F
+    from selfperc_headless.families import empty_cond
+
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn((batch, *v.shape[1:]), generator=g) for k, v in empty_cond(net, F[family]).items()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_predictions_and_tapped_features_equal_comfyuis(comfy, pack, family):
+    """One set of weights in both layouts (converted by ComfyUI's key maps): x0_hat and the frozen features at the
+    tap (mid-block; block n//2 and block 0 of the transformers) equal what ComfyUI computes with the node's tap."""
+    import comfy.model_management
+    from selfperc_pack.nodes import taps
+
+    from selfperc_core.features import FeatureTap
+    from selfperc_headless import families as F
+
+    mp = comfy_model(family)
+    net = diffusers_denoiser(family, model_patcher=mp)
+    shape = (2, 4 if family == "sdxl" else 16, 8, 8)
+    cond = random_cond(net, family)
+    cond = {k: v[:1].expand_as(v) for k, v in cond.items()}  # ComfyUI repeats one conditioning over the batch
+    inputs = comfy_inputs(mp, family, cond, shape)
+    sched = schedule_of(family)
+    ms = mp.get_model_object("model_sampling")
+    sigma = ms.sigma(ms.timestep(torch.tensor([0.4, 2.0]))) if family == "sdxl" else torch.tensor([0.3, 0.8])
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    comfy.model_management.load_models_gpu([mp])
+    dm = mp.model.diffusion_model
+    ours_fn = F.predictor(net, F.FAMILIES[family], sched)
+    with torch.no_grad():
+        theirs = mp.model.apply_model(x, sigma, **inputs)
+        ours = ours_fn(x, sigma, cond)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    for depth in (0.5, 0.0):
+        ct, tp = taps.tap_point(dm, "mid_block", depth), F.tap_point(net, F.FAMILIES[family], depth)
+        assert ct.name == tp.name
+        with FeatureTap(ct.module) as tap_c, FeatureTap(tp.module) as tap_d, torch.no_grad():
+            fc = ct.features(tap_c(lambda: mp.model.apply_model(x, sigma, **inputs)), shape)
+            fd = tp.features(tap_d(lambda: ours_fn(x, sigma, cond)), shape)
+        assert fd.ndim == 4 and fd.shape[0] == 2
+        torch.testing.assert_close(fd, fc, rtol=1e-4, atol=1e-4)
+
+
+def pipeline(folder, family):
+    """The family's own diffusers pipeline on the fixture folder (to compare what it feeds the denoiser)."""
+    import diffusers
+    import transformers
+
+    sub = {"text_encoder": None, "text_encoder_2": None, "text_encoder_3": None}
+    classes = {"sdxl": (transformers.CLIPTextModel, transformers.CLIPTextModelWithProjection),
+               "sd3": (transformers.CLIPTextModelWithProjection, transformers.CLIPTextModelWithProjection,
+                       transformers.T5EncoderModel),
+               "flux": (transformers.CLIPTextModel, transformers.T5EncoderModel)}[family]
+    parts = {}
+    for (name, _), cls in zip(sub.items(), classes):
+        tok = name.replace("text_encoder", "tokenizer")
+        if (folder / name).is_dir():
+            parts[name] = cls.from_pretrained(folder / name)
+            parts[tok] = transformers.AutoTokenizer.from_pretrained(folder / tok)
+        else:
+            parts[name] = parts[tok] = None
+    if family == "sdxl":
+        return diffusers.StableDiffusionXLPipeline(vae=None, unet=diffusers.UNet2DConditionModel.from_pretrained(
+            folder / "unet"), scheduler=None, **parts)
+    cls = diffusers.StableDiffusion3Pipeline if family == "sd3" else diffusers.FluxPipeline
+    tr = (diffusers.SD3Transformer2DModel if family == "sd3" else diffusers.FluxTransformer2DModel).from_pretrained(
+        folder / "transformer")
+    return cls(vae=None, transformer=tr, scheduler=None, **parts)
+
+
+@pytest.mark.parametrize("family,t5", [("sdxl", True), ("sd3", True), ("sd3", False), ("flux", True)])
+def test_captions_are_what_the_diffusers_pipeline_feeds(folders, tmp_path, family, t5):
+    """Each family's encoding (context tokens, pooled vector) equals its diffusers pipeline's encode_prompt; SD3
+    without text_encoder_3/ gets diffusers' zero T5 tokens."""
+    from selfperc_headless.captions import encode_texts
+
+    folder = folders[family] if t5 else write_model_folder(tmp_path / "sd3_no_t5", family="sd3",
+                                                           text_encoder=True, t5=False)
+    pipe = pipeline(folder, family)
+    text = "a photo of a cat on a red sofa"
+    joint = getattr(pipe.transformer.config, "joint_attention_dim", None) if family != "sdxl" else None
+    ours = encode_texts(folder, [text], "cpu", family, joint_dim=joint)[text]
+    with torch.no_grad():
+        if family == "sdxl":
+            ctx, _, pooled, _ = pipe.encode_prompt(text, device="cpu", do_classifier_free_guidance=False)
+        elif family == "sd3":
+            ctx, _, pooled, _ = pipe.encode_prompt(text, None, None, device="cpu", do_classifier_free_guidance=False)
+        else:
+            ctx, pooled, _ = pipe.encode_prompt(text, None, device="cpu")
+    assert set(ours) == {"context", "pooled"}
+    torch.testing.assert_close(ours["context"], ctx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours["pooled"], pooled, rtol=1e-5, atol=1e-5)
+    if family == "sd3" and not t5:
+        assert ours["context"].shape[1] == 77 + 256 and not ours["context"][:, 77:].any()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_trained_lora_loads_in_comfyui_as_the_trained_function(comfy, pack, folders, data_dir, tmp_path, family, caplog):
+    """A LoRA trained with captions loads in core ComfyUI with no unloaded keys, and ComfyUI's patched model
+    predicts what the diffusers model with that LoRA merged predicts (and not what the base predicts)."""
+    import comfy.sd
+
+    from selfperc_headless import families as F
+    from selfperc_headless.evaluate import Merged, lora_deltas
+    from tests.host.models import loaded_output
+
+    log, lora = train(folders[family], data_dir, tmp_path / "run", "--steps", 2, "--batch-size", 2, "--lr", "1e-2",
+                      "--gradient-checkpointing")
+    assert all(torch.isfinite(torch.tensor(log["losses"])))
+    prefix = F.FAMILIES[family].lora_prefix
+    assert lora and all(k.startswith(prefix) for k in lora)
+    mp = comfy_model(family)
+    with caplog.at_level(logging.WARNING):
+        patched, _ = comfy.sd.load_lora_for_models(mp, None, lora, 1.0, 0)
+    assert not [r for r in caplog.records if "not loaded" in r.getMessage()]
+    net = diffusers_denoiser(family, model_patcher=mp)
+    shape = (2, 4 if family == "sdxl" else 16, 8, 8)
+    cond = {k: v[:1].expand_as(v) for k, v in random_cond(net, family).items()}
+    inputs = comfy_inputs(mp, family, cond, shape)
+    ms = mp.get_model_object("model_sampling")
+    sigma = ms.sigma(ms.timestep(torch.tensor([0.4, 2.0]))) if family == "sdxl" else torch.tensor([0.3, 0.8])
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    predict = F.predictor(net, F.FAMILIES[family], schedule_of(family))
+    with torch.no_grad():
+        base = predict(x, sigma, cond)
+        with Merged(net, lora_deltas(net, lora, tmp_path / "run", prefix)):
+            tuned = predict(x, sigma, cond)
+    theirs = loaded_output(patched, x, sigma, **inputs)
+    assert (tuned - base).abs().max() > 1e-3, "the LoRA must change the output for the comparison to mean much"
+    torch.testing.assert_close(theirs, tuned, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_two_processes_equal_one_process_with_the_double_batch(folders, data_dir, tmp_path, family):
+    """accelerate launch, 2 CPU processes (gloo) x batch 1 == 1 process x batch 2, with captions; and the captions
+    condition training (the same run with --captions off gives other losses)."""
+    one, lora_one = train(folders[family], data_dir, tmp_path / "one", "--steps", 2, "--batch-size", 2)
+    two, lora_two = train(folders[family], data_dir, tmp_path / "two", "--steps", 2, "--batch-size", 1,
+                          "--caption-cache", tmp_path / "one" / "caption_cache", launcher=ACCELERATE + [
+                              "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+                              "no", "--dynamo_backend", "no"])
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    assert lora_one.keys() == lora_two.keys()
+    diffs = torch.cat([(lora_two[k] - lora_one[k]).abs().flatten() for k in lora_one])
+    assert diffs.max() <= 2 * 1e-4 * 2 + 1e-6  # AdamW moves a ~0-gradient weight by up to lr per step
+    assert diffs.mean() < 1e-6
+    off, _ = train(folders[family], data_dir, tmp_path / "off", "--steps", 2, "--batch-size", 2, "--captions", "off")
+    # the tiny random Flux barely listens to its text stream (relative loss change ~3e-6 measured); SDXL's
+    # cross-attention does (~1e-1)
+    assert off["losses"] != (pytest.approx(one["losses"], rel=1e-4) if family == "sdxl" else one["losses"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_resume_continues_exactly(folders, data_dir, tmp_path, family):
+    straight, lora_a = train(folders[family], data_dir, tmp_path / "a", "--steps", 3, "--batch-size", 2)
+    train(folders[family], data_dir, tmp_path / "b", "--steps", 1, "--batch-size", 2, "--save-every", 1)
+    resumed, lora_b = train(folders[family], data_dir, tmp_path / "b", "--steps", 3, "--batch-size", 2,
+                            "--resume", tmp_path / "b" / "state-000001")
+    assert resumed["losses"] == pytest.approx(straight["losses"][1:], rel=1e-5)
+    for k in lora_a:
+        torch.testing.assert_close(lora_b[k], lora_a[k], rtol=1e-4, atol=1e-6)
+
+
+def test_fsdp_without_gpus_is_refused_with_a_clear_error(folders, data_dir, tmp_path):
+    cmd = [sys.executable, "-m", "selfperc_headless.train", "--model", str(folders["flux"]), "--data", str(data_dir),
+           "--out", str(tmp_path / "out"), "--resolution", "64", "--steps", "1", "--fsdp"]
+    res = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0 and "accelerate enables its FSDP plugin on GPUs only" in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "out" / "selfperc_lora.safetensors").exists()
+
+
+@pytest.mark.parametrize("family", ["flux"])
+def test_the_step_on_an_fsdp2_sharded_model_equals_one_process(folders, data_dir, tmp_path, family):
+    """What --fsdp relies on, checked on CPU processes: the self-perceptual step (several forwards per step, the
+    adapter toggled for the frozen passes, checkpointed blocks, a tap without early exit) on a denoiser sharded
+    with FSDP2's fully_shard over 2 processes x batch 1 equals the unsharded step on 1 process x batch 2."""
+    worker = str(REPO_ROOT / "tests" / "trainer" / "fsdp_worker.py")
+
+    def run(n, out, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+               worker, str(folders[family]), str(data_dir), str(out), *extra]
+        res = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, res.stderr[-4000:]
+        return json.loads(out.read_text()), load_file(str(out.with_suffix(".safetensors")))
+
+    one, lora_one = run(1, tmp_path / "one.json", "--batch", "2")
+    two, lora_two = run(2, tmp_path / "two.json", "--shard", "--batch", "1")
+    assert two["sharded"] == ["DTensor"] and one["sharded"] == ["Parameter"]
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    assert lora_one.keys() == lora_two.keys()
+    diffs = torch.cat([(lora_two[k] - lora_one[k]).abs().flatten() for k in lora_one])
+    assert diffs.max() <= 2 * 1e-3 * 2 + 1e-6 and diffs.mean() < 1e-5
