@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 from dev.datasets import make_dataset
 from dev.diffusers_fixture import write_model_folder
 from dev.host import REPO_ROOT
+from tests.trainer.runs import TWO_CPU_PROCESSES, train
 
 pytestmark = pytest.mark.host
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 
 
 @pytest.fixture(scope="module")
@@ -27,21 +27,10 @@ def data_dir(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("data") / "photos", captions=False)
 
 
-def train(model_dir, data_dir, out, *extra, launcher=None):
-    cmd = (launcher or [sys.executable]) + ["-m", "selfperc_headless.train", "--model", str(model_dir), "--data",
-                                            str(data_dir), "--out", str(out), "--resolution", "64",
-                                            "--log-json", str(out / "log.json"), *map(str, extra)]
-    res = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-4000:]
-    return json.loads((out / "log.json").read_text()), load_file(str(out / "selfperc_lora.safetensors"))
-
-
 def test_two_processes_equal_one_process_with_the_double_batch(model_dir, data_dir, tmp_path):
     """accelerate launch, 2 CPU processes (torch.distributed, gloo) x batch 1 == 1 process x batch 2."""
     one, lora_one = train(model_dir, data_dir, tmp_path / "one", "--steps", 2, "--batch-size", 2)
-    two, lora_two = train(model_dir, data_dir, tmp_path / "two", "--steps", 2, "--batch-size", 1, launcher=ACCELERATE + [
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no"])
+    two, lora_two = train(model_dir, data_dir, tmp_path / "two", "--steps", 2, "--batch-size", 1, launcher=TWO_CPU_PROCESSES)
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
     assert lora_one.keys() == lora_two.keys()
     # Gradients agree to float rounding (gloo sums in another order); AdamW's first steps move each weight by

@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 from dev.datasets import make_dataset
 from dev.diffusers_fixture import FLOW_SCHEDULERS, comfy_model, diffusers_denoiser, write_model_folder
 from dev.host import REPO_ROOT
+from tests.trainer.runs import TWO_CPU_PROCESSES, train
 
 pytestmark = pytest.mark.host
 FAMILIES = ("sdxl", "sd3", "flux")
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 
 
 @pytest.fixture(scope="module")
@@ -28,15 +28,6 @@ def folders(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("data") / "photos", captions=True)
-
-
-def train(model_dir, data_dir, out, *extra, launcher=None):
-    cmd = (launcher or [sys.executable]) + ["-m", "selfperc_headless.train", "--model", str(model_dir), "--data",
-                                            str(data_dir), "--out", str(out), "--resolution", "64",
-                                            "--log-json", str(out / "log.json"), *map(str, extra)]
-    res = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-4000:]
-    return json.loads((out / "log.json").read_text()), load_file(str(out / "selfperc_lora.safetensors"))
 
 
 def comfy_inputs(mp, family, cond, shape):
@@ -206,9 +197,7 @@ def test_two_processes_equal_one_process_with_the_double_batch(folders, data_dir
     condition training (the same run with --captions off gives other losses)."""
     one, lora_one = train(folders[family], data_dir, tmp_path / "one", "--steps", 2, "--batch-size", 2)
     two, lora_two = train(folders[family], data_dir, tmp_path / "two", "--steps", 2, "--batch-size", 1,
-                          "--caption-cache", tmp_path / "one" / "caption_cache", launcher=ACCELERATE + [
-                              "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-                              "no", "--dynamo_backend", "no"])
+                          "--caption-cache", tmp_path / "one" / "caption_cache", launcher=TWO_CPU_PROCESSES)
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
     assert lora_one.keys() == lora_two.keys()
     diffs = torch.cat([(lora_two[k] - lora_one[k]).abs().flatten() for k in lora_one])
