@@ -225,7 +225,10 @@ class SelfPerceptualEvaluate(io.ComfyNode):
                         for i in range(0, len(images), CHUNK))
             spaces["CLIP"] = (clip_embeddings(clip_vision, real_rgb),
                               {k: clip_embeddings(clip_vision, decoded_chunks(vae, v)) for k, v in samples.items()})
-        metrics = {space: distances(real, fake, bootstraps, seed) for space, (real, fake) in spaces.items()}
+        # the honest question: did the self-perceptual fine-tune beat plain MSE fine-tuning of the same length?
+        contrasts = (("fine-tuned", "baseline"),) if "baseline" in samples else ()
+        metrics = {space: distances(real, fake, bootstraps, seed, contrasts=contrasts)
+                   for space, (real, fake) in spaces.items()}
         dim = self_real.shape[-1]
         notes = [f"self features: {taps.tap_point(base_model.model.diffusion_model, taps.MID_BLOCK, tap_depth).name} "
                  f"of the base model, {dim} channels, pooled, at t' = {', '.join(map(str, levels))}"]

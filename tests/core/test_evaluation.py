@@ -84,6 +84,18 @@ def test_paired_resampling_spread_and_differences():
     assert np.isnan(tiny["tuned - base"].std) and tiny["tuned - base"].as_dict()["p05"] is None  # no false zero
     with pytest.raises(ValueError, match="same number of samples"):
         compare(x, {"base": y[:10], "tuned": y[:11]}, frechet_distance)
+    # a contrast between two non-reference models is their difference, replicate by replicate
+    three = compare(x[:100], {"base": x[100:200], "tuned": y[:100], "mse": y[100:200]}, frechet_distance,
+                    bootstraps=8, reference="base", contrasts=(("tuned", "mse"),))
+    c = three["tuned - mse"]
+    assert c.value == pytest.approx(three["tuned - base"].value - three["mse - base"].value)
+    assert c.std > 0 and c.low < c.value < c.high
+    # FD's bootstrap replicates are biased upward (repeated points); the reported interval still holds the value
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(64, 32, generator=g, dtype=torch.float64) for _ in range(2))  # few points, wide features
+    few = compare(a, {"base": b}, frechet_distance, bootstraps=30, seed=0)["base"]
+    assert few.mean > few.value + 5 * few.std  # every replicate far above the value (raw q05 ~15 for a value ~9.5)
+    assert few.low < few.value < few.high
 
 
 def test_noised_features_share_noise_by_index_and_pool_spatially():

@@ -165,10 +165,13 @@ def test_evaluate_reports_both_feature_spaces_with_paired_spread(pack, models, e
     for space in ("self", "CLIP"):
         for metric in ("FD", "KID"):
             rows = rep["metrics"][space][metric]
-            assert set(rows) == {"base", "fine-tuned", "baseline", "fine-tuned - base", "baseline - base"}
+            assert set(rows) == {"base", "fine-tuned", "baseline", "fine-tuned - base", "baseline - base",
+                                 "fine-tuned - baseline"}
             # the baseline IS the base model: from the same noise its samples and distances are identical
             assert rows["baseline - base"]["value"] == 0 and rows["baseline - base"]["std"] == 0
             assert rows["fine-tuned - base"]["value"] != 0
+            # so fine-tuned - baseline is fine-tuned - base, replicate by replicate
+            assert rows["fine-tuned - baseline"] == rows["fine-tuned - base"]
             assert all(v is not None and v == v for r in rows.values() for v in r.values())  # spread, no NaN
     assert rep["metrics"]["self"]["FD"]["base"]["value"] > 0
     assert table.shape[0] == 1 and table.shape[1] > 100
