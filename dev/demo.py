@@ -1,29 +1,78 @@
-"""`make demo`: the fine-tune workflow, run in a real ComfyUI server on a model this project builds.
+"""`make demo`: fine-tune, compare and evaluate, in a real ComfyUI server, on a model this project builds.
 
-1. Builds (once, cached in demo_output/models) a tiny SD1.x model and a TAESD-shaped VAE trained briefly on the
-   photos that scikit-image ships (see dev/demo_model.py).
-2. Starts the real ComfyUI server with this pack, the demo model and a dataset folder of those photos.
-3. Runs workflows/selfperc_fine_tune_compare.json through the HTTP API (checkpoint, dataset and sizes set for
-   the demo), with a console progress bar fed by ComfyUI's websocket, then the perceptual-distance workflow.
-4. Copies the LoRA, the loss curve, the no-CFG comparison grid and a distance heatmap to demo_output/results.
+1. Builds (once, cached in demo_output/models) a small SD3-architecture model trained on scikit-learn's
+   handwritten digits, whose unguided samples are recognisable digits (see dev/demo_model.py).
+2. Starts the real ComfyUI server with this pack, that checkpoint and two dataset folders of digits: one to
+   fine-tune on, one held out for the evaluation.
+3. Runs one workflow through the HTTP API, with a console progress bar fed by ComfyUI's websocket:
+   - a self-perceptual LoRA fine-tune (the paper's loss) and, as the honest baseline, the same LoRA fine-tune
+     with plain MSE instead (perceptual_weight 0, mse_weight 1), everything else equal;
+   - Self-Perceptual Evaluate: base, self-perceptual and MSE-baseline models sample from identical noise
+     without guidance (cfg 1) and are compared with the held-out digits (FD / KID in the base model's
+     features, with their spread over resamples);
+   - Perceptual Distance between a digit and the same digit with a blot.
+4. Prints the evaluation table and what it shows, and copies the images, both LoRAs and the UI-format workflow
+   to demo_output/results.
 
-What this shows is the mechanics, not a quality gain: on a model this small self-perceptual fine-tuning is not
-expected to improve samples (see README). `python -m dev.demo --serve` opens the same server for the browser.
+`python -m dev.demo --serve` opens the same server, model and folders for the browser.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import threading
 import time
 from pathlib import Path
 
 from dev import demo_model, workflows
-from dev.datasets import make_dataset, photo
 from dev.host import REPO_ROOT, ComfyServer, execution_error
 
 OUT = REPO_ROOT / "demo_output"
+TRAIN_FOLDER, TRAIN_COUNT = "demo_digits", demo_model.TRAIN_COUNT  # digits 0..1199: base and fine-tunes
+HELDOUT_FOLDER = "demo_digits_heldout"                # digits 1200..1796 (597) to evaluate against
+FINE_TUNE = dict(steps=300, learning_rate=5e-4, batch_size=16, rank=8, alpha=8.0, seed=1)
+EVALUATE = dict(sample_count=128, steps=20, bootstraps=30, max_dataset_images=597, seed=0)
+
+
+def demo_graph(ckpt_name: str, fine_tune: dict = FINE_TUNE, evaluate: dict = EVALUATE) -> dict:
+    """The demo's workflow, as a spec for dev.workflows.build (UI format; the demo saves it for the browser)."""
+    res = demo_model.RES
+    tune = dict(fine_tune, vae=(1, 2), model=(1, 0), conditioning=(2, 0), dataset_folder=TRAIN_FOLDER,
+                resolution=res, overwrite=True, save_every=0, preview_every=0)
+    return {
+        "title": "selfperc_demo",
+        "note": ("The demo: a self-perceptual LoRA and the same LoRA trained with plain MSE (the baseline), then "
+                 "both against the base model on held-out digits, without guidance. The table says whether a "
+                 "difference is beyond its spread."),
+        "nodes": {
+            1: ("CheckpointLoaderSimple", {"ckpt_name": ckpt_name}, (40, 120), (320, 100)),
+            2: ("CLIPTextEncode", {"clip": (1, 1), "text": ""}, (40, 280), (320, 120)),
+            3: ("SelfPerceptualFineTune", dict(tune, lora_name="selfperc/demo_selfperceptual", mse_weight=0.0,
+                                               perceptual_weight=1.0), (400, 120), (360, 760)),
+            4: ("SelfPerceptualFineTune", dict(tune, lora_name="selfperc/demo_mse_baseline", mse_weight=1.0,
+                                               perceptual_weight=0.0), (400, 920), (360, 760)),
+            5: ("SelfPerceptualEvaluate", dict(evaluate, base_model=(1, 0), model=(3, 0), baseline_model=(4, 0),
+                                               vae=(1, 2), positive=(2, 0), dataset_folder=HELDOUT_FOLDER,
+                                               resolution=res), (800, 120), (360, 600)),
+            6: ("SaveImage", {"images": (5, 0), "filename_prefix": "selfperc/demo_evaluation"}, (1200, 120),
+                (520, 300)),
+            7: ("SaveImage", {"images": (5, 2), "filename_prefix": "selfperc/demo_samples"}, (1200, 460),
+                (520, 420)),
+            8: ("PreviewAny", {"source": (5, 1)}, (800, 760), (360, 300)),
+            9: ("SaveImage", {"images": (3, 4), "filename_prefix": "selfperc/demo_loss_selfperceptual"},
+                (1760, 120), (400, 300)),
+            10: ("SaveImage", {"images": (4, 4), "filename_prefix": "selfperc/demo_loss_mse_baseline"},
+                 (1760, 460), (400, 300)),
+            11: ("LoadImage", {"image": "demo_digit.png"}, (40, 1100), (320, 320)),
+            12: ("LoadImage", {"image": "demo_digit_blot.png"}, (40, 1460), (320, 320)),
+            13: ("SelfPerceptualDistance", {"model": (1, 0), "vae": (1, 2), "image_a": (11, 0), "image_b": (12, 0),
+                                            "conditioning": (2, 0)}, (400, 1700), (340, 300)),
+            14: ("SaveImage", {"images": (13, 0), "filename_prefix": "selfperc/demo_heatmap"}, (800, 1700),
+                 (400, 420)),
+        },
+    }
 
 
 def progress_printer(server: ComfyServer, stop: threading.Event):
@@ -63,71 +112,93 @@ def progress_printer(server: ComfyServer, stop: threading.Event):
         print(f"  (no live progress: {e})")
 
 
-def prepare(base: Path, log=print) -> Path:
-    models = OUT / "models"
-    ckpt = demo_model.build(models, log=log)
-    srv_models = base / "models"
-    for sub, name in (("checkpoints", ckpt.name), ("vae_approx", "taesd_encoder.safetensors"),
-                      ("vae_approx", "taesd_decoder.safetensors")):
-        (srv_models / sub).mkdir(parents=True, exist_ok=True)
-        dst = srv_models / sub / name
-        if not dst.exists():
-            dst.symlink_to(models / sub / name)
-    make_dataset(base / "input" / "demo_photos", captions=False, sizes={})
+def prepare(base: Path, out: Path = OUT, base_steps: int = demo_model.BASE_STEPS, log=print) -> Path:
+    """The checkpoint (built once), linked into the server's models/, and the dataset folders in input/."""
+    from PIL import Image
+
+    ckpt = demo_model.build(out / "models", steps=base_steps, log=log)
+    dst = base / "models" / "checkpoints" / ckpt.name
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if not dst.exists():
+        dst.symlink_to(ckpt)
+    demo_model.write_digit_folder(base / "input" / TRAIN_FOLDER, TRAIN_COUNT)
+    demo_model.write_digit_folder(base / "input" / HELDOUT_FOLDER, len(demo_model.digit_images()) - TRAIN_COUNT,
+                                  offset=TRAIN_COUNT)
+    digit = demo_model.digit_images()[TRAIN_COUNT]
+    Image.fromarray(digit).save(base / "input" / "demo_digit.png")
+    blot = digit.copy()
+    blot[8:24, 40:56] = 255  # a white square in the upper right: the heatmap should light up there
+    Image.fromarray(blot).save(base / "input" / "demo_digit_blot.png")
     return ckpt
 
 
-def run_demo(port: int | None) -> None:
-    base = OUT / "comfy"
-    results = OUT / "results"
+def summary(report: dict) -> list[str]:
+    """What the numbers show, in plain words, whatever they show."""
+    from selfperc_core.evaluation import verdict
+
+    out = []
+    for space, metrics in report["metrics"].items():
+        for metric in ("KID", "FD"):
+            rows = metrics.get(metric, {})
+            for name, s in rows.items():
+                if " - " in name:
+                    out.append(f"  {space} {metric}, {name}: {verdict(s)}")
+    kid = report["metrics"]["self"]["KID"].get("fine-tuned - baseline")
+    if kid is not None:
+        v = verdict(kid)
+        word = ("beat" if v.startswith("better") else "did worse than" if v.startswith("worse")
+                else "could not be told apart from")
+        out.append(f"  In short: on this model and these digits the self-perceptual LoRA {word} the same LoRA trained "
+                   f"with plain MSE (KID in the base model's features, {report['samples']} samples each).")
+    return out
+
+
+def run_demo(port: int | None = None, out: Path = OUT, base_steps: int = demo_model.BASE_STEPS,
+             fine_tune: dict = FINE_TUNE, evaluate: dict = EVALUATE) -> dict:
+    """The whole demo; returns the evaluation report. Smaller settings make the quick run the tests use."""
+    from selfperc_core.evaluation import report_lines
+
+    base = out / "comfy"
+    results = out / "results"
     t0 = time.time()
-    ckpt = prepare(base)
-    print(f"[demo] model ready: {ckpt.relative_to(REPO_ROOT)} ({time.time() - t0:.0f}s)")
+    ckpt = prepare(base, out, base_steps)
+    print(f"[demo] model ready: {ckpt.name} ({time.time() - t0:.0f}s)")
     srv = ComfyServer(base, port=port).start()
-    print(f"[demo] ComfyUI {srv.url} (base directory {base.relative_to(REPO_ROOT)})")
+    print(f"[demo] ComfyUI {srv.url} (base directory {os.path.relpath(base)})")
     try:
         info = srv.get("/object_info")
         stop = threading.Event()
         threading.Thread(target=progress_printer, args=(srv, stop), daemon=True).start()
         time.sleep(0.5)
-
-        prompt = workflows.to_api(workflows.load("selfperc_fine_tune_compare.json"), info)
-        workflows.set_widgets(prompt, ckpt_name=ckpt.name, dataset_folder="demo_photos", resolution=demo_model.RES, width=demo_model.RES, height=demo_model.RES,
-                   lora_name="selfperc/demo_lora", overwrite=True, steps=60, learning_rate=5e-5, batch_size=4,
-                   save_every=0, preview_every=20)
-        prompt["3"]["inputs"]["batch_size"] = 4
-        prompt["4"]["inputs"].update(steps=20, seed=3)
-        print("[demo] workflow 1: self-perceptual fine-tune (60 steps) -> base vs fine-tuned, cfg 1.0")
-        entry = srv.run(prompt, timeout=1800)
+        ui_workflow = workflows.build(demo_graph(ckpt.name, fine_tune, evaluate), info)
+        prompt = workflows.to_api(ui_workflow, info)
+        print(f"[demo] fine-tuning twice on {TRAIN_COUNT} digits ({fine_tune['steps']} steps each: self-perceptual, "
+              f"then the plain-MSE baseline), then evaluating on {HELDOUT_FOLDER}")
+        entry = srv.run(prompt, timeout=3600)
         check(entry, srv)
-        results.mkdir(parents=True, exist_ok=True)
-        copy_image(srv, entry, "5", results / "comparison_grid_no_cfg.png")
-        copy_image(srv, entry, "6", results / "loss_curve.png", kind="images")
-        shutil.copy(base / "models" / "loras" / "selfperc" / "demo_lora.safetensors", results / "demo_lora.safetensors")
-
-        a = photo("chelsea")
-        from PIL import Image
-        img_a = Image.fromarray(a).resize((144, 96))
-        img_b = img_a.copy()
-        img_b.paste(Image.fromarray(photo("coffee")).resize((40, 40)), (84, 28))
-        img_a.save(base / "input" / "demo_a.png")
-        img_b.save(base / "input" / "demo_b.png")
-        prompt = workflows.to_api(workflows.load("selfperc_perceptual_distance.json"), info)
-        workflows.set_widgets(prompt, ckpt_name=ckpt.name)
-        prompt["2"]["inputs"]["image"], prompt["3"]["inputs"]["image"] = "demo_a.png", "demo_b.png"
-        print("[demo] workflow 2: perceptual distance (a cat photo vs the same with a pasted patch)")
-        entry = srv.run(prompt, timeout=600)
-        check(entry, srv)
-        copy_image(srv, entry, "5", results / "distance_heatmap.png")
         stop.set()
     finally:
         srv.stop()
-    print(f"\n[demo] done in {time.time() - t0:.0f}s. Results in {results.relative_to(REPO_ROOT)}/:")
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "demo_workflow.json").write_text(json.dumps(ui_workflow, indent=1) + "\n")
+    for node, name in (("6", "evaluation_table.png"), ("7", "samples_base_selfperceptual_mse.png"),
+                       ("9", "loss_selfperceptual.png"), ("10", "loss_mse_baseline.png"),
+                       ("14", "distance_heatmap.png")):
+        copy_image(srv, entry, node, results / name)
+    for name in ("demo_selfperceptual", "demo_mse_baseline"):
+        shutil.copy(base / "models" / "loras" / "selfperc" / f"{name}.safetensors", results / f"{name}.safetensors")
+    report = json.loads(entry["outputs"]["8"]["text"][0])
+    (results / "evaluation.json").write_text(json.dumps(report, indent=1) + "\n")
+    print("\n" + "\n".join(report_lines(report)))
+    print("\n[demo] what the numbers show (differences' 5-95% interval over resamples):")
+    print("\n".join(summary(report)))
+    print(f"\n[demo] done in {time.time() - t0:.0f}s. Results in {os.path.relpath(results)}/:")
     for p in sorted(results.iterdir()):
-        print(f"  {p.relative_to(REPO_ROOT)}")
-    print("[demo] This shows the mechanics on a tiny model; no quality gain is claimed (see README).")
+        print(f"  {os.path.relpath(p)}")
+    print("[demo] One small model, one seed: a measurement on this model and data, not a verdict on the method.")
     print("[demo] Open the UI on the same model and files:  .venv/bin/python -m dev.demo --serve  "
-          "(then http://127.0.0.1:8188)")
+          "(then http://127.0.0.1:8188; drag demo_output/results/demo_workflow.json in)")
+    return report
 
 
 def check(entry: dict, srv: ComfyServer) -> None:
