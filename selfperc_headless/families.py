@@ -32,20 +32,13 @@ class Family:
     denoiser: str  # the model folder's subfolder holding the denoiser
     lora_prefix: str  # kohya prefix ComfyUI's LoRA loader maps for diffusers names of this family
     stacks: tuple[str, ...] = ()  # transformer block lists in forward order; () for UNets
-    block_classes: tuple[str, ...] = ()  # what FSDP wraps and gradient checkpointing recomputes
 
 
 FAMILIES = {
-    "sd": Family("sd", "unet", "lora_unet_", block_classes=("CrossAttnDownBlock2D", "DownBlock2D",
-                                                            "UNetMidBlock2DCrossAttn", "CrossAttnUpBlock2D",
-                                                            "UpBlock2D")),
-    "sdxl": Family("sdxl", "unet", "lora_unet_", block_classes=("CrossAttnDownBlock2D", "DownBlock2D",
-                                                                "UNetMidBlock2DCrossAttn", "CrossAttnUpBlock2D",
-                                                                "UpBlock2D")),
-    "sd3": Family("sd3", "transformer", "lora_transformer_", ("transformer_blocks",),
-                  ("JointTransformerBlock", "SD3SingleTransformerBlock")),
-    "flux": Family("flux", "transformer", "lora_transformer_", ("transformer_blocks", "single_transformer_blocks"),
-                   ("FluxTransformerBlock", "FluxSingleTransformerBlock")),
+    "sd": Family("sd", "unet", "lora_unet_"),
+    "sdxl": Family("sdxl", "unet", "lora_unet_"),
+    "sd3": Family("sd3", "transformer", "lora_transformer_", ("transformer_blocks",)),
+    "flux": Family("flux", "transformer", "lora_transformer_", ("transformer_blocks", "single_transformer_blocks")),
 }
 
 
@@ -197,6 +190,11 @@ def blocks(net: torch.nn.Module, family: Family) -> list[torch.nn.Module]:
     if family.denoiser == "unet":
         return [*net.down_blocks, net.mid_block, *net.up_blocks]
     return [b for attr in family.stacks for b in getattr(net, attr)]
+
+
+def block_class_names(net: torch.nn.Module, family: Family) -> list[str]:
+    """The class names of ``blocks``: FSDP's wrap units (accelerate refuses a name the model does not have)."""
+    return sorted({type(b).__name__ for b in blocks(net, family)})
 
 
 def lora_targets(net: torch.nn.Module) -> list[str]:

@@ -135,14 +135,13 @@ def add_lora(net: torch.nn.Module, rank: int, alpha: float, seed: int) -> list[t
     return params
 
 
-def fsdp_plugin(family: fam.Family):
+def fsdp_plugin():
     from accelerate.utils import FullyShardedDataParallelPlugin
 
-    # FSDP2: one unit per block (the root holds the embedders), weights resharded after each forward; the LoRA
-    # weights are gathered to full tensors for saving
+    # FSDP2: one unit per block (the class names are set from the loaded model, see main), the root holding the
+    # embedders; weights resharded after each forward; the LoRA weights are gathered to full tensors for saving
     return FullyShardedDataParallelPlugin(
-        fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-        transformer_cls_names_to_wrap=list(family.block_classes), reshard_after_forward=True,
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
         state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False)
 
 
@@ -155,7 +154,7 @@ def main(argv=None) -> None:
     a = parse_args(argv)
     family = fam.detect(a.model)
     acc = Accelerator(mixed_precision=a.mixed_precision, cpu=not torch.cuda.is_available() or None,
-                      fsdp_plugin=fsdp_plugin(family) if a.fsdp else None)
+                      fsdp_plugin=fsdp_plugin() if a.fsdp else None)
     if a.fsdp and acc.distributed_type != DistributedType.FSDP:
         raise SystemExit("--fsdp: accelerate enables its FSDP plugin on GPUs only (this run is "
                          f"{acc.distributed_type}); leave --fsdp off here")
@@ -168,8 +167,10 @@ def main(argv=None) -> None:
             print(f"selfperc: skipped {s.path}: {s.reason}")
         print(f"selfperc: {family.name} model, {len(ds.images)} images ({len(ds.skipped)} skipped), "
               f"{acc.num_processes} process(es)")
-    net = fam.load_denoiser(a.model, family, torch.float32 if a.full else weight_dtype).to(dev)
+    net = fam.load_denoiser(a.model, family, torch.float32 if a.full else weight_dtype)
     net.requires_grad_(False)
+    if not a.fsdp:  # under FSDP each process keeps only its shard on the device (prepare moves it)
+        net.to(dev)
 
     conds = [None] * len(ds.images)
     if a.captions == "auto" and has_text_encoder(a.model, family.name):
@@ -198,6 +199,7 @@ def main(argv=None) -> None:
             checkpoint_forward(blk, switch)
     opt = make_optimizer(a.optimizer, params, a.lr)
     if a.fsdp:
+        acc.state.fsdp_plugin.transformer_cls_names_to_wrap = fam.block_class_names(net, family)
         net, opt = acc.prepare(net, opt)  # shards the weights in place; the optimizer now holds the shards
         params, tap_net = [p for p in net.parameters() if p.requires_grad], net
     else:

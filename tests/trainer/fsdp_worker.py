@@ -24,7 +24,8 @@ from selfperc_headless.diffusers_host import PeftSwitch, comfy_lora_state_dict  
 from selfperc_headless.train import add_lora, encode, make_host  # noqa: E402
 
 
-def main(model_dir: Path, data_dir: Path, out: Path, shard: bool, steps: int = 2, batch: int = 1) -> None:
+def main(model_dir: Path, data_dir: Path, out: Path, shard: bool, steps: int = 2, batch: int = 1,
+         weights: torch.dtype = torch.float32) -> None:
     from diffusers import AutoencoderKL
 
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -38,7 +39,7 @@ def main(model_dir: Path, data_dir: Path, out: Path, shard: bool, steps: int = 2
                             joint_dim=getattr(fam.load_denoiser(model_dir, family).config, "joint_attention_dim",
                                               None), log=lambda *_: None)
     latents = encode(AutoencoderKL.from_pretrained(model_dir / "vae").eval(), ds.images, "cpu")
-    net = fam.load_denoiser(model_dir, family).requires_grad_(False)
+    net = fam.load_denoiser(model_dir, family, weights).requires_grad_(False)  # the LoRA stays fp32
     add_lora(net, 4, 4.0, seed=0)
     switch = PeftSwitch(net)
     for blk in fam.blocks(net, family):
@@ -57,7 +58,8 @@ def main(model_dir: Path, data_dir: Path, out: Path, shard: bool, steps: int = 2
                       world_size=world)
     losses = []
     for _ in range(steps):
-        loss = trainer.step().loss.clone()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=weights == torch.bfloat16):  # as acc.autocast()
+            loss = trainer.step().loss.clone()
         if world > 1:
             dist.all_reduce(loss)
             loss /= world
@@ -74,4 +76,5 @@ def main(model_dir: Path, data_dir: Path, out: Path, shard: bool, steps: int = 2
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), "--shard" in sys.argv,
-         batch=int(sys.argv[sys.argv.index("--batch") + 1]) if "--batch" in sys.argv else 1)
+         batch=int(sys.argv[sys.argv.index("--batch") + 1]) if "--batch" in sys.argv else 1,
+         weights=torch.bfloat16 if "--bf16" in sys.argv else torch.float32)

@@ -102,6 +102,33 @@ def test_predictions_and_tapped_features_equal_comfyuis(comfy, pack, family):
         torch.testing.assert_close(fd, fc, rtol=1e-4, atol=1e-4)
 
 
+def test_the_diffusers_sd3_file_loaded_by_comfyuis_own_converter_predicts_the_same(comfy, folders):
+    """The other direction: the fixture's diffusers transformer file, converted by ComfyUI's own loader
+    (UNETLoader's load_diffusion_model detects the diffusers layout and the SD3 family from it), predicts what the
+    diffusers model predicts (SDXL and Flux tiny configs are not detectable: see dev/tiny_families)."""
+    import comfy.model_management
+    import comfy.sd
+    import comfy.supported_models
+    from safetensors.torch import load_file as read
+
+    from selfperc_headless import families as F
+
+    folder = folders["sd3"]
+    mp = comfy.sd.load_diffusion_model_state_dict(read(str(folder / "transformer" /
+                                                           "diffusion_pytorch_model.safetensors")))
+    assert type(mp.model.model_config) is comfy.supported_models.SD3
+    net = F.load_denoiser(folder, F.FAMILIES["sd3"]).eval()
+    shape = (2, 16, 8, 8)
+    cond = {k: v[:1].expand_as(v) for k, v in random_cond(net, "sd3").items()}
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.3, 0.8])
+    comfy.model_management.load_models_gpu([mp])
+    with torch.no_grad():
+        theirs = mp.model.apply_model(x, sigma, **comfy_inputs(mp, "sd3", cond, shape))
+        ours = F.predictor(net, F.FAMILIES["sd3"], schedule_of("sd3"))(x, sigma, cond)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
 def pipeline(folder, family):
     """The family's own diffusers pipeline on the fixture folder (to compare what it feeds the denoiser)."""
     import diffusers
@@ -220,6 +247,23 @@ def test_resume_continues_exactly(folders, data_dir, tmp_path, family):
         torch.testing.assert_close(lora_b[k], lora_a[k], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["sd", *FAMILIES])
+def test_fsdp_wrap_units_are_found_by_accelerate(folders, tmp_path, family):
+    """--fsdp's wrap units are the blocks the model has: accelerate's own lookup finds every class name (it refuses
+    the plugin otherwise), and those classes cover exactly the checkpointed blocks."""
+    from accelerate.utils.dataclasses import get_module_class_from_name
+
+    from selfperc_headless import families as F
+
+    folder = folders[family] if family != "sd" else write_model_folder(tmp_path / "sd")
+    net = F.load_denoiser(folder, F.detect(folder))
+    names = F.block_class_names(net, F.detect(folder))
+    classes = tuple(get_module_class_from_name(net, n) for n in names)
+    assert names and None not in classes
+    wrapped = {id(m) for m in net.modules() if isinstance(m, classes)}
+    assert wrapped == {id(b) for b in F.blocks(net, F.detect(folder))}
+
+
 def test_fsdp_without_gpus_is_refused_with_a_clear_error(folders, data_dir, tmp_path):
     cmd = [sys.executable, "-m", "selfperc_headless.train", "--model", str(folders["flux"]), "--data", str(data_dir),
            "--out", str(tmp_path / "out"), "--resolution", "64", "--steps", "1", "--fsdp"]
@@ -228,11 +272,12 @@ def test_fsdp_without_gpus_is_refused_with_a_clear_error(folders, data_dir, tmp_
     assert not (tmp_path / "out" / "selfperc_lora.safetensors").exists()
 
 
-@pytest.mark.parametrize("family", ["flux"])
-def test_the_step_on_an_fsdp2_sharded_model_equals_one_process(folders, data_dir, tmp_path, family):
+@pytest.mark.parametrize("family,weights", [("flux", "fp32"), ("flux", "bf16")])
+def test_the_step_on_an_fsdp2_sharded_model_equals_one_process(folders, data_dir, tmp_path, family, weights):
     """What --fsdp relies on, checked on CPU processes: the self-perceptual step (several forwards per step, the
     adapter toggled for the frozen passes, checkpointed blocks, a tap without early exit) on a denoiser sharded
-    with FSDP2's fully_shard over 2 processes x batch 1 equals the unsharded step on 1 process x batch 2."""
+    with FSDP2's fully_shard over 2 processes x batch 1 equals the unsharded step on 1 process x batch 2; also with
+    bf16 frozen weights beside fp32 LoRA weights in one FSDP unit (as --mixed-precision bf16 stores them)."""
     worker = str(REPO_ROOT / "tests" / "trainer" / "fsdp_worker.py")
 
     def run(n, out, *extra):
@@ -242,10 +287,11 @@ def test_the_step_on_an_fsdp2_sharded_model_equals_one_process(folders, data_dir
         assert res.returncode == 0, res.stderr[-4000:]
         return json.loads(out.read_text()), load_file(str(out.with_suffix(".safetensors")))
 
-    one, lora_one = run(1, tmp_path / "one.json", "--batch", "2")
-    two, lora_two = run(2, tmp_path / "two.json", "--shard", "--batch", "1")
+    extra = ["--bf16"] if weights == "bf16" else []
+    one, lora_one = run(1, tmp_path / "one.json", "--batch", "2", *extra)
+    two, lora_two = run(2, tmp_path / "two.json", "--shard", "--batch", "1", *extra)
     assert two["sharded"] == ["DTensor"] and one["sharded"] == ["Parameter"]
-    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5 if weights == "fp32" else 1e-3)
     assert lora_one.keys() == lora_two.keys()
     diffs = torch.cat([(lora_two[k] - lora_one[k]).abs().flatten() for k in lora_one])
     assert diffs.max() <= 2 * 1e-3 * 2 + 1e-6 and diffs.mean() < 1e-5
