@@ -1,7 +1,8 @@
 """`make demo`: fine-tune, compare and evaluate, in a real ComfyUI server, on a model this project builds.
 
 1. Builds (once, cached in demo_output/models) a small SD3-architecture model trained on scikit-learn's
-   handwritten digits, whose unguided samples are recognisable digits (see dev/demo_model.py).
+   handwritten digits, whose unguided samples are blurry digits, about half clearly recognisable
+   (see dev/demo_model.py).
 2. Starts the real ComfyUI server with this pack, that checkpoint and two dataset folders of digits: one to
    fine-tune on, one held out for the evaluation.
 3. Runs one workflow through the HTTP API, with a console progress bar fed by ComfyUI's websocket:
@@ -122,9 +123,9 @@ def prepare(base: Path, out: Path = OUT, base_steps: int = demo_model.BASE_STEPS
     if not dst.exists():
         dst.symlink_to(ckpt)
     demo_model.write_digit_folder(base / "input" / TRAIN_FOLDER, TRAIN_COUNT)
-    demo_model.write_digit_folder(base / "input" / HELDOUT_FOLDER, len(demo_model.digit_images()) - TRAIN_COUNT,
-                                  offset=TRAIN_COUNT)
-    digit = demo_model.digit_images()[TRAIN_COUNT]
+    digits = demo_model.digit_images()
+    demo_model.write_digit_folder(base / "input" / HELDOUT_FOLDER, len(digits) - TRAIN_COUNT, offset=TRAIN_COUNT)
+    digit = digits[TRAIN_COUNT]
     Image.fromarray(digit).save(base / "input" / "demo_digit.png")
     blot = digit.copy()
     blot[8:24, 40:56] = 255  # a white square in the upper right: the heatmap should light up there

@@ -14,6 +14,7 @@ All three go into one SD3-layout checkpoint that core CheckpointLoaderSimple det
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from pathlib import Path
@@ -39,8 +40,10 @@ TRAIN_COUNT = 1200  # digits [0, 1200) train the base and the fine-tunes; the ot
 LATENT_MEAN, LATENT_GAIN = 0.31, 3.0  # the digits' mean luminance and ~1 / its std after the encoder's blur
 
 
+@functools.lru_cache(maxsize=2)
 def digit_images(res: int = RES) -> np.ndarray:
-    """(1797, res, res, 3) uint8: scikit-learn's digits, white on black (as MNIST), smoothly upscaled."""
+    """(1797, res, res, 3) uint8: scikit-learn's digits, white on black (as MNIST), smoothly upscaled; made once
+    and read-only (copy before changing it)."""
     from sklearn.datasets import load_digits
 
     digits = load_digits().images  # (N, 8, 8), 0..16
@@ -48,6 +51,7 @@ def digit_images(res: int = RES) -> np.ndarray:
     for i, d in enumerate(digits):
         im = Image.fromarray(np.uint8(d * (255 / 16))).resize((res, res), Image.BICUBIC)
         out[i] = np.asarray(im)[..., None]
+    out.setflags(write=False)
     return out
 
 
@@ -174,7 +178,7 @@ def train_base(model_patcher, vae, cond: list, steps: int, log=print, batch: int
     ms = model.model_sampling
     dm = model.diffusion_model
     with torch.no_grad():
-        pixels = torch.from_numpy(digit_images()[:count]).float() / 255  # the held-out digits stay unseen
+        pixels = torch.tensor(digit_images()[:count]).float() / 255  # the held-out digits stay unseen
         x0_all = model.process_latent_in(vae.encode(pixels))
     extra = comfy.samplers.encode_model_conds(model.extra_conds, comfy.sampler_helpers.convert_cond(cond),
                                               x0_all[:1], torch.device("cpu"), "positive")[0]["model_conds"]

@@ -119,8 +119,8 @@ def ode_sigmas(schedule, steps: int) -> torch.Tensor:
     return torch.cat([sig, torch.zeros(1)])
 
 
-def sample(predict, shape: tuple, count: int, seed: int, sigmas: torch.Tensor, batch: int, device, cond=None,
-           noise_scaling=None) -> torch.Tensor:
+def sample(predict, shape: tuple, count: int, seed: int, sigmas: torch.Tensor, batch: int, device,
+           cond=None) -> torch.Tensor:
     """``count`` latents from the ODE; sample i starts from the noise of seed + i, whichever model samples.
     ``cond(n)``: the conditioning of a chunk of n (None: the zero conditioning)."""
     out = []
@@ -160,11 +160,10 @@ def main(argv=None) -> dict:
         name, path = item.split("=", 1)
         path = Path(path)
         if path.is_dir():
-            tuned[name] = fam.load_denoiser(path.parent, family).to(dev).eval().requires_grad_(False) \
-                if path.name == family.denoiser else None
-            if tuned[name] is None:
+            if path.name != family.denoiser:
                 raise SystemExit(f"--compare {item}: a full fine-tune of this {family.name} model is a "
                                  f"{family.denoiser}/ folder")
+            tuned[name] = fam.load_denoiser(path.parent, family).to(dev).eval().requires_grad_(False)
         elif path.suffix == ".safetensors":
             tuned[name] = lora_deltas(net, load_file(str(path)), path, family.lora_prefix)
         else:

@@ -23,6 +23,7 @@ from torch import Tensor
 from selfperc_core.features import DEFAULT_DEPTH, block_at_depth, to_grid
 from selfperc_headless.schedules import DiffusersSchedule, FlowSchedule
 
+MAX_CONFIG_BYTES = 1 << 20  # a diffusers config.json is a few KB; anything far larger is not one
 EMPTY_TOKENS = 77  # the token count of the zero conditioning used when no text encoder is there (CLIP's context)
 
 
@@ -43,10 +44,13 @@ FAMILIES = {
 
 
 def _config(path: Path) -> dict:
+    """A JSON config (plain data, never code), bounded in size before it is read; {} when absent."""
+    if not path.is_file():
+        return {}
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path}: {path.stat().st_size} bytes, more than a config can be ({MAX_CONFIG_BYTES})")
     try:
         return json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: not a readable JSON config ({e})") from None
 
@@ -71,8 +75,8 @@ def detect(model_dir: Path) -> Family:
 def load_denoiser(model_dir: Path, family: Family, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     import diffusers
 
-    cls = {"unet": diffusers.UNet2DConditionModel, "sd3": diffusers.SD3Transformer2DModel,
-           "flux": diffusers.FluxTransformer2DModel}[family.denoiser if family.denoiser == "unet" else family.name]
+    cls = {"sd": diffusers.UNet2DConditionModel, "sdxl": diffusers.UNet2DConditionModel,
+           "sd3": diffusers.SD3Transformer2DModel, "flux": diffusers.FluxTransformer2DModel}[family.name]
     return cls.from_pretrained(Path(model_dir) / family.denoiser, torch_dtype=dtype)
 
 

@@ -23,7 +23,7 @@ def test_digit_autoencoder_round_trips_and_the_checkpoint_is_sd3(comfy, tmp_path
     assert type(model.model.model_config) is comfy.supported_models.SD3
     assert vae.latent_channels == 16
     with torch.no_grad():
-        px = torch.from_numpy(images[:8]).float() / 255
+        px = torch.tensor(images[:8]).float() / 255
         lat = vae.encode(px)
         back = vae.decode(lat)
     assert lat.shape == (8, 16, 8, 8)

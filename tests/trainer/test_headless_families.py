@@ -295,3 +295,18 @@ def test_the_step_on_an_fsdp2_sharded_model_equals_one_process(folders, data_dir
     assert lora_one.keys() == lora_two.keys()
     diffs = torch.cat([(lora_two[k] - lora_one[k]).abs().flatten() for k in lora_one])
     assert diffs.max() <= 2 * 1e-3 * 2 + 1e-6 and diffs.mean() < 1e-5
+
+
+def test_a_model_folder_that_is_not_one_is_refused_naming_the_file(tmp_path):
+    from selfperc_headless import families as F
+
+    with pytest.raises(ValueError, match="not a diffusers model folder"):
+        F.detect(tmp_path)
+    (tmp_path / "transformer").mkdir()
+    big = tmp_path / "transformer" / "config.json"
+    big.write_text('{"_class_name": "FluxTransformer2DModel", "pad": "' + "x" * (F.MAX_CONFIG_BYTES + 1) + '"}')
+    with pytest.raises(ValueError, match=r"config\.json: \d+ bytes, more than a config"):
+        F.detect(tmp_path)
+    big.write_text('{"_class_name": "WanTransformer3DModel"}')
+    with pytest.raises(ValueError, match="holds a WanTransformer3DModel"):
+        F.detect(tmp_path)
