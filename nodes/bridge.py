@@ -4,6 +4,8 @@ from __future__ import annotations
 import comfy.model_management
 import torch
 
+from ..selfperc_core.schedule import output_scale_fn as _output_scale_fn
+
 
 def model_sampling(model_patcher):
     return model_patcher.get_model_object("model_sampling")
@@ -12,6 +14,12 @@ def model_sampling(model_patcher):
 def noise_scaling_fn(ms):
     """The core's forward process (sigma, eps, x0) -> x_t, from ComfyUI's model_sampling (eps, v or flow)."""
     return lambda sigma, eps, x0: ms.noise_scaling(sigma, eps, x0, max_denoise=False)
+
+
+def output_scale_fn(ms):
+    """sigma -> c_out(sigma), how the raw output enters ComfyUI's own x0 estimate (model_sampling.calculate_denoised):
+    -sigma for eps and flow models, -sigma/sqrt(sigma^2+1) for v, and whatever a newer parameterization uses."""
+    return _output_scale_fn(lambda x, sigma, out: ms.calculate_denoised(sigma, out, x))
 
 
 def sigma_of_t_fn(ms):

@@ -111,7 +111,7 @@ def training_session(model, rank: int, alpha: float, seed: int, layer: str = tap
         ms = bridge.model_sampling(mp)
         host = ModelHost(predict, frozen_features_fn(predict, tap, switch, point.features), bridge.noise_scaling_fn(ms),
                          bridge.sigma_of_t_fn(ms), bridge.parameterization(ms),
-                         functools.partial(conditioning.collate, unet=taps.is_unet(dm)))
+                         functools.partial(conditioning.collate, unet=taps.is_unet(dm)), bridge.output_scale_fn(ms))
         yield Session(mp, switch, lora_.adapters, lora_.params(), tap, point.name, host, ms)
     finally:
         if tap is not None:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ..selfperc_core import T_PRIME_STRATEGIES
 from ..selfperc_core.dataset import MAX_CAPTION_CHARS, RESIZE_MODES, as_float, load_dataset
 from ..selfperc_core.loop import LR_SCHEDULES, OPTIMIZERS, NonFiniteLoss, Trainer, TrainSettings
-from ..selfperc_core.objective import DISTANCES
+from ..selfperc_core.objective import DISTANCES, MSE_SPACES
 from . import bridge, conditioning, files, lora, plots, preview, taps
 from .session import training_session
 
@@ -266,8 +266,14 @@ class SelfPerceptualFineTune(io.ComfyNode):
                                        "conditioning's own value or the model's default."),
                 io.Float.Input("perceptual_weight", default=1.0, min=0.0, max=100.0, step=0.01, optional=True,
                                tooltip="Weight of the self-perceptual loss (1 = the paper). 0 with mse_weight 1 "
-                                       "trains the same LoRA with plain MSE (core Train LoRA's loss): the "
-                                       "baseline to compare against in Self-Perceptual Evaluate."),
+                                       "trains the same LoRA with plain MSE (in mse_space): the baseline to "
+                                       "compare against in Self-Perceptual Evaluate."),
+                io.Combo.Input("mse_space", options=list(MSE_SPACES), default="native", optional=True,
+                               tooltip="Space of the MSE term (mse_weight, and the perceptual_weight 0 baseline): "
+                                       "native = the loss the model was trained with (eps-MSE for eps models, "
+                                       "v-MSE for v models, velocity-MSE for flow models); x0 = the error of the "
+                                       "clean-image estimate (core Train LoRA's loss), which weights the noise "
+                                       "levels differently."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The base model with the trained LoRA applied."),
@@ -301,6 +307,7 @@ class SelfPerceptualFineTune(io.ComfyNode):
                                                                                      i["t_prime_max"]),
                                  distance=i["distance"], normalize=i["normalize_features"],
                                  mse_weight=i["mse_weight"], perceptual_weight=i.get("perceptual_weight", 1.0),
+                                 mse_space=i.get("mse_space", "native"),
                                  batched_frozen=i.get("batched_frozen", TrainSettings.batched_frozen),
                                  optimizer=i.get("optimizer", "adamw"), lr_schedule=i.get("lr_schedule", "constant"),
                                  warmup_steps=i.get("warmup_steps", 0), ema_decay=i.get("ema_decay", 0.0))
@@ -476,7 +483,8 @@ class SelfPerceptualFineTune(io.ComfyNode):
         return {"selfperc_version": "0.2.0", "selfperc_objective": "self-perceptual (Lin & Yang 2024)",
                 "base_model_hash": model_fingerprint(model),
                 "base_model_type": type(model.model.model_config).__name__,
-                "parameterization": ses.host.parameterization, "feature_layer": job.layer, "tap": ses.tap_name,
+                "parameterization": ses.host.parameterization, "mse_space": job.settings.mse_space,
+                "feature_layer": job.layer, "tap": ses.tap_name,
                 "rank": job.rank, "alpha": job.alpha, "training_dtype": str(job.dtype).replace("torch.", ""),
                 "dataset": job.folder.name, "dataset_images": n_images, "guidance": job.guidance,
                 "gradient_accumulation": job.accumulation, "algorithm": job.algorithm,

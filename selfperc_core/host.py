@@ -60,6 +60,8 @@ class ModelHost:
         sigma_of_t: t in [0, 1] (0 clean) -> sigma, elementwise.
         parameterization: "eps", "v" or "flow" (decides the online t-range).
         collate: per-image conditionings (as the host stores them) -> one batch's cond.
+        output_scale: sigma (B,) -> c_out(sigma) (B,), how the raw network output enters x0_hat
+            (schedule.output_scale_fn); needed for the MSE in the model's own output space.
     """
     predict_x0: Callable[[Tensor, Tensor, Any], Tensor]
     frozen_features: Callable[[Tensor, Tensor, Any], Tensor]
@@ -67,6 +69,7 @@ class ModelHost:
     sigma_of_t: Callable[[Tensor], Tensor]
     parameterization: str
     collate: Callable[[list], Any] = field(default=stack_token_conds)
+    output_scale: Callable[[Tensor], Tensor] | None = None
 
     @property
     def t_range(self) -> tuple[float, float]:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .host import ModelHost
-from .objective import LossParts, self_perceptual_loss
+from .objective import MSE_SPACES, LossParts, self_perceptual_loss
 from .timesteps import draw_t, draw_t_prime
 
 
@@ -29,6 +29,7 @@ class TrainSettings:
     distance: str = "mse"
     normalize: bool = False
     mse_weight: float = 0.0
+    mse_space: str = "native"  # the MSE term's space: "native" (the model's own eps/v/velocity loss) or "x0"
     perceptual_weight: float = 1.0  # 0 (with mse_weight > 0): the plain MSE baseline
     batched_frozen: bool = False
     optimizer: str = "adamw"
@@ -109,6 +110,10 @@ class Trainer:
         self.device = device or latents[0].device
         self.optimizer = optimizer or make_optimizer(settings.optimizer, self.params, settings.learning_rate)
         lr_factor(0, settings.lr_schedule, settings.warmup_steps, 1)  # an unknown schedule fails here, not later
+        if settings.mse_space not in MSE_SPACES:
+            raise ValueError(f"unknown mse_space {settings.mse_space!r}; choose one of {MSE_SPACES}")
+        if settings.mse_space == "native" and host.output_scale is None:
+            raise ValueError("mse_space 'native' needs the host's output_scale (how its raw output enters x0_hat)")
         # Data parallel: every process draws the same GLOBAL batch (batch_size x world_size) from the shared
         # generator and keeps its own slice, so N processes x B equals 1 process x N*B exactly.
         self.rank, self.world_size, self.grad_sync = rank, world_size, grad_sync
@@ -154,6 +159,19 @@ class Trainer:
         eps = torch.randn((len(idx),) + tuple(self.latents[idx[0]].shape), generator=g)
         return idx, t, tp, eps
 
+    def _loss(self, x0: Tensor, eps: Tensor, t: Tensor, tp: Tensor, cond, training: bool = True) -> LossParts:
+        """The objective on one batch at online levels t and perceptual levels t' (fractions of the schedule)."""
+        h, s = self.host, self.s
+        sigma = h.sigma_of_t(t).to(self.device)
+        sigma_p = h.sigma_of_t(tp).to(self.device)
+        scale = h.output_scale(sigma) if s.mse_space == "native" else None
+        weights = dict(mse_weight=s.mse_weight, perceptual_weight=s.perceptual_weight) if training else {}
+        return self_perceptual_loss(
+            lambda x, sg: h.predict_x0(x, sg, cond), lambda x, sg: h.frozen_features(x, sg, cond),
+            h.noise_scaling, x0, eps.to(device=self.device, dtype=x0.dtype), sigma, sigma_p,
+            distance=s.distance, normalize=s.normalize, batched_frozen=s.batched_frozen and training,
+            output_scale=scale, **weights)
+
     def _micro_batch(self, draw: tuple, j: int) -> LossParts:
         """Micro-batch ``j`` of this process from the step's global draw: k micro-batches of B are exactly one
         batch of k*B, and N processes x B exactly one process x N*B."""
@@ -161,34 +179,22 @@ class Trainer:
         lo = (j * self.world_size + self.rank) * s.batch_size
         idx, t, tp, eps = (d[lo:lo + s.batch_size] for d in draw)
         x0 = torch.stack([self.latents[i] for i in idx]).to(self.device)
-        eps = eps.to(device=self.device, dtype=x0.dtype)
-        h = self.host
-        cond = None if self.conds[idx[0]] is None else h.collate([self.conds[i] for i in idx])
-        sigma = h.sigma_of_t(t).to(self.device)
-        sigma_p = h.sigma_of_t(tp).to(self.device)
-        return self_perceptual_loss(
-            lambda x, sg: h.predict_x0(x, sg, cond),
-            lambda x, sg: h.frozen_features(x, sg, cond),
-            h.noise_scaling, x0, eps, sigma, sigma_p,
-            distance=s.distance, normalize=s.normalize, mse_weight=s.mse_weight, batched_frozen=s.batched_frozen,
-            perceptual_weight=s.perceptual_weight)
+        cond = None if self.conds[idx[0]] is None else self.host.collate([self.conds[i] for i in idx])
+        return self._loss(x0, eps, t, tp, cond)
 
     @torch.no_grad()
     def validate(self, latents: list[Tensor], conds: list, seed: int = 0) -> tuple[float, float]:
-        """(self-perceptual, MSE) losses on held-out latents, each at noise, t and t' drawn once from ``seed``:
-        the same draws at every call, so the numbers move only with the weights. One image per pass (buckets)."""
+        """(self-perceptual, MSE in the run's mse_space) losses on held-out latents, each at noise, t and t' drawn
+        once from ``seed``: the same draws at every call, so the numbers move only with the weights. One image per
+        pass (buckets)."""
         g = torch.Generator().manual_seed(seed)
-        h, s = self.host, self.s
         perceptual = mse = 0.0
         for lat, cond in zip(latents, conds):
             t = draw_t(1, g, self.t_range)
-            tp = draw_t_prime(t, s.t_prime, g, s.t_prime_range)
-            eps = torch.randn((1, *lat.shape), generator=g).to(self.device)
-            x0 = lat[None].to(self.device)
-            c = None if cond is None else h.collate([cond])
-            parts = self_perceptual_loss(lambda x, sg: h.predict_x0(x, sg, c), lambda x, sg: h.frozen_features(x, sg, c),
-                                         h.noise_scaling, x0, eps.to(x0.dtype), h.sigma_of_t(t).to(self.device),
-                                         h.sigma_of_t(tp).to(self.device), distance=s.distance, normalize=s.normalize)
+            tp = draw_t_prime(t, self.s.t_prime, g, self.s.t_prime_range)
+            eps = torch.randn((1, *lat.shape), generator=g)
+            c = None if cond is None else self.host.collate([cond])
+            parts = self._loss(lat[None].to(self.device), eps, t, tp, c, training=False)
             perceptual += float(parts.perceptual)
             mse += float(parts.mse)
         return perceptual / len(latents), mse / len(latents)

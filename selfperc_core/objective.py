@@ -8,7 +8,14 @@ Given clean latents x0, noise eps, an online noise level sigma and an independen
     x_t'     = a(sigma') x0     + b(sigma') eps                 (target: the real pair, no gradient)
     x_hat_t' = a(sigma') x0_hat + b(sigma') eps_hat             (prediction: re-noised with eps_hat, not eps)
     L_sp     = D( f*(x_t', sigma'), f*(x_hat_t', sigma') )      (f*: frozen network up to the tapped layer)
-    L        = perceptual_weight * L_sp + mse_weight * mean((x0_hat - x0)^2)
+    L        = perceptual_weight * L_sp + mse_weight * L_mse
+
+L_mse is the MSE of the prediction in one of two spaces (``MSE_SPACES``):
+    native: in the network's own output space, mean(((x0_hat - x0) / c_out(sigma))^2) = mean((F_hat - F)^2) with
+            F = eps (eps models), v (v models) or eps - x0 (flow models): the loss each model was trained with
+            (c_out: schedule.output_scale_fn);
+    x0:     mean((x0_hat - x0)^2), core ComfyUI Train LoRA's loss: per noise level it is c_out(sigma)^2 times the
+            native one, i.e. it weights the noise levels differently from the model's own training.
 
 D is the mean squared (or absolute) difference per sample, optionally divided by the mean square of the
 target features (scale-free, which keeps transformer features with large norms stable).
@@ -25,13 +32,14 @@ from torch import Tensor
 from .schedule import NoiseScaling, noise_coefficients, split_prediction
 
 DISTANCES = ("mse", "mae")
+MSE_SPACES = ("native", "x0")
 
 
 @dataclass
 class LossParts:
     loss: Tensor          # what to backpropagate
     perceptual: Tensor    # L_sp, detached
-    mse: Tensor           # x0-space MSE of the online prediction, detached (logged even when its weight is 0)
+    mse: Tensor           # MSE of the online prediction (native or x0 space), detached (logged even at weight 0)
 
 
 def feature_distance(pred: Tensor, target: Tensor, distance: str = "mse", normalize: bool = False) -> Tensor:
@@ -53,6 +61,19 @@ def feature_distance(pred: Tensor, target: Tensor, distance: str = "mse", normal
     return d
 
 
+def prediction_mse(x0_hat: Tensor, x0: Tensor, output_scale: Tensor | None = None) -> Tensor:
+    """MSE of a prediction: in x0 space, mean((x0_hat - x0)^2), when ``output_scale`` is None; else in the network's
+    own output space, mean(((x0_hat - x0) / c_out)^2) with ``output_scale`` = c_out(sigma), shape (B,).
+
+    For a fixed x_t, F_hat - F = (x0_hat - x0) / c_out exactly, so the native value is the eps-, v- or velocity-MSE
+    of the raw output without the host having to expose it.
+    """
+    err = x0_hat.float() - x0.float()
+    if output_scale is not None:
+        err = err / output_scale.float().reshape((-1,) + (1,) * (err.ndim - 1))
+    return err.square().mean()
+
+
 def self_perceptual_loss(
     predict_x0: Callable[[Tensor, Tensor], Tensor],
     frozen_features: Callable[[Tensor, Tensor], Tensor],
@@ -66,6 +87,7 @@ def self_perceptual_loss(
     mse_weight: float = 0.0,
     batched_frozen: bool = False,
     perceptual_weight: float = 1.0,
+    output_scale: Tensor | None = None,
 ) -> LossParts:
     """Self-perceptual loss for one batch (module docstring states the maths).
 
@@ -79,12 +101,13 @@ def self_perceptual_loss(
         x0, eps: clean latents and noise, (B, C, ...).
         sigma, sigma_prime: noise levels for the online and the perceptual pass, (B,).
         distance: "mse" or "mae"; normalize: divide by the target features' mean square.
-        mse_weight: weight of the ordinary x0-space MSE term (0 = pure self-perceptual, as in the paper).
+        mse_weight: weight of the ordinary MSE term (0 = pure self-perceptual, as in the paper).
         batched_frozen: run target and prediction through f* as one batch of 2B. Off (default) runs the
             target under no_grad, which records no graph for it.
-        perceptual_weight: weight of L_sp (1 as in the paper). 0 with mse_weight > 0 is plain x0-space MSE
-            fine-tuning (core Train LoRA's loss), the honest baseline: the frozen passes are then skipped and
-            ``perceptual`` is reported as 0.
+        perceptual_weight: weight of L_sp (1 as in the paper). 0 with mse_weight > 0 is plain MSE fine-tuning,
+            the honest baseline: the frozen passes are then skipped and ``perceptual`` is reported as 0.
+        output_scale: c_out(sigma), (B,), for the MSE in the network's own output space (``prediction_mse``);
+            None: x0 space.
     """
     if not perceptual_weight and not mse_weight:
         raise ValueError("perceptual_weight and mse_weight are both 0: nothing to train")
@@ -92,7 +115,7 @@ def self_perceptual_loss(
     x0_hat = predict_x0(x_t, sigma)
     eps_hat = split_prediction(x_t, sigma, x0_hat, noise_scaling)
 
-    mse = (x0_hat.float() - x0.float()).square().mean()
+    mse = prediction_mse(x0_hat, x0, output_scale)
     if not perceptual_weight:
         return LossParts(loss=mse_weight * mse, perceptual=torch.zeros((), device=mse.device), mse=mse.detach())
 

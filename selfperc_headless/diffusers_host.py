@@ -45,7 +45,8 @@ def comfy_lora_state_dict(net: torch.nn.Module, prefix: str = "lora_unet_", adap
         if isinstance(m, LoraLayer) and adapter in m.lora_A:
             a, b = full_tensor(m.lora_A[adapter].weight), full_tensor(m.lora_B[adapter].weight)
             key = prefix + name.replace(".", "_")
-            sd[f"{key}.lora_down.weight"] = a.detach().float().cpu().reshape(a.shape[0], -1).contiguous()
-            sd[f"{key}.lora_up.weight"] = b.detach().float().cpu().reshape(b.shape[0], -1).contiguous()
+            # copies: a snapshot, never a view of the live (fp32, CPU) weights that training goes on to change
+            sd[f"{key}.lora_down.weight"] = a.detach().float().cpu().reshape(a.shape[0], -1).clone()
+            sd[f"{key}.lora_up.weight"] = b.detach().float().cpu().reshape(b.shape[0], -1).clone()
             sd[f"{key}.alpha"] = torch.tensor(float(m.lora_alpha[adapter]))
     return sd

@@ -16,6 +16,7 @@ import copy
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,7 +26,8 @@ from selfperc_core.dataset import RESIZE_MODES, as_float, load_dataset
 from selfperc_core.features import DEFAULT_DEPTH, FeatureTap
 from selfperc_core.host import ModelHost, frozen_features_fn
 from selfperc_core.loop import LR_SCHEDULES, OPTIMIZERS, Trainer, TrainSettings, make_optimizer
-from selfperc_core.objective import DISTANCES
+from selfperc_core.objective import DISTANCES, MSE_SPACES
+from selfperc_core.schedule import output_scale_fn
 from selfperc_core.state import load_state_file, save_state_file
 from selfperc_core.timesteps import T_PRIME_STRATEGIES
 from selfperc_headless import families as fam
@@ -59,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--distance", choices=DISTANCES, default="mse")
     ap.add_argument("--normalize", action="store_true")
     ap.add_argument("--mse-weight", type=float, default=0.0)
+    ap.add_argument("--mse-space", choices=MSE_SPACES, default="native",
+                    help="the MSE term's space: native (eps-, v- or velocity-MSE, the loss the model was trained with) "
+                         "or x0 (core ComfyUI Train LoRA's)")
     ap.add_argument("--perceptual-weight", type=float, default=1.0,
                     help="0 with --mse-weight 1: the same run with plain MSE (the baseline to evaluate against)")
     ap.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
@@ -145,48 +150,57 @@ def fsdp_plugin():
         state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False)
 
 
-def main(argv=None) -> None:
+@dataclass
+class Run:
+    """One headless run, set up: what the loop and the outputs need."""
+    args: argparse.Namespace
+    acc: object                 # the accelerate Accelerator
+    family: fam.Family
+    net: torch.nn.Module        # the trained denoiser (with the peft LoRA, or fully trained with --full)
+    params: list[torch.Tensor]
+    trainer: Trainer
+
+
+def accelerator(a: argparse.Namespace):
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
-    from diffusers import AutoencoderKL
-    from tqdm.auto import tqdm
 
-    a = parse_args(argv)
-    family = fam.detect(a.model)
     acc = Accelerator(mixed_precision=a.mixed_precision, cpu=not torch.cuda.is_available() or None,
                       fsdp_plugin=fsdp_plugin() if a.fsdp else None)
     if a.fsdp and acc.distributed_type != DistributedType.FSDP:
         raise SystemExit("--fsdp: accelerate enables its FSDP plugin on GPUs only (this run is "
                          f"{acc.distributed_type}); leave --fsdp off here")
     set_seed(a.seed)
-    dev = acc.device
-    weight_dtype = DTYPES[acc.mixed_precision]
-    ds = load_dataset(a.data, a.resolution, a.resize_mode)
-    if acc.is_main_process:
-        for s in ds.skipped:
-            print(f"selfperc: skipped {s.path}: {s.reason}")
-        print(f"selfperc: {family.name} model, {len(ds.images)} images ({len(ds.skipped)} skipped), "
-              f"{acc.num_processes} process(es)")
-    net = fam.load_denoiser(a.model, family, torch.float32 if a.full else weight_dtype)
-    net.requires_grad_(False)
-    if not a.fsdp:  # under FSDP each process keeps only its shard on the device (prepare moves it)
-        net.to(dev)
+    return acc
 
+
+def training_data(a, acc, family: fam.Family, net) -> tuple[list[torch.Tensor], list]:
+    """The dataset's latents (VAE-encoded once) and per-image conditionings (captions, or None each)."""
+    from diffusers import AutoencoderKL
+
+    dev, say = acc.device, print if acc.is_main_process else (lambda *_: None)
+    ds = load_dataset(a.data, a.resolution, a.resize_mode)
+    for s in ds.skipped:
+        say(f"selfperc: skipped {s.path}: {s.reason}")
+    say(f"selfperc: {family.name} model, {len(ds.images)} images ({len(ds.skipped)} skipped), "
+        f"{acc.num_processes} process(es)")
     conds = [None] * len(ds.images)
     if a.captions == "auto" and has_text_encoder(a.model, family.name):
         with acc.main_process_first():  # the main process encodes and caches; the others then read the cache
+            bf16 = DTYPES[acc.mixed_precision] == torch.bfloat16
             conds = encode_captions(a.model, ds.captions, a.caption_cache or a.out / "caption_cache", dev,
-                                    family.name, torch.bfloat16 if weight_dtype == torch.bfloat16 else torch.float32,
-                                    getattr(net.config, "joint_attention_dim", None),
-                                    log=print if acc.is_main_process else (lambda *_: None))
-    elif acc.is_main_process:
+                                    family.name, torch.bfloat16 if bf16 else torch.float32,
+                                    getattr(net.config, "joint_attention_dim", None), log=say)
+    else:
         why = "--captions off" if a.captions == "off" else "the model folder has no text encoders of its family"
-        print(f"selfperc: zero text conditioning ({why}); captions are not used")
+        say(f"selfperc: zero text conditioning ({why}); captions are not used")
     vae = AutoencoderKL.from_pretrained(a.model / "vae").to(dev).eval()
-    latents = encode(vae, ds.images, dev)
-    del vae
-    schedule = fam.load_schedule(a.model, family, (a.resolution // 8, a.resolution // 8))
+    return encode(vae, ds.images, dev), conds
 
+
+def trainable(a, acc, family: fam.Family, net) -> tuple[torch.nn.Module, list, object, torch.nn.Module, object]:
+    """The adapter (peft LoRA, or the whole net with --full beside a frozen copy), checkpointing, FSDP sharding:
+    (net, params, switch, the net the frozen features come from, optimizer)."""
     if a.full:
         frozen = copy.deepcopy(net).eval()
         net.requires_grad_(True)
@@ -204,12 +218,28 @@ def main(argv=None) -> None:
         params, tap_net = [p for p in net.parameters() if p.requires_grad], net
     else:
         opt = acc.prepare_optimizer(opt)
+    return net, params, switch, tap_net, opt
 
+
+def settings_of(a: argparse.Namespace) -> TrainSettings:
+    return TrainSettings(steps=a.steps, learning_rate=a.lr, batch_size=a.batch_size, seed=a.seed, t_prime=a.t_prime,
+                         t_prime_range=tuple(a.t_prime_range), distance=a.distance, normalize=a.normalize,
+                         mse_weight=a.mse_weight, perceptual_weight=a.perceptual_weight, mse_space=a.mse_space,
+                         optimizer=a.optimizer, lr_schedule=a.lr_schedule, warmup_steps=a.warmup_steps)
+
+
+def setup(a: argparse.Namespace) -> Run:
+    """Everything before the first step: accelerate, the model, the data, the adapter, the core's Trainer."""
+    acc = accelerator(a)
+    family = fam.detect(a.model)
+    net = fam.load_denoiser(a.model, family, torch.float32 if a.full else DTYPES[acc.mixed_precision])
+    net.requires_grad_(False)
+    if not a.fsdp:  # under FSDP each process keeps only its shard on the device (prepare moves it)
+        net.to(acc.device)
+    latents, conds = training_data(a, acc, family, net)
+    schedule = fam.load_schedule(a.model, family, (a.resolution // 8, a.resolution // 8))
+    net, params, switch, tap_net, opt = trainable(a, acc, family, net)
     host = make_host(net, tap_net, family, schedule, switch, a.tap_depth, a.guidance, early_exit=not a.fsdp)
-    settings = TrainSettings(steps=a.steps, learning_rate=a.lr, batch_size=a.batch_size, seed=a.seed,
-                             t_prime=a.t_prime, t_prime_range=tuple(a.t_prime_range), distance=a.distance,
-                             normalize=a.normalize, mse_weight=a.mse_weight, perceptual_weight=a.perceptual_weight,
-                             optimizer=a.optimizer, lr_schedule=a.lr_schedule, warmup_steps=a.warmup_steps)
 
     def grad_sync(ps):  # mean of the processes' gradients (no DDP wrapper: the frozen passes reuse the net)
         if acc.num_processes > 1 and not a.fsdp:  # FSDP reduce-scatters the gradients itself
@@ -217,32 +247,48 @@ def main(argv=None) -> None:
                 if p.grad is not None:
                     p.grad = acc.reduce(p.grad, reduction="mean")
 
-    trainer = Trainer(params, latents, conds, host, settings, device=dev, rank=acc.process_index,
+    trainer = Trainer(params, latents, conds, host, settings_of(a), device=acc.device, rank=acc.process_index,
                       world_size=acc.num_processes, grad_sync=grad_sync, accumulation=a.grad_accum, optimizer=opt)
     if a.resume is not None:
         load_checkpoint(a.resume, trainer, params)  # every process reads the same state
+    return Run(a, acc, family, net, params, trainer)
+
+
+def fit(run: Run) -> list[float]:
+    """Train to --steps; returns the global (all-process mean) loss of every step run."""
+    from tqdm.auto import tqdm
+
+    a, acc, trainer = run.args, run.acc, run.trainer
     a.out.mkdir(parents=True, exist_ok=True)
-    global_losses = []
-    bar = tqdm(total=a.steps, initial=trainer.step_count, desc=f"self-perceptual ({family.name})",
+    losses = []
+    bar = tqdm(total=a.steps, initial=trainer.step_count, desc=f"self-perceptual ({run.family.name})",
                disable=not acc.is_main_process)
     while trainer.step_count < a.steps:
         with acc.autocast():
             parts = trainer.step()
-        loss = acc.reduce(parts.loss.to(dev), reduction="mean").item()
+        loss = acc.reduce(parts.loss.to(acc.device), reduction="mean").item()
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss became {loss} at step {trainer.step_count}")
-        global_losses.append(loss)
+        losses.append(loss)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.5f}")
         if a.save_every and trainer.step_count % a.save_every == 0 and acc.is_main_process:
-            save_checkpoint(a.out / f"state-{trainer.step_count:06d}", trainer, params)
+            save_checkpoint(a.out / f"state-{trainer.step_count:06d}", trainer, run.params)
     bar.close()
+    return losses
+
+
+def main(argv=None) -> Run:
+    run = setup(parse_args(argv))
+    losses = fit(run)
+    acc = run.acc
     acc.wait_for_everyone()
-    lora = None if a.full else comfy_lora_state_dict(net, family.lora_prefix)  # every process: FSDP gathers
+    lora = None if run.args.full else comfy_lora_state_dict(run.net, run.family.lora_prefix)  # every process
     if acc.is_main_process:
-        _write_outputs(a, net, lora, global_losses, trainer, family)
+        _write_outputs(run.args, run.net, lora, losses, run.trainer, run.family)
     acc.wait_for_everyone()
     acc.end_training()
+    return run
 
 
 def make_host(net, tap_net, family: fam.Family, schedule, switch, depth: float, guidance: float,
@@ -254,14 +300,14 @@ def make_host(net, tap_net, family: fam.Family, schedule, switch, depth: float, 
     tap = FeatureTap(tp.module, early_exit=early_exit)
     frozen = frozen_features_fn(fam.predictor(tap_net, family, schedule, guidance), tap, switch, tp.features)
     return ModelHost(fam.predictor(net, family, schedule, guidance), frozen, schedule.noise_scaling,
-                     schedule.sigma_of_t, schedule.parameterization, fam.collate)
+                     schedule.sigma_of_t, schedule.parameterization, fam.collate, output_scale_fn(schedule.denoise))
 
 
 def _write_outputs(a, net, lora, global_losses, trainer, family) -> None:
     from safetensors.torch import save_file
 
     meta = {"selfperc_objective": "self-perceptual (Lin & Yang 2024)", "steps": str(trainer.step_count),
-            "family": family.name, "settings": json.dumps({k: str(v) for k, v in vars(a).items()})}
+            "family": family.name, "mse_space": a.mse_space, "settings": json.dumps({k: str(v) for k, v in vars(a).items()})}
     if a.full:
         net.save_pretrained(a.out / family.denoiser)
     else:

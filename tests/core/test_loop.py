@@ -7,6 +7,7 @@ import torch
 from selfperc_core import AdapterSwitch
 from selfperc_core.host import ModelHost
 from selfperc_core.loop import LR_SCHEDULES, OPTIMIZERS, Trainer, TrainSettings, lr_factor
+from selfperc_core.schedule import output_scale_fn
 from tests.core.toy import EPS, ToyUNet, host_callables
 
 
@@ -16,7 +17,7 @@ def trainer(accumulation=1, batch_size=1, seed=0, **settings):
     net = ToyUNet(switch)
     predict, frozen, _ = host_callables(net, switch, EPS)
     host = ModelHost(lambda x, s, c: predict(x, s), lambda x, s, c: frozen(x, s), EPS.noise_scaling,
-                     lambda t: 0.03 + t * 10.0, "eps")
+                     lambda t: 0.03 + t * 10.0, "eps", output_scale=output_scale_fn(EPS.denoise))
     g = torch.Generator().manual_seed(1)
     latents = [torch.randn(4, 8, 8, generator=g) for _ in range(6)]
     params = [p for p in net.parameters() if p.requires_grad]

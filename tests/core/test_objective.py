@@ -290,3 +290,58 @@ def test_perceptual_weight_scales_the_loss_and_zero_is_plain_mse_without_frozen_
     assert float(mse.perceptual) == 0.0
     with pytest.raises(ValueError, match="nothing to train"):
         self_perceptual_loss(predict_x0, frozen_features, param.noise_scaling, *batch, perceptual_weight=0.0)
+
+
+def textbook_target(name, x0, eps, sigma):
+    """The raw output each parameterization is trained to give, written from the papers rather than from the
+    denoise formulas: eps (Ho et al.); v = alpha_t eps - sigma_t x0 with alpha_t = 1/sqrt(1+sigma^2),
+    sigma_t = sigma/sqrt(1+sigma^2) (Salimans & Ho, in k-diffusion's sigma); velocity eps - x0 (rectified flow)."""
+    s = sigma.reshape(-1, 1, 1, 1)
+    if name == "eps":
+        return eps
+    if name == "v":
+        return eps / (1 + s ** 2).sqrt() - s / (1 + s ** 2).sqrt() * x0
+    return eps - x0
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_native_mse_is_the_raw_output_mse_and_x0_space_reweights_it_by_c_out_squared(name):
+    from selfperc_core.objective import prediction_mse
+    from selfperc_core.schedule import output_scale_fn
+
+    param = PARAMS[name]
+    net, switch = trained_net()
+    x0, eps, sigma, sp = make_batch(param=param)
+    x_t = param.noise_scaling(sigma, eps, x0)
+    raw = net(param.scale_in(x_t, sigma), sigma).detach()
+
+    def predict_x0(x, s):  # the host's view: only x0_hat, never the raw output
+        return param.denoise(x, s, net(param.scale_in(x, s), s))
+    c_out = output_scale_fn(param.denoise)(sigma)
+    kw = dict(perceptual_weight=0.0, mse_weight=1.0)
+    native = self_perceptual_loss(predict_x0, None, param.noise_scaling, x0, eps, sigma, sp, output_scale=c_out, **kw)
+    textbook = (raw - textbook_target(name, x0, eps, sigma)).square().mean()
+    assert textbook > 0.1  # an untrained net: far from its target
+    torch.testing.assert_close(native.loss, textbook, rtol=1e-4, atol=0)
+    torch.testing.assert_close(native.mse, textbook, rtol=1e-4, atol=0)
+    x0_space = self_perceptual_loss(predict_x0, None, param.noise_scaling, x0, eps, sigma, sp, **kw)
+    per_sample = [prediction_mse(predict_x0(x_t, sigma)[i:i + 1], x0[i:i + 1], c_out[i:i + 1]) for i in range(3)]
+    torch.testing.assert_close(x0_space.loss, sum(c ** 2 * m for c, m in zip(c_out, per_sample)) / 3, rtol=1e-4, atol=0)
+    assert not torch.allclose(x0_space.loss, native.loss, rtol=1e-2)  # the two spaces weight the levels differently
+
+
+def test_trainer_refuses_an_unknown_mse_space_and_native_without_the_hosts_output_scale():
+    from selfperc_core.host import ModelHost
+    from selfperc_core.loop import Trainer, TrainSettings
+
+    param = PARAMS["eps"]
+    net, switch = trained_net()
+    predict_x0, frozen_features, _ = host_callables(net, switch, param)
+    host = ModelHost(lambda x, s, c: predict_x0(x, s), lambda x, s, c: frozen_features(x, s), param.noise_scaling,
+                     lambda t: 0.03 + t, "eps")
+    params = [p for p in net.parameters() if p.requires_grad]
+    with pytest.raises(ValueError, match="needs the host's output_scale"):
+        Trainer(params, [torch.zeros(4, 8, 8)], [None], host, TrainSettings())
+    with pytest.raises(ValueError, match="unknown mse_space 'eps'"):
+        Trainer(params, [torch.zeros(4, 8, 8)], [None], host, TrainSettings(mse_space="eps"))
+    Trainer(params, [torch.zeros(4, 8, 8)], [None], host, TrainSettings(mse_space="x0")).step()

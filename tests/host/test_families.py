@@ -128,6 +128,23 @@ def test_gradients_through_the_blocks_match_finite_differences(pack, family):
     assert numeric == pytest.approx(analytic, rel=3e-2, abs=1e-4)
 
 
+def test_native_mse_is_the_textbook_loss_of_the_families_raw_output(pack, family):
+    """mse_space native on every family's own parameterization (eps, v, flow; Cosmos' rectified flow in
+    sigma/(1+sigma)): the MSE of the raw network output against eps, v or the velocity eps - x0."""
+    from selfperc_pack.nodes import conditioning
+
+    from tests.host.test_objective_real_unet import native_and_textbook_mse
+
+    mp, cond, shape = tiny_model(family), tiny_conditioning(family), shape_of(family)
+    x0, eps, sigma, sigma_p = fixed_batch(mp, shape)
+    with session(pack, mp, checkpointing=False) as ses:
+        nonzero_lora(ses)
+        c = conditioning.collate([conditioning.model_inputs(ses.mp, cond, shape[1:])] * 2)
+        ours, textbook = native_and_textbook_mse(ses, x0, eps, sigma, sigma_p, c)
+    assert textbook > 0.05
+    torch.testing.assert_close(ours, textbook, rtol=1e-4, atol=0)
+
+
 def test_the_lora_is_what_core_loraloader_applies_with_no_unloaded_keys(pack, family, caplog):
     import comfy.model_management
     import comfy.sd

@@ -76,6 +76,7 @@ def test_fine_tune_saves_a_lora_core_loraloader_loads_fully_and_base_is_untouche
         assert set(f.keys()) == set(lora_sd)
     assert meta["steps"] == "4" and meta["feature_layer"] == "mid_block" and len(meta["base_model_hash"]) == 16
     assert meta["parameterization"] == {"eps": "eps", "v_zsnr": "v", "flow": "flow"}[kind]
+    assert meta["mse_space"] == "native"
 
     with caplog.at_level(logging.WARNING):
         loaded = LoraLoaderModelOnly().load_lora_model_only(model, name, 1.0)[0]
@@ -87,6 +88,25 @@ def test_fine_tune_saves_a_lora_core_loraloader_loads_fully_and_base_is_untouche
     assert torch.equal(before, after), "the base MODEL samples differently after training"
     assert not torch.equal(sample_base(tuned), before), "the trained LoRA changes nothing"
     torch.testing.assert_close(sample_base(loaded), sample_base(tuned), rtol=1e-5, atol=1e-5)
+
+
+def test_the_mse_baseline_trains_in_the_chosen_space_and_records_it(pack, models, photos):
+    """perceptual_weight 0, mse_weight 1: native and x0 space are different losses on the same draws (x0 space is
+    c_out(sigma)^2 = sigma^2 times the eps-MSE per image for this eps model), and the file says which it was."""
+    import json
+
+    import folder_paths
+    from safetensors import safe_open
+
+    model, clip, vae = models
+    runs = {space: train(pack, model, vae, photos, lora_name=f"space/{space}", steps=2, perceptual_weight=0.0,
+                         mse_weight=1.0, mse_space=space).args for space in ("native", "x0")}
+    native, x0 = runs["native"][2]["loss"], runs["x0"][2]["loss"]
+    assert all(a > 0 for a in native + x0) and native[0] != pytest.approx(x0[0], rel=1e-2)
+    for space in runs:
+        with safe_open(folder_paths.get_full_path_or_raise("loras", f"space/{space}.safetensors"), "pt") as f:
+            meta = f.metadata()
+        assert meta["mse_space"] == space and json.loads(meta["settings"])["mse_space"] == space
 
 
 def test_resume_continues_exactly(pack, models, photos):

@@ -216,3 +216,49 @@ def test_no_nan_at_the_noisiest_level(pack, base, kind):
         loss, grads = loss_and_grads(ses, (x0, eps, sigma, sp), mse_weight=1.0)
     assert torch.isfinite(loss)
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+def textbook_target(ms, x0, eps, sigma):
+    """The raw output the model was trained to give, from its model_sampling class (not the pack's formulas):
+    EPS: eps; V_PREDICTION: v = alpha_t eps - sigma_t x0 (alpha_t = 1/sqrt(1+sigma^2), sigma_t = sigma alpha_t);
+    CONST (rectified flow) and COSMOS_RFLOW (rectified flow in sigma/(1+sigma)): the velocity eps - x0."""
+    import comfy.model_sampling as cms
+
+    s = sigma.reshape(-1, *([1] * (x0.ndim - 1)))
+    if isinstance(ms, cms.V_PREDICTION):
+        return (eps - s * x0) / (1 + s ** 2).sqrt()
+    if isinstance(ms, cms.EPS):
+        return eps
+    if isinstance(ms, (cms.CONST, cms.COSMOS_RFLOW)):
+        return eps - x0
+    raise AssertionError(f"no textbook target for {type(ms).__mro__}")
+
+
+def native_and_textbook_mse(ses, x0, eps, sigma, sigma_p, cond=None):
+    """The pack's native MSE for one batch and the textbook MSE of the raw network output of that same forward
+    (captured at the diffusion model's output, before ComfyUI turns it into x0_hat)."""
+    from selfperc_pack.selfperc_core import self_perceptual_loss
+
+    raw = []
+    hook = ses.mp.model.diffusion_model.register_forward_hook(lambda m, a, out: raw.append(out.detach().float()))
+    try:
+        with torch.no_grad():
+            parts = self_perceptual_loss(lambda x, s: ses.predict_x0(x, s, cond), None, ses.host.noise_scaling, x0, eps,
+                                         sigma, sigma_p, perceptual_weight=0.0, mse_weight=1.0,
+                                         output_scale=ses.host.output_scale(sigma))
+    finally:
+        hook.remove()
+    assert len(raw) == 1 and raw[0].shape == x0.shape
+    return parts.mse, (raw[0] - textbook_target(ses.model_sampling, x0, eps, sigma)).square().mean()
+
+
+@pytest.mark.parametrize("kind", PARAMETERIZATIONS)
+def test_native_mse_is_the_textbook_loss_of_the_raw_unet_output(pack, base, kind):
+    """mse_space native on the real UNet as eps, v + zero terminal SNR and flow: eps-, v- and velocity-MSE."""
+    model = as_parameterization(base, kind)
+    x0, eps, sigma, sigma_p = fixed_batch(model.get_model_object("model_sampling"))
+    with session(pack, model, checkpointing=False) as ses:
+        nonzero_lora(ses)
+        ours, textbook = native_and_textbook_mse(ses, x0, eps, sigma, sigma_p)
+    assert textbook > 0.05
+    torch.testing.assert_close(ours, textbook, rtol=1e-4, atol=0)

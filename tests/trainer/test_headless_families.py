@@ -182,40 +182,135 @@ def test_captions_are_what_the_diffusers_pipeline_feeds(folders, tmp_path, famil
         assert ours["context"].shape[1] == 77 + 256 and not ours["context"][:, 77:].any()
 
 
+def run_in_process(folder, data_dir, out, *extra):
+    """The headless trainer's own main() in this process (as `python -m selfperc_headless.train` runs it), at 64 px;
+    returns its Run: the trained peft model and the core Trainer stay inspectable."""
+    from selfperc_headless import train as headless
+
+    return headless.main(["--model", str(folder), "--data", str(data_dir), "--out", str(out), "--resolution", "64",
+                          *map(str, extra)])
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_trained_lora_loads_in_comfyui_as_the_trained_function(comfy, pack, folders, data_dir, tmp_path, family, caplog):
     """A LoRA trained with captions loads in core ComfyUI with no unloaded keys, and ComfyUI's patched model
-    predicts what the diffusers model with that LoRA merged predicts (and not what the base predicts)."""
+    predicts what the trained peft model itself predicts (its own LoRA layers, adapter on), not the base."""
     import comfy.sd
 
     from selfperc_headless import families as F
-    from selfperc_headless.evaluate import Merged, lora_deltas
+    from selfperc_headless.diffusers_host import PeftSwitch
     from tests.host.models import loaded_output
 
-    log, lora = train(folders[family], data_dir, tmp_path / "run", "--steps", 2, "--batch-size", 2, "--lr", "1e-2",
-                      "--gradient-checkpointing")
-    assert all(torch.isfinite(torch.tensor(log["losses"])))
+    run = run_in_process(folders[family], data_dir, tmp_path / "run", "--steps", 2, "--batch-size", 2, "--lr", "1e-2",
+                         "--gradient-checkpointing")
+    assert len(run.trainer.losses) == 2 and all(torch.isfinite(torch.tensor(run.trainer.losses)))
+    lora = load_file(str(tmp_path / "run" / "selfperc_lora.safetensors"))
     prefix = F.FAMILIES[family].lora_prefix
     assert lora and all(k.startswith(prefix) for k in lora)
     mp = comfy_model(family)
     with caplog.at_level(logging.WARNING):
         patched, _ = comfy.sd.load_lora_for_models(mp, None, lora, 1.0, 0)
     assert not [r for r in caplog.records if "not loaded" in r.getMessage()]
-    net = diffusers_denoiser(family, model_patcher=mp)
     shape = (2, 4 if family == "sdxl" else 16, 8, 8)
-    cond = {k: v[:1].expand_as(v) for k, v in random_cond(net, family).items()}
-    inputs = comfy_inputs(mp, family, cond, shape)
+    cond = {k: v[:1].expand_as(v) for k, v in random_cond(run.net, family).items()}
     ms = mp.get_model_object("model_sampling")
     sigma = ms.sigma(ms.timestep(torch.tensor([0.4, 2.0]))) if family == "sdxl" else torch.tensor([0.3, 0.8])
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    predict = F.predictor(net, F.FAMILIES[family], schedule_of(family))
     with torch.no_grad():
-        base = predict(x, sigma, cond)
-        with Merged(net, lora_deltas(net, lora, tmp_path / "run", prefix)):
-            tuned = predict(x, sigma, cond)
-    theirs = loaded_output(patched, x, sigma, **inputs)
-    assert (tuned - base).abs().max() > 1e-3, "the LoRA must change the output for the comparison to mean much"
+        tuned = run.trainer.host.predict_x0(x, sigma, cond)  # peft's trained layers, as the run trained them
+        with PeftSwitch(run.net).off():
+            base = run.trainer.host.predict_x0(x, sigma, cond)
+    theirs = loaded_output(patched, x, sigma, **comfy_inputs(mp, family, cond, shape))
+    assert (tuned - base).abs().max() > 1e-2, "the LoRA must change the output for the comparison to mean much"
     torch.testing.assert_close(theirs, tuned, rtol=1e-4, atol=1e-4)
+
+
+def node_conditioning(family, net):
+    """The headless zero conditioning as a ComfyUI CONDITIONING (SDXL: size embeddings of the 64 px image)."""
+    from selfperc_headless.families import FAMILIES as F
+    from selfperc_headless.families import empty_cond
+
+    zero = empty_cond(net, F[family])
+    extras = {"pooled_output": zero["pooled"]}
+    if family == "sdxl":
+        extras.update(width=64, height=64)
+    if family == "flux":
+        extras["guidance"] = 3.5
+    return [[zero["context"], extras]]
+
+
+@pytest.mark.parametrize("family,prediction", [("sdxl", "epsilon"), ("sdxl", "v_prediction"), ("sd3", "flow"),
+                                               ("flux", "flow")])
+def test_the_nodes_mse_baseline_is_the_headless_trainers_mse_on_the_same_batch_and_draws(
+        comfy, pack, data_dir, tmp_path, family, prediction):
+    """perceptual_weight 0, mse_weight 1, mse_space native in the node's session and in the headless trainer, on one
+    set of weights in both layouts, the same latents and the same seed (so the same batch, noise and levels): the
+    same loss and the same gradients (the latents' always; the LoRA's too where its layers map one to one, the
+    UNet: there a random LoRA is copied from the peft model into the node's)."""
+    import dataclasses
+
+    from selfperc_pack.nodes import conditioning, lora
+
+    from selfperc_core.loop import Trainer
+    from selfperc_headless.diffusers_host import comfy_lora_state_dict
+    from tests.host.models import as_parameterization, session
+
+    v = prediction == "v_prediction"
+    folder = write_model_folder(tmp_path / "model", family=family, prediction_type=prediction if v else "epsilon",
+                                zsnr=v)
+    run = run_in_process(folder, data_dir, tmp_path / "out", "--steps", 0, "--batch-size", 2, "--captions", "off",
+                         "--perceptual-weight", 0, "--mse-weight", 1, "--lr", 0, "--rank", 2, "--alpha", 2, "--seed", 3)
+    mp = comfy_model(family)
+    if v:
+        mp = as_parameterization(mp, "v_zsnr")
+    if family == "flux":  # the resolution-dependent shift diffusers' Flux pipelines use, for this 64 px image
+        from comfy_extras.nodes_model_advanced import ModelSamplingFlux
+
+        mp = ModelSamplingFlux().patch(mp, 1.15, 0.5, 64, 64)[0]
+    unet = family == "sdxl"
+    start = None
+    if unet:
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for name, p in run.net.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        start = lora.read_any_lora(mp, comfy_lora_state_dict(run.net, "lora_unet_"), "peft")
+    latents = [lat.clone().requires_grad_(True) for lat in run.trainer.latents]
+    headless = Trainer(run.params, latents, run.trainer.conds, run.trainer.host, run.trainer.s,
+                       optimizer=torch.optim.SGD(run.params, lr=0.0))
+    theirs = headless.step()
+    grads = [lat.grad for lat in latents]  # the batch's 2 images have one, the others none
+    cond = node_conditioning(family, run.net)
+    with session(pack, mp, checkpointing=False, rank=2, alpha=2.0, start=start) as ses:
+        latents_node = [lat.detach().clone().requires_grad_(True) for lat in run.trainer.latents]
+        conds = [conditioning.model_inputs(ses.mp, cond, tuple(lat.shape)) for lat in latents_node]
+        node = Trainer(ses.params, latents_node, conds, ses.host, dataclasses.replace(run.trainer.s),
+                       optimizer=torch.optim.SGD(ses.params, lr=0.0))
+        assert node.s.mse_space == "native" and not node.s.perceptual_weight
+        ours = node.step()
+        node_grads = lora.lora_state_dict(ses.adapters, weights=[p.grad for p in ses.params]) if unet else None
+    assert float(theirs.perceptual) == float(ours.perceptual) == 0.0
+    assert theirs.loss.item() > 0.05
+    assert ours.loss.item() == pytest.approx(theirs.loss.item(), rel=1e-4)
+    assert [g is None for g in grads] == [lat.grad is None for lat in latents_node]
+    assert sum(g is not None for g in grads) == 2
+    for a, b in zip(latents_node, grads):
+        if b is not None:
+            torch.testing.assert_close(a.grad, b, rtol=1e-3, atol=1e-6)
+    if unet:  # the LoRA gradients, as a state dict in the node's keys (peft's mapped by ComfyUI's key map)
+        with torch.no_grad():
+            saved = {n: p.clone() for n, p in run.net.named_parameters() if p.requires_grad}
+            for p in run.params:
+                p.copy_(p.grad)
+            peft_grads = lora.read_any_lora(mp, comfy_lora_state_dict(run.net, "lora_unet_"), "grads")
+            for n, p in run.net.named_parameters():
+                if n in saved:
+                    p.copy_(saved[n])
+        mapped = [k for k in peft_grads if not k.endswith(".alpha")]
+        assert len(mapped) > 20
+        for k in mapped:
+            torch.testing.assert_close(node_grads[k], peft_grads[k], rtol=1e-3, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.mark.parametrize("family", ["sdxl", "flux"])
