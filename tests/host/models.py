@@ -39,12 +39,31 @@ def session(pack, model, **kw):
     return training_session(model, **kw)
 
 
-def nonzero_lora(ses, seed=1, scale=0.05):
-    """Random adapter weights (a fresh LoRA's up matrices are zero: it would change nothing)."""
+def nonzero_lora(ses, seed=1, scale=0.05, up_scale=None):
+    """Random adapter weights (a fresh LoRA's up matrices are zero: it would change nothing); ``up_scale``: another
+    scale for the LoRA up matrices, to make the LoRA's effect on the output large."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in ses.params:
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
+        for a in ses.adapters.values():
+            for name, p in a.named_parameters():
+                if p.requires_grad:
+                    s = up_scale if up_scale is not None and name.startswith("lora_up") else scale
+                    p.copy_(torch.randn(p.shape, generator=g) * s)
+
+
+# The tolerance of "the trained adapter = the file loaded by core ComfyUI" (measured errors: ~1e-6, fp32 rounding),
+# and how many times that tolerance the adapter's mean effect must be for the equality to mean anything.
+LOADER_RTOL, LOADER_ATOL, EFFECT_FACTOR = 1e-4, 1e-5, 100
+
+
+def assert_applied_as_trained(on, off, ref, rtol=LOADER_RTOL, atol=LOADER_ATOL, factor=EFFECT_FACTOR):
+    """``on`` (the model with the trained adapter) equals ``ref`` (what a loader made of the saved file) within
+    (rtol, atol), where the adapter's mean effect |on - off| is ``factor`` x that tolerance: a loader that applied
+    nothing (ref = off), or missed part of the layers, cannot pass."""
+    effect = (on - off).abs().mean().item()
+    tolerance = atol + rtol * ref.abs().mean().item()
+    assert effect > factor * tolerance, f"the adapter's effect {effect:.3g} is not {factor} x the tolerance {tolerance:.3g}"
+    torch.testing.assert_close(on, ref, rtol=rtol, atol=atol)
 
 
 def loaded_output(patcher, x, sigma, **cond):

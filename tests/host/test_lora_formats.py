@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dev.tiny_families import latent_shape, tiny_conditioning, tiny_model
-from tests.host.models import load_checkpoint, loaded_output, nonzero_lora, session
+from tests.host.models import assert_applied_as_trained, load_checkpoint, loaded_output, nonzero_lora, session
 
 pytestmark = pytest.mark.host
 
@@ -15,7 +15,7 @@ def trained_lora(pack, mp):
     from selfperc_pack.nodes import lora
 
     with session(pack, mp, checkpointing=False) as ses:
-        nonzero_lora(ses)
+        nonzero_lora(ses, up_scale=0.5)
         return lora.lora_state_dict(ses.adapters)
 
 
@@ -48,7 +48,7 @@ def test_kohya_file_loads_in_core_loraloader_as_the_same_lora(comfy, pack, famil
     with caplog.at_level(logging.WARNING):
         ours, theirs = patched_output(mp, sd, family), patched_output(mp, kohya, family)
     assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
-    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-6)
+    assert_applied_as_trained(ours, patched_output(mp, {}, family), theirs)
     if family in ("sd15", "sdxl"):  # kohya's SD trainers name UNet layers as diffusers does
         assert not [k for k in kohya if "input_blocks" in k or "output_blocks" in k or "middle_block" in k]
     # and back: starting from the kohya file gives exactly the trained LoRA
@@ -93,8 +93,8 @@ def test_kohya_file_of_an_sd15_unet_loads_in_diffusers_peft_as_the_same_lora(com
             return unet(x / (sigma ** 2 + 1).sqrt(), ms.timestep(sigma), encoder_hidden_states=ctx).sample
     plain = diffusers_eps()
     unet.load_lora_adapter(converted, prefix="unet", network_alphas=alphas)
-    assert not torch.allclose(plain, comfy_eps, atol=1e-2), "the LoRA must change the output for this to mean much"
-    torch.testing.assert_close(diffusers_eps(), comfy_eps, rtol=1e-3, atol=1e-3)
+    # two implementations of the UNet (ComfyUI's and diffusers'): their own fp32 rounding differs, hence 1e-3
+    assert_applied_as_trained(diffusers_eps(), plain, comfy_eps, rtol=1e-3, atol=1e-3)
 
 
 def test_init_lora_and_kohya_save_through_the_node(comfy, pack, tiny_models):
@@ -153,8 +153,7 @@ def test_every_adapter_runs_beside_the_layer_as_core_loraloader_applies_it(comfy
     assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
     ref = output(loaded)
     torch.testing.assert_close(off, plain, rtol=0, atol=0)
-    assert not torch.allclose(on, off, atol=1e-5), "the adapter must change the output for this to mean much"
-    torch.testing.assert_close(on, ref, rtol=1e-3, atol=1e-4)
+    assert_applied_as_trained(on, off, ref)
 
 
 @pytest.mark.parametrize("algorithm", ["LoRA", "LoHa"])
