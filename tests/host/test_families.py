@@ -405,3 +405,64 @@ def test_evaluate_and_real_image_modes_run_on_the_family(family, captioned, comf
             model=other, base_model=mp, latent=ref, seed=1, steps=2, sampler_name="euler", scheduler="normal", cfg=1.0,
             cfg_rescale=0.0, denoise=1.0, positive=cond, vae=vae, mode=mode).args
         assert out["samples"].shape == ref["samples"].shape and torch.isfinite(out["samples"]).all(), mode
+
+
+def _local_attention(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False,
+                     **kwargs):
+    """Attention in which every token attends only to itself (self-attention returns its values; cross-attention
+    returns zeros), in ComfyUI's optimized_attention calling conventions: no token can reach another."""
+    if not skip_reshape:  # (B, N, heads * D); SD3 hands v over as (B, N, heads, D)
+        b, dim = q.shape[0], q.shape[-1] // heads
+        q, v = q.reshape(b, -1, heads, dim).transpose(1, 2), v.reshape(b, -1, heads, dim).transpose(1, 2)
+    out = v if q.shape[2] == v.shape[2] else torch.zeros(*q.shape[:3], v.shape[3], dtype=v.dtype, device=v.device)
+    return out if skip_output_reshape else out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
+
+
+@pytest.fixture
+def token_local_attention(monkeypatch):
+    """Every ComfyUI model module's attention made token-local for the test (the MLPs, norms and modulation run as
+    they are, and they act per token)."""
+    import sys
+
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("comfy.ldm.") and mod is not None:
+            for attr in ("optimized_attention", "optimized_attention_masked"):
+                if callable(getattr(mod, attr, None)):
+                    monkeypatch.setattr(mod, attr, _local_attention)
+
+
+@pytest.mark.parametrize("depth", [0.5, 0.0])
+def test_the_tap_reads_the_image_tokens_in_grid_order_and_no_text_token(pack, family, token_local_attention, depth):
+    """At the default depth (and at depth 0: the first, for Flux-type models a double-stream, block), with attention
+    made token-local so that a change stays where it was made: a change of the latent at one spatial position moves
+    exactly the tapped feature at that position's (row, column) of the token grid, and a change of one text token
+    moves no tapped feature (the tap holds no text tokens)."""
+    from selfperc_pack.nodes import conditioning, taps
+
+    mp, cond = tiny_model(family), tiny_conditioning(family)
+    if taps.is_unet(mp.model.diffusion_model):
+        pytest.skip("UNets have no token stream: the tap is the mid-block's feature map")
+    shape = shape_of(family, side=16 if SPECS[family][2] <= 16 else 32)
+    sigma = torch.tensor([0.5])
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    changed_text = [[cond[0][0].clone(), cond[0][1]]]
+    changed_text[0][0][:, 3] += 1.0
+    r, c = shape[-2] - 1, 1  # bottom-left: a transposed or flipped grid puts it elsewhere
+    changed_image = x.clone()
+    changed_image[..., r, c] += 1.0
+    with session(pack, mp, checkpointing=False, depth=depth) as ses:
+        def features(latent, conditioning_):
+            inputs = conditioning.collate([conditioning.model_inputs(ses.mp, conditioning_, shape[1:])])
+            with torch.no_grad():
+                return ses.frozen_features(latent, sigma, inputs)
+        base = features(x, cond)
+        text = features(x, changed_text)
+        image = features(changed_image, cond)
+        n = len(taps.blocks(ses.mp.model.diffusion_model))
+        assert ses.tap_name == f"block {min(n - 1, int(depth * n))} of {n}"
+    rows, cols = base.shape[-2:]
+    patch = shape[-1] // cols
+    assert rows == cols and rows >= 4, base.shape
+    moved = (image - base).abs().amax(dim=(0, 1)) > 0
+    assert moved.nonzero().tolist() == [[r // patch, c // patch]], moved.nonzero().tolist()
+    assert torch.equal(text, base), "a text token reached the tapped image features"
