@@ -163,6 +163,25 @@ class ComfyServer:
     def run(self, prompt: dict, timeout: float = 600.0) -> dict:
         return self.wait(self.queue(prompt), timeout)
 
+    def log_size(self) -> int:
+        try:
+            return self.log_path.stat().st_size
+        except OSError:
+            return 0
+
+    def run_logged(self, prompt: dict, timeout: float = 600.0) -> tuple[dict, str]:
+        """Run a prompt; return its /history entry and the log lines this run wrote: from before it was queued to
+        ComfyUI's 'Prompt executed in' line for it (the server runs one prompt at a time, and the tests queue one
+        at a time), so a check cannot match what another run logged."""
+        start = self.log_size()
+        entry = self.run(prompt, timeout)
+        deadline = time.time() + 30
+        while True:
+            text = self.log_path.read_bytes()[start:].decode("utf-8", "replace")
+            if "Prompt executed in" in text or time.time() > deadline:
+                return entry, text[: text.index("Prompt executed in")] if "Prompt executed in" in text else text
+            time.sleep(0.1)
+
 
 class PromptRejected(Exception):
     """POST /prompt answered 400: the graph did not validate."""

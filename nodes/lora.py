@@ -8,6 +8,7 @@ weights, and with the switch off (the frozen network) the layers run exactly as 
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +17,8 @@ from comfy.weight_adapter import adapter_maps
 from comfy.weight_adapter.lora import LoRAAdapter, LoraDiff
 
 from ..selfperc_core import AdapterSwitch
+
+log = logging.getLogger("selfperc")
 
 LORA_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 ALGORITHMS = tuple(adapter_maps)  # what core Train LoRA offers: LoRA, LoHa, LoKr, OFT
@@ -96,17 +99,59 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float, switch: AdapterSwi
     return lora
 
 
-def read_any_lora(model_patcher, sd: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
-    """A LoRA in any layout ComfyUI's own loader maps (ComfyUI, kohya, diffusers, peft, ...) -> this pack's keys,
-    by ComfyUI's key map: '<module>.lora_up.weight' (out, r), '.lora_down.weight' (r, in), '.alpha'.
+# Keys of text-encoder LoRAs (A1111/kohya, diffusers): a LoRA file often holds them beside the diffusion model's;
+# the pack trains the diffusion model only, so they are not "unmapped".
+TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "te_", "te1", "te2", "clip_")
 
-    Raises ValueError naming the file when nothing maps to this model or it holds another adapter kind.
-    """
+
+def lora_key_map(model_patcher) -> dict[str, str]:
+    """ComfyUI's own LoRA key map for this model, plus the UNet names the current diffusers/peft format uses
+    ('unet.<block>.attn1.to_q'; ComfyUI 0.3.75 maps only the older '.processor.to_q' form of the attention layers)."""
+    import comfy.lora
+    import comfy.utils
+
+    key_map = comfy.lora.model_lora_keys_unet(model_patcher.model, {})
+    config = model_patcher.model.model_config.unet_config
+    for diffusers_key, ldm_key in comfy.utils.unet_to_diffusers(config).items():
+        if diffusers_key.endswith(".weight"):
+            for prefix in ("unet.", ""):
+                key_map.setdefault(prefix + diffusers_key[: -len(".weight")], f"diffusion_model.{ldm_key}")
+    return key_map
+
+
+def _load_mapped(sd: dict[str, torch.Tensor], key_map: dict[str, str], name: str) -> dict:
+    """ComfyUI's loader on ``sd``; the diffusion-model tensors it could not place are logged, named."""
     import comfy.lora
     import comfy.lora_convert
 
-    key_map = comfy.lora.model_lora_keys_unet(model_patcher.model, {})
-    loaded = comfy.lora.load_lora(comfy.lora_convert.convert_lora(sd), key_map, log_missing=False)
+    missing = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            text = record.getMessage()
+            if text.startswith("lora key not loaded: "):
+                missing.append(text[len("lora key not loaded: "):])
+    handler = Collect(logging.WARNING)
+    logging.getLogger().addHandler(handler)
+    try:
+        loaded = comfy.lora.load_lora(comfy.lora_convert.convert_lora(dict(sd)), key_map, log_missing=True)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    missing = [k for k in missing if not k.startswith(TEXT_ENCODER_PREFIXES)]
+    if missing and loaded:
+        log.warning("selfperc: init_lora %s: %d of its tensors match no layer of this model and start fresh, e.g. %s",
+                    name, len(missing), ", ".join(missing[:3]))
+    return loaded
+
+
+def read_any_lora(model_patcher, sd: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """A LoRA in any layout ComfyUI's own loader maps (ComfyUI, kohya, diffusers, peft, ...) -> this pack's keys,
+    by ComfyUI's key map (``lora_key_map``): '<module>.lora_up.weight' (out, r), '.lora_down.weight' (r, in), '.alpha'.
+
+    Raises ValueError naming the file when nothing maps to this model or it holds another adapter kind; tensors that
+    map to no layer are logged (named), as core LoraLoader does.
+    """
+    loaded = _load_mapped(sd, lora_key_map(model_patcher), name)
     out = {}
     for weight_key, patch in loaded.items():
         if not isinstance(patch, LoRAAdapter):

@@ -67,13 +67,13 @@ def load_lora_and_sample(kind: str, lora_file: str) -> dict:
     return g
 
 
-def distance(image_a: str, image_b: str, kind: str = "eps") -> dict:
+def distance(image_a: str, image_b: str, kind: str = "eps", overlay: float = 0.6) -> dict:
     g = loader(kind)
     g["30"] = {"class_type": "LoadImage", "inputs": {"image": image_a}}
     g["31"] = {"class_type": "LoadImage", "inputs": {"image": image_b}}
     g["32"] = {"class_type": "SelfPerceptualDistance",
                "inputs": {"model": ["2", 0], "vae": ["1", 2], "image_a": ["30", 0], "image_b": ["31", 0],
                           "noise_level": 0.2, "seed": 0, "feature_layer": "mid_block", "distance": "mse",
-                          "overlay": 0.6}}
+                          "overlay": overlay}}
     g["33"] = {"class_type": "SaveImage", "inputs": {"images": ["32", 0], "filename_prefix": "heatmap"}}
     return g

@@ -50,21 +50,22 @@ def test_mixed_folder_trains_on_the_usable_images_and_logs_the_skips(server):
         write_bad_files(d)
         write_symlink_loop(d)
     folder(server, "mixed", fill)
-    entry = server.run(graphs.fine_tune("eps", "mixed", "rel/mixed", steps=2))  # core Plot Loss Graph needs 2 points
+    entry, log = server.run_logged(graphs.fine_tune("eps", "mixed", "rel/mixed", steps=2))  # Plot Loss Graph: 2 points
     assert_success(server, entry)
-    log = server.log_tail(400000)
-    assert "7 images from" in log and "skipped)" in log
+    mixed = server.base / "input" / "mixed"
+    assert f"selfperc: 7 images from {mixed} (5 skipped)" in log, log
+    skipped = [line.split(f"skipped {mixed}/")[1] for line in log.splitlines() if f"selfperc: skipped {mixed}/" in line]
     for name in ("corrupt.png", "truncated.jpg", "tiny.png", "badcaption.png", "loop"):
-        assert f"skipped {server.base / 'input' / 'mixed'}" in log and name in log
+        assert any(entry_.startswith(name + ":") for entry_ in skipped), (name, skipped)
 
 
 def test_very_large_image_is_downscaled_and_trains(server):
     from dev.bad_datasets import write_large_jpeg
 
     folder(server, "huge", lambda d: write_large_jpeg(d / "huge.jpg"))
-    entry = server.run(graphs.fine_tune("eps", "huge", "rel/huge", steps=2))
+    entry, log = server.run_logged(graphs.fine_tune("eps", "huge", "rel/huge", steps=2))
     assert_success(server, entry)
-    assert "1 images from" in server.log_tail(400000)
+    assert f"selfperc: 1 images from {server.base / 'input' / 'huge'} (0 skipped)" in log, log
 
 
 def saved_image_pixels(server, entry, node="7"):

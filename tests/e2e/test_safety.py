@@ -66,9 +66,8 @@ def test_an_old_pickle_state_pt_is_not_offered_and_not_loaded(server, photos, tm
 def test_a_multi_megabyte_caption_is_cut_and_training_runs(server):
     d = make_dataset(server.base / "input" / "huge_caption", names=["astronaut", "coffee"])
     (d / "astronaut.txt").write_text("a photo of an astronaut, " * 200_000)  # 5 MB
-    entry = server.run(graphs.fine_tune("eps", d.name, "safety/caption", steps=2), timeout=300)
+    entry, log = server.run_logged(graphs.fine_tune("eps", d.name, "safety/caption", steps=2), timeout=300)
     assert_success(server, entry)
-    log = server.log_tail(400000)
     assert f"{d / 'astronaut.txt'}: caption cut to its first 2000 characters" in log
     assert server.alive()
 

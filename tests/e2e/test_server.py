@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -76,11 +77,9 @@ def test_fine_tune_compare_and_reload_through_the_api(server, photos, kind):
     # core LoraLoader lists the new file at once and loads it with no unloaded keys
     assert lora_file in server.get("/object_info/LoraLoaderModelOnly")["LoraLoaderModelOnly"]["input"]["required"][
         "lora_name"][0]
-    log_before = server.log_tail(200000)
-    entry = server.run(graphs.load_lora_and_sample(kind, lora_file))
+    entry, log = server.run_logged(graphs.load_lora_and_sample(kind, lora_file))
     assert_success(server, entry)
-    new_log = server.log_tail(200000)[len(log_before) - 2000:]
-    assert "lora key not loaded" not in new_log
+    assert "lora key not loaded" not in log
 
 
 def test_unconditional_fine_tune_without_clip(server, photos):
@@ -103,12 +102,20 @@ def test_perceptual_distance_through_the_api(server, kind):
     b.paste((0, 255, 0), (80, 80, 120, 120))
     a.save(server.base / "input" / "dist_a.png")
     b.save(server.base / "input" / "dist_b.png")
-    entry = server.run(graphs.distance("dist_a.png", "dist_b.png", kind))
+    entry = server.run(graphs.distance("dist_a.png", "dist_b.png", kind, overlay=1.0))  # the heatmap alone
     assert_success(server, entry)
     img = outputs_of(entry, "33")["images"][0]
     with Image.open(server.base / "output" / img["subfolder"] / img["filename"]) as im:
-        assert im.size == (128, 128)
+        heat = np.asarray(im.convert("RGB"), dtype=np.float32).sum(-1)  # the colour map brightens with distance
+    assert heat.shape == (128, 128)
     assert outputs_of(entry, "32")["images"]  # the heatmap is shown in the node
+    edited = np.zeros(heat.shape, bool)
+    edited[80:120, 80:120] = True
+    far = np.ones(heat.shape, bool)
+    far[64:, 64:] = False  # the quarter holding the edit (features spread a little beyond it) left out
+    assert heat[edited].mean() > 3 * heat[far].mean(), (heat[edited].mean(), heat[far].mean())
+    peak = np.unravel_index(heat.argmax(), heat.shape)
+    assert 64 <= peak[0] < 128 and 64 <= peak[1] < 128, peak
 
 
 def run_expecting_error(server, graph) -> str:

@@ -171,3 +171,96 @@ def test_bf16_adapter_weights_train_and_save(comfy, pack, algorithm, tiny_models
     out = train(pack, model, vae, photos, lora_name=f"bf16/{algorithm}", steps=2, lora_dtype="bf16",
                 algorithm=algorithm).args
     assert all(torch.isfinite(torch.tensor(out[2]["loss"])))
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "kohya"])
+def test_init_lora_starts_from_a_file_another_tool_wrote(comfy, pack, tiny_models, tmp_path, layout, caplog):
+    """init_lora from a LoRA that diffusers and peft wrote, not this pack: peft's LoRA on the tiny UNet's weights in
+    diffusers layout, saved by diffusers' own save_lora_weights (diffusers/peft keys) or converted by diffusers' own
+    convert_state_dict_to_kohya (kohya keys). Every layer of it maps (ComfyUI 0.3.75's own key map misses the
+    diffusers format's attention layers; the pack adds them), and after one SGD step at lr 1e-7 the node's model
+    predicts what the peft model predicts."""
+    import comfy.model_management as mm
+    import folder_paths
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_kohya
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+    from selfperc_pack.nodes import lora
+    from selfperc_pack.nodes.session import release
+
+    from dev.datasets import make_dataset
+    from dev.diffusers_fixture import diffusers_unet_from_comfy
+    from tests.host.test_nodes_inprocess import train
+
+    model, clip, vae = load_checkpoint(str(tiny_models["checkpoint"]))
+    unet = diffusers_unet_from_comfy()
+    torch.manual_seed(0)
+    # alpha = rank: diffusers' kohya conversion writes alpha = rank whatever peft's lora_alpha was
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1",
+                                                "conv2", "time_emb_proj", "ff.net.2"]))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    peft_sd = get_peft_model_state_dict(unet)
+    name = f"other_tool_{layout}.safetensors"
+    dest = f"{folder_paths.get_folder_paths('loras')[0]}/{name}"
+    if layout == "diffusers":
+        StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=peft_sd, safe_serialization=True)
+        written = load_file(str(tmp_path / "pytorch_lora_weights.safetensors"))
+        assert all(k.startswith("unet.") and (".lora_A." in k or ".lora_B." in k) for k in written), list(written)[:3]
+    else:
+        written = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in peft_sd.items()})
+        assert all(k.startswith("lora_unet_") for k in written), list(written)[:3]
+    save_file(written, dest)
+    layers = sum(1 for k in peft_sd if ".lora_A." in k)
+    with caplog.at_level(logging.WARNING):
+        mapped = lora.read_any_lora(model, written, name)
+    assert not [r for r in caplog.records if "not loaded" in r.getMessage() or "match no layer" in r.getMessage()]
+    assert sum(1 for k in mapped if k.endswith(".lora_up.weight")) == layers > 20
+
+    photos = make_dataset(comfy / "input" / "other_tool", names=["astronaut", "coffee"]).name
+    # SGD: a step of lr x gradient (AdamW's first step moves every weight by lr, whatever its gradient: over all
+    # weights that adds up to a visible change even at lr 1e-7)
+    tuned = train(pack, model, vae, photos, lora_name=f"fmt/from_{layout}", steps=1, learning_rate=1e-7,
+                  optimizer="sgd", init_lora=name).args[0]
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ctx = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(2))
+    sigma = torch.tensor([1.0])
+    try:
+        mm.load_models_gpu([tuned])
+        with torch.no_grad():
+            comfy_eps = (x - tuned.model.apply_model(x, sigma, c_crossattn=ctx)) / sigma
+    finally:
+        release(tuned)
+    ms = model.get_model_object("model_sampling")
+    with torch.no_grad():
+        def eps():
+            return unet(x / (sigma ** 2 + 1).sqrt(), ms.timestep(sigma), encoder_hidden_states=ctx).sample
+        with_lora = eps()
+        unet.disable_adapters()
+        plain = eps()
+    # two UNet implementations (ComfyUI's, diffusers'): fp32 rounding differs between them, hence 1e-3
+    assert_applied_as_trained(with_lora, plain, comfy_eps, rtol=1e-3, atol=1e-3)
+
+
+def test_init_lora_names_the_tensors_that_match_no_layer_and_ignores_text_encoder_keys(comfy, pack, tiny_models,
+                                                                                       caplog):
+    from selfperc_pack.nodes import lora
+
+    model = load_checkpoint(str(tiny_models["checkpoint"]))[0]
+    sd = lora.kohya_state_dict(model, trained_lora(pack, model))
+    extra = {"lora_unet_no_such_block_proj.lora_down.weight": torch.zeros(4, 8),
+             "lora_unet_no_such_block_proj.lora_up.weight": torch.zeros(8, 4),
+             "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 8),
+             "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 4)}
+    with caplog.at_level(logging.WARNING):
+        out = lora.read_any_lora(model, {**sd, **extra}, "mixed.safetensors")
+    assert out.keys() == lora.read_any_lora(model, sd, "clean.safetensors").keys()
+    notes = [r.getMessage() for r in caplog.records if "match no layer" in r.getMessage()]
+    assert len(notes) == 1 and "init_lora mixed.safetensors: 2 of its tensors" in notes[0], notes
+    assert "lora_unet_no_such_block_proj" in notes[0] and "lora_te" not in notes[0]
