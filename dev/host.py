@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -181,6 +182,51 @@ class ComfyServer:
             if "Prompt executed in" in text or time.time() > deadline:
                 return entry, text[: text.index("Prompt executed in")] if "Prompt executed in" in text else text
             time.sleep(0.1)
+
+
+class ProgressWatcher:
+    """ComfyUI's websocket 'progress' messages to this client (the prompts ``server.queue`` sends), recorded with
+    their arrival times by a background thread while the context is open."""
+
+    def __init__(self, server: ComfyServer):
+        self.url = f"ws://127.0.0.1:{server.port}/ws?clientId={server.client_id}"
+        self.events: list[tuple[float, int, int]] = []  # (arrival time, value, max)
+        self._stop, self._ready = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import asyncio
+
+        import aiohttp
+
+        async def listen():
+            async with aiohttp.ClientSession() as s, s.ws_connect(self.url) as ws:
+                self._ready.set()
+                while not self._stop.is_set():
+                    try:
+                        msg = await ws.receive(timeout=0.2)
+                    except asyncio.TimeoutError:
+                        continue
+                    if msg.type == aiohttp.WSMsgType.TEXT:
+                        data = json.loads(msg.data)
+                        if data.get("type") == "progress":
+                            self.events.append((time.time(), data["data"]["value"], data["data"]["max"]))
+                    elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                        return
+        asyncio.run(listen())
+
+    def last_value(self) -> int:
+        return self.events[-1][1] if self.events else 0
+
+    def __enter__(self) -> "ProgressWatcher":
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError(f"no websocket connection to {self.url}")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)
 
 
 class PromptRejected(Exception):

@@ -46,6 +46,14 @@ def page(server):
         browser.close()
 
 
+@pytest.fixture(autouse=True)
+def no_page_errors(page):
+    """No uncaught error in the page: while it loaded (reported by the first test) or during each test."""
+    yield
+    errors, page.errors[:] = list(page.errors), []
+    assert not errors, f"errors in the page: {errors}"
+
+
 def load(page, workflow: dict):
     page.evaluate("async (wf) => { await window.app.loadGraphData(wf, true, true, 'test'); }", workflow)
     page.evaluate("""() => { const ds = window.app.canvas.ds; ds.scale = 0.75; ds.offset = [40, 320];
