@@ -48,6 +48,13 @@ SPECS: dict[str, tuple[str, dict, int, dict]] = {
                                                  "params": {"in_features": CTX, "out_features": 128}},
                         num_patches=32 * 32, pos_embed_max_size=32, pos_embed_scaling_factor=None,
                         x_block_self_attn_layers=[]), 8, {"pooled": POOL}),
+    # SD3.5 (Medium): the same class; its first joint blocks add a second self-attention over the image tokens
+    # (x_block_self_attn), which SD3.0 does not have.
+    "sd35": ("SD3", dict(in_channels=16, out_channels=16, patch_size=2, depth=2, input_size=None, adm_in_channels=POOL,
+                         context_embedder_config={"target": "torch.nn.Linear",
+                                                  "params": {"in_features": CTX, "out_features": 128}},
+                         num_patches=32 * 32, pos_embed_max_size=32, pos_embed_scaling_factor=None,
+                         x_block_self_attn_layers=[0, 1], qk_norm="rms"), 8, {"pooled": POOL}),
     "flux": ("Flux", _FLUX, 8, {"pooled": POOL, "guidance": 3.5}),
     "flux_schnell": ("FluxSchnell", dict(_FLUX, guidance_embed=False), 8, {"pooled": POOL}),
     # Chroma: pre-patchified in_channels (16*2*2); in_dim 64 = 16+16+32 is fixed by Chroma.forward_orig.

@@ -4,6 +4,7 @@
   ComfyUI's detection classifies as SD1.x.
 * ``tiny_sd15.safetensors``: that UNet + full-size CLIP-L text encoder + SD VAE keys, laid out like an SD1.5
   checkpoint, so ``CheckpointLoaderSimple`` loads it like a real file.
+* ``tiny_sd2_unet``: the same at SD2.x's widths (``TINY_SD2_UNET_CONFIG``), classified as SD20 by UNETLoader.
 
 Run as ``python -m dev.tiny_models OUT_DIR`` to write both. Files are cached by name + seed.
 """
@@ -24,6 +25,10 @@ TINY_UNET_CONFIG = dict(
     num_heads=8, num_head_channels=-1, use_linear_in_transformer=False, use_spatial_transformer=True,
     legacy=False, adm_in_channels=None, use_temporal_attention=False, use_temporal_resblock=False,
 )
+# SD2.x's widths (context 1024 from OpenCLIP-H, linear projections, 64-channel heads) at the same tiny depth:
+# ComfyUI's detection classifies the file as SD20
+TINY_SD2_UNET_CONFIG = dict(TINY_UNET_CONFIG, context_dim=1024, use_linear_in_transformer=True, num_heads=-1,
+                            num_head_channels=64)
 SD_VAE_CONFIG = {'double_z': True, 'z_channels': 4, 'resolution': 256, 'in_channels': 3, 'out_ch': 3, 'ch': 128,
                  'ch_mult': [1, 2, 4, 4], 'num_res_blocks': 2, 'attn_resolutions': [], 'dropout': 0.0}
 

@@ -17,10 +17,12 @@ ARTIFACTS = REPO_ROOT / "test-artifacts"
 @pytest.fixture(scope="session")
 def tiny_models() -> dict[str, Path]:
     """The tiny SD1.x checkpoint and UNet file, built once and cached in .cache/models."""
-    from dev.tiny_models import write_checkpoint, write_unet
+    from dev.tiny_models import TINY_SD2_UNET_CONFIG, write_checkpoint, write_unet
 
     return {"checkpoint": write_checkpoint(MODELS_CACHE / "checkpoints" / "tiny_sd15.safetensors"),
-            "unet": write_unet(MODELS_CACHE / "diffusion_models" / "tiny_sd15_unet.safetensors")}
+            "unet": write_unet(MODELS_CACHE / "diffusion_models" / "tiny_sd15_unet.safetensors"),
+            "sd2_unet": write_unet(MODELS_CACHE / "diffusion_models" / "tiny_sd2_unet.safetensors",
+                                   config=TINY_SD2_UNET_CONFIG)}
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +71,8 @@ def server(tmp_path_factory, tiny_models):
     extra = base / "test_nodes.yaml"
     extra.write_text(f"selfperc_tests:\n    custom_nodes: {REPO_ROOT / 'dev' / 'server_nodes'}\n")
     srv = ComfyServer(base, extra_args=["--extra-model-paths-config", str(extra)])
-    for kind, path in (("checkpoints", tiny_models["checkpoint"]), ("diffusion_models", tiny_models["unet"])):
+    for kind, path in (("checkpoints", tiny_models["checkpoint"]), ("diffusion_models", tiny_models["unet"]),
+                       ("diffusion_models", tiny_models["sd2_unet"])):
         os.symlink(path, srv.base / "models" / kind / path.name)
     srv.start()
     yield srv

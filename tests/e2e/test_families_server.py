@@ -86,26 +86,66 @@ def test_family_trains_samples_and_its_lora_loads_through_the_api(server, inputs
     torch.testing.assert_close(loaded, tuned, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("weight_dtype", ["default", "fp8_e4m3fn"])
-def test_sd3_file_through_core_unetloader_trains(server, inputs, weight_dtype):
-    """A tiny SD3 saved as a file is detected by ComfyUI itself (UNETLoader) and trains through the API, also
-    with its weights kept in fp8 as ComfyUI stores them (cast per layer; the LoRA trains in fp32)."""
+@pytest.mark.parametrize("family,weight_dtype", [("sd3", "default"), ("sd3", "fp8_e4m3fn"), ("sd35", "default")])
+def test_sd3_file_through_core_unetloader_trains(server, inputs, family, weight_dtype):
+    """A tiny SD3 (and SD3.5: x-block self-attention) saved as a file is detected by ComfyUI itself (UNETLoader) and
+    trains through the API, also with its weights kept in fp8 as ComfyUI stores them (cast per layer; the LoRA trains
+    in fp32); the saved LoRA loads back in core LoraLoaderModelOnly with no unloaded key."""
     from safetensors.torch import save_file
 
     from dev.host import import_comfy
     from dev.tiny_families import tiny_model
 
     import_comfy()
-    path = server.base / "models" / "diffusion_models" / "tiny_sd3.safetensors"
+    name = f"tiny_{family}.safetensors"
+    path = server.base / "models" / "diffusion_models" / name
     if not path.exists():
-        save_file({k: v.contiguous() for k, v in tiny_model("sd3").model.diffusion_model.state_dict().items()},
+        save_file({k: v.contiguous() for k, v in tiny_model(family).model.diffusion_model.state_dict().items()},
                   str(path))
     g = tiny("sd3")
-    g["5"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_sd3.safetensors", "weight_dtype": weight_dtype}}
+    g["5"] = {"class_type": "UNETLoader", "inputs": {"unet_name": name, "weight_dtype": weight_dtype}}
     g["10"] = {"class_type": "SelfPerceptualFineTune",
                "inputs": dict(TRAIN, model=["5", 0], vae=["1", 2], conditioning=["1", 3], dataset_folder=inputs,
-                              lora_name=f"fam/sd3_{weight_dtype}")}
-    entry = server.run(g)
+                              lora_name=f"fam/{family}_{weight_dtype}")}
+    entry, log = server.run_logged(g)
     assert_success(server, entry)
-    assert f"saved fam/sd3_{weight_dtype}.safetensors" in entry["outputs"]["10"]["text"][0]
-    assert "final loss nan" not in entry["outputs"]["10"]["text"][0]
+    text = entry["outputs"]["10"]["text"][0]
+    assert f"saved fam/{family}_{weight_dtype}.safetensors" in text and "final loss nan" not in text
+    assert "model_type FLOW" in log
+    lora = load_file(str(server.base / "models" / "loras" / "fam" / f"{family}_{weight_dtype}.safetensors"))
+    assert any(".x_block.attn2." in k for k in lora) == (family == "sd35")  # SD3.5's second attention trains
+    g = sample_to_latent(tiny("sd3"), "21", ["20", 0], f"fam/{family}_{weight_dtype}_lora")
+    g["5"] = {"class_type": "UNETLoader", "inputs": {"unet_name": name, "weight_dtype": weight_dtype}}
+    g["20"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["5", 0], "strength_model": 1.0,
+                                                               "lora_name": f"fam/{family}_{weight_dtype}.safetensors"}}
+    after, log = server.run_logged(g)
+    assert_success(server, after)
+    assert "lora key not loaded" not in log
+
+
+def test_sd2_file_through_core_unetloader_trains_as_v_prediction(server, inputs):
+    """The tiny UNet at SD2.x's widths, detected as SD20 by core UNETLoader, as v-prediction + zero terminal SNR
+    (core ModelSamplingDiscrete), unconditional (SD2's empty 1024-wide conditioning): trains, and the LoRA loads in
+    core LoraLoaderModelOnly with no unloaded key."""
+    g = {"5": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_sd2_unet.safetensors", "weight_dtype": "default"}},
+         "6": {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["5", 0], "sampling": "v_prediction",
+                                                                "zsnr": True}},
+         "7": {"class_type": "SelfPercTestTinyFamily", "inputs": {"family": "sd20_v", "side": 4}}}
+    g["10"] = {"class_type": "SelfPerceptualFineTune",
+               "inputs": dict(TRAIN, model=["6", 0], vae=["7", 2], dataset_folder=inputs, lora_name="fam/sd2_file")}
+    entry, log = server.run_logged(g)
+    assert_success(server, entry)
+    assert "model_type EPS" in log  # detection says eps (a tiny file has no v statistics); ModelSamplingDiscrete sets v
+    assert "saved fam/sd2_file.safetensors (2 steps" in entry["outputs"]["10"]["text"][0]
+    g = {"5": g["5"], "20": {"class_type": "LoraLoaderModelOnly",
+                             "inputs": {"model": ["5", 0], "strength_model": 1.0,
+                                        "lora_name": "fam/sd2_file.safetensors"}},
+         "21": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}}
+    g["22"] = {"class_type": "SelfPerceptualSampler",  # unconditional: SD2's empty conditioning
+               "inputs": {"model": ["20", 0], "base_model": ["5", 0], "latent": ["21", 0], "seed": 0, "steps": 2,
+                          "sampler_name": "euler", "scheduler": "normal", "cfg": 1.0, "cfg_rescale": 0.0,
+                          "denoise": 1.0}}
+    g["23"] = {"class_type": "SaveLatent", "inputs": {"samples": ["22", 0], "filename_prefix": "fam/sd2_file"}}
+    after, log = server.run_logged(g)
+    assert_success(server, after)
+    assert "lora key not loaded" not in log
