@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -83,10 +83,14 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> Path:
     interrupted write never leaves a half file that a loader would pick up."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    # The file gets the mode open() gives any new file (0666 less the process umask), not 0600: it is renamed into
+    # place and must be readable as every other model file is. O_EXCL: never an existing file.
+    tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    mode = os.stat(tmp).st_mode & 0o777  # 0666 less the umask, read without changing the (process-wide) umask
     try:
         write(tmp)
+        os.chmod(tmp, mode)  # writers may recreate the file as 0600 (safetensors 0.8 does)
         os.replace(tmp, path)
     except BaseException:
         try:

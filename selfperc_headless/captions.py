@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import os
 from pathlib import Path
 
 import torch
+
+from selfperc_core.state import atomic_write
 
 CLIP_TOKENS = 77  # CLIP's context: longer captions are truncated by the tokenizer, as ComfyUI does per chunk
 T5_TOKENS = {"sd3": 256, "flux": 512}  # diffusers' pipeline defaults
@@ -85,9 +86,7 @@ def _load(path: Path) -> dict[str, torch.Tensor] | None:
 def _save_atomic(cond: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in cond.items()}, str(tmp))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in cond.items()}, tmp))
 
 
 def _load_encoders(model_dir: Path, found: list, device, dtype) -> list:

@@ -15,7 +15,6 @@ import argparse
 import copy
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from selfperc_core.host import ModelHost, frozen_features_fn
 from selfperc_core.loop import LR_SCHEDULES, OPTIMIZERS, Trainer, TrainSettings, make_optimizer
 from selfperc_core.objective import DISTANCES, MSE_SPACES
 from selfperc_core.schedule import output_scale_fn
-from selfperc_core.state import load_state_file, save_state_file
+from selfperc_core.state import atomic_write, load_state_file, save_state_file
 from selfperc_core.timesteps import T_PRIME_STRATEGIES
 from selfperc_headless import families as fam
 from selfperc_headless.captions import encode_captions, has_text_encoder
@@ -311,9 +310,7 @@ def _write_outputs(a, net, lora, global_losses, trainer, family) -> None:
     if a.full:
         net.save_pretrained(a.out / family.denoiser)
     else:
-        tmp = a.out / ".selfperc_lora.safetensors.tmp"
-        save_file(lora, str(tmp), metadata=meta)
-        os.replace(tmp, a.out / "selfperc_lora.safetensors")
+        atomic_write(a.out / "selfperc_lora.safetensors", lambda tmp: save_file(lora, tmp, metadata=meta))
     if a.log_json:
         a.log_json.write_text(json.dumps({"losses": global_losses, "steps": trainer.step_count}))
 

@@ -1,5 +1,7 @@
 """Resume state without pickle: round trip of a real optimizer state, and files that must be refused unread."""
+import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,3 +91,19 @@ def test_oversized_file_is_refused_before_reading(tmp_path):
     path = save_state_file(tmp_path / "big.selfperc_state", {"x": torch.zeros(1000)})
     with pytest.raises(StateFileError, match="big.selfperc_state is .* bytes, more than the 100"):
         load_state_file(path, max_bytes=100)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_atomic_writes_get_the_permissions_any_new_file_gets(tmp_path, umask):
+    """Not mkstemp's 0600: a saved LoRA must be readable as ComfyUI's own files are (0666 less the umask)."""
+    from selfperc_core.state import atomic_write
+
+    old = os.umask(umask)
+    try:
+        path = atomic_write(tmp_path / "sub" / "a.safetensors", lambda tmp: Path(tmp).write_bytes(b"x"))
+        plain = tmp_path / "plain"
+        plain.write_bytes(b"x")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask == plain.stat().st_mode & 0o777
+    assert [p.name for p in path.parent.iterdir()] == ["a.safetensors"]

@@ -1,5 +1,6 @@
 """The fine-tune, sampler and distance nodes called in-process on real ModelPatchers (the server tier runs them through the API)."""
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,9 @@ def test_fine_tune_saves_a_lora_core_loraloader_loads_fully_and_base_is_untouche
     assert name == f"t/{kind}.safetensors"
     assert len(loss_map["loss"]) == 4 and all(torch.isfinite(torch.tensor(loss_map["loss"])))
     path = folder_paths.get_full_path_or_raise("loras", name)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # as any file the server creates, not 0600
     with safe_open(path, "pt") as f:
         meta = f.metadata()
         assert set(f.keys()) == set(lora_sd)

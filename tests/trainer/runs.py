@@ -1,5 +1,6 @@
 """The headless trainer run as a user runs it: a subprocess, optionally under accelerate launch."""
 import json
+import os
 import subprocess
 import sys
 
@@ -19,4 +20,7 @@ def train(model_dir, data_dir, out, *extra, launcher=None):
                                             "--log-json", str(out / "log.json"), *map(str, extra)]
     res = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "selfperc_lora.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # not safetensors' 0600
     return json.loads((out / "log.json").read_text()), load_file(str(out / "selfperc_lora.safetensors"))
