@@ -41,12 +41,24 @@ def test_ema_kohya_schedule_accumulation_and_optimizer_together(server, photos):
 
 
 def test_init_lora_starts_from_a_downloaded_kohya_file(server, photos):
+    """A kohya file as downloaded (here: written by an earlier run) starts the run: the continued LoRA has its keys,
+    ranks and alphas, and 2 AdamW steps at lr 1e-3 moved each of its weights by at most about 2e-3 (a fresh start
+    would have zero down-weights and random up-weights: far from it)."""
     import shutil
 
-    train_and_reload(server, photos, "to_share", save_format="kohya")
+    import torch
+
+    _, shared = train_and_reload(server, photos, "to_share", save_format="kohya", learning_rate=1e-2)
     loras = server.base / "models" / "loras"
     shutil.copy(loras / "feat" / "to_share.safetensors", loras / "downloaded.safetensors")
-    train_and_reload(server, photos, "continued", init_lora="downloaded.safetensors")
+    _, continued = train_and_reload(server, photos, "continued", init_lora="downloaded.safetensors",
+                                    save_format="kohya", learning_rate=1e-3)
+    assert continued.keys() == shared.keys() and len(shared) > 60
+    moves = {k: (continued[k] - shared[k]).abs().max().item() for k in shared if not k.endswith(".alpha")}
+    assert max(moves.values()) <= 2 * 1e-3 * 1.01, max(moves.values())
+    assert sum(v > 0 for v in moves.values()) > len(moves) // 2  # it trained on from there
+    assert all(torch.equal(continued[k], shared[k]) for k in shared if k.endswith(".alpha"))
+    assert any(shared[k].abs().max() > 1e-2 for k in shared if k.endswith(".lora_down.weight"))  # not a fresh start
 
 
 def test_validation_sample_prompts_and_the_loss_curve_through_the_api(server):

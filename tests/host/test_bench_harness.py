@@ -77,3 +77,20 @@ def test_wide_memory_model_recovers_a_linear_law_and_reports_the_fit(pack):
     assert abs(m["sdxl"]["activations_gib"] - (5e6 + 2000.0 * 128 * 128) / 2**30) < 1e-9
     text = markdown({"archs": {}, "probes": probes, "memory_model": m})
     assert "Predicted peak memory" in text and "fits 24 GB" in text
+
+
+def test_make_bench_profile_runs_on_the_tiny_unet(tmp_path):
+    """`make bench-profile`'s script end to end on the tiny UNet (it once broke on a missing setting unnoticed)."""
+    import json
+    import subprocess
+    import sys
+
+    from dev.host import REPO_ROOT
+
+    res = subprocess.run([sys.executable, "-m", "bench.profile", "--model", "tiny", "--size", "8", "--checkpointing",
+                          "1", "--flops", str(tmp_path / "none.json")], cwd=REPO_ROOT, capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads((REPO_ROOT / "bench" / "out" / "quick-profile.json").read_text())
+    assert out["model_name"] == "tiny test UNet" and out["settings"][0]["checkpointing"] is True
+    assert out["settings"][0]["components"] and out["settings"][0]["profile"]["b"]
