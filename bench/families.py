@@ -16,8 +16,8 @@ from dev.host import REPO_ROOT, import_comfy, import_pack
 
 
 def step_seconds(family: str, steps: int = 5, warmup: int = 1) -> tuple[float, int, str]:
-    from selfperc_pack.nodes import conditioning
-    from selfperc_pack.nodes.session import training_session
+    from selfperc_pack.nodes import inputs
+    from selfperc_pack.nodes.session import SessionSpec, training_session
     from selfperc_pack.selfperc_core.loop import Trainer, TrainSettings
 
     from dev.tiny_families import latent_shape, tiny_conditioning, tiny_model
@@ -25,9 +25,9 @@ def step_seconds(family: str, steps: int = 5, warmup: int = 1) -> tuple[float, i
     mp, shape = tiny_model(family), latent_shape(family, None, side=8)
     g = torch.Generator().manual_seed(0)
     lat = [torch.randn(shape[1:], generator=g) for _ in range(4)]
-    with torch.inference_mode(False), training_session(mp, 4, 4.0, 0, latent_shape=shape[1:], batch=2) as ses:
-        conds = [conditioning.model_inputs(ses.mp, tiny_conditioning(family), shape[1:])] * len(lat)
-        tr = Trainer(ses.params, lat, conds, ses.host, TrainSettings(batch_size=2))
+    with torch.inference_mode(False), training_session(mp, SessionSpec(latent_shape=shape[1:], batch=2)) as ses:
+        conds = [inputs.model_inputs(ses.mp, tiny_conditioning(family), shape[1:])] * len(lat)
+        tr = Trainer(ses.params, lat, conds, ses.view, TrainSettings(batch_size=2))
         times = []
         for i in range(warmup + steps):
             t0 = time.perf_counter()

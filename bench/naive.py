@@ -11,9 +11,8 @@ def naive_frozen_features(mp, layer_name: str = "mid_block", checkpointing: bool
 
     ``checkpointing``: checkpoint the copy's layers as the session checkpoints the online model's, so (c) runs
     under the same gradient-checkpointing setting as (b)."""
-    from selfperc_pack.nodes.conditioning import collate, empty_conditioning, model_inputs
-    from selfperc_pack.nodes.taps import checkpointed_blocks, tap_point
-    from selfperc_pack.selfperc_core import FeatureTap
+    from selfperc_pack.nodes.families import checkpointed_blocks, empty_conditioning, tap_point
+    from selfperc_pack.nodes.inputs import collate, model_inputs
     from selfperc_pack.selfperc_core.adapter import checkpoint_forward, uncheckpoint_forward
 
     frozen = copy.deepcopy(mp.model)
@@ -27,11 +26,10 @@ def naive_frozen_features(mp, layer_name: str = "mid_block", checkpointing: bool
     if checkpointing:
         for layer in checkpointed_blocks(frozen.diffusion_model):
             checkpoint_forward(layer, None)  # no adapter in the copy: nothing to replay
-    point = tap_point(frozen.diffusion_model, layer_name)
-    tap = FeatureTap(point.module, early_exit=False)
+    tap = tap_point(frozen.diffusion_model, layer_name, early_exit=False)
 
     def features(x, sigma, cond=None):
         if cond is None:
             cond = collate([model_inputs(mp, empty_conditioning(mp), tuple(x.shape[1:]))] * x.shape[0])
-        return point.features(tap(frozen.apply_model, x, sigma, **cond), tuple(x.shape))
+        return tap.features(lambda x_, s_: frozen.apply_model(x_, s_, **cond), x, sigma)
     return features, frozen

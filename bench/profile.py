@@ -63,7 +63,7 @@ def timed(fn, n: int = 5) -> dict:
 @contextlib.contextmanager
 def not_checkpointed(ses):
     """The session's model without checkpointing (for the frozen prediction pass alone)."""
-    from selfperc_pack.nodes.taps import checkpointed_blocks
+    from selfperc_pack.nodes.families import checkpointed_blocks
     from selfperc_pack.selfperc_core.adapter import checkpoint_forward, uncheckpoint_forward
 
     blocks = checkpointed_blocks(ses.mp.model.diffusion_model)
@@ -78,15 +78,15 @@ def not_checkpointed(ses):
 
 def components(model, lat, a) -> dict:
     from selfperc_pack.nodes import bridge
-    from selfperc_pack.nodes.session import training_session
+    from selfperc_pack.nodes.session import SessionSpec, training_session
 
     from bench.naive import naive_frozen_features
 
     x0 = model.model.process_latent_in(lat[:a.batch]).to(bridge.device())
     sigma = torch.full((a.batch,), 2.0, device=x0.device)
     out = {}
-    with torch.inference_mode(False), training_session(model, a.rank, float(a.rank), 0, "mid_block",
-                                                       a.checkpointing) as ses:
+    with torch.inference_mode(False), training_session(model, SessionSpec(
+            a.rank, float(a.rank), checkpointing=a.checkpointing)) as ses:
         naive, _copy = naive_frozen_features(ses.mp, checkpointing=a.checkpointing)
 
         def online():

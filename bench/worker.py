@@ -67,7 +67,7 @@ def per_image_inputs(mp, conditioning: list | None, lat: torch.Tensor) -> list:
     """The Trainer's per-image conditioning list (None: the empty prompt)."""
     if conditioning is None:
         return [None] * len(lat)
-    from selfperc_pack.nodes.conditioning import model_inputs
+    from selfperc_pack.nodes.inputs import model_inputs
 
     return [model_inputs(mp, conditioning, tuple(lat.shape[1:]))] * len(lat)
 
@@ -76,7 +76,7 @@ def batch_inputs(ses, conditioning: list | None, lat: torch.Tensor, n: int):
     """One batch's model inputs for ``n`` images (None: the empty prompt)."""
     if conditioning is None:
         return None
-    return ses.host.collate(per_image_inputs(ses.mp, conditioning, lat[:n]))
+    return ses.view.collate(per_image_inputs(ses.mp, conditioning, lat[:n]))
 
 
 def on_cuda() -> bool:
@@ -161,7 +161,7 @@ def run_core_train_lora(model, lat, a) -> tuple[list[float], bool]:
 def selfperc_trainer(model, lat, a, early_exit=True, batched=None, naive=False):
     """The node's own training loop (Trainer in a training_session) on ``lat``; ``batched=None``: the default."""
     from selfperc_pack.nodes import bridge
-    from selfperc_pack.nodes.session import training_session
+    from selfperc_pack.nodes.session import SessionSpec, training_session
     from selfperc_pack.selfperc_core.loop import Trainer, TrainSettings
 
     from bench.naive import naive_frozen_features
@@ -170,9 +170,9 @@ def selfperc_trainer(model, lat, a, early_exit=True, batched=None, naive=False):
     settings = TrainSettings(learning_rate=1e-4, batch_size=a.batch)
     if batched is not None:
         settings.batched_frozen = batched
-    with torch.inference_mode(False), training_session(model, a.rank, float(a.rank), 0, "mid_block",
-                                                       a.checkpointing, early_exit=early_exit, depth=a.depth) as ses:
-        host = ses.host
+    with torch.inference_mode(False), training_session(model, SessionSpec(
+            a.rank, float(a.rank), checkpointing=a.checkpointing, early_exit=early_exit, depth=a.depth)) as ses:
+        host = ses.view
         if naive:
             frozen, _copy = naive_frozen_features(ses.mp, checkpointing=a.checkpointing)
             host = dataclasses.replace(host, frozen_features=frozen)
@@ -214,12 +214,12 @@ def run_mse_same_lora(model, lat, a) -> tuple[list[float], bool]:
     """(a') an MSE LoRA step with exactly our LoRA and checkpointing (x0-space MSE, as core Train LoRA): the
     baseline the FLOP floor is applied to, since core Train LoRA also trains bias/norm offsets on every layer."""
     from selfperc_pack.nodes import bridge
-    from selfperc_pack.nodes.session import training_session
+    from selfperc_pack.nodes.session import SessionSpec, training_session
     from selfperc_pack.selfperc_core.timesteps import draw_t
 
     lat = model.model.process_latent_in(lat)
-    with torch.inference_mode(False), training_session(model, a.rank, float(a.rank), 0, "mid_block",
-                                                       a.checkpointing) as ses:
+    with torch.inference_mode(False), training_session(model, SessionSpec(
+            a.rank, float(a.rank), checkpointing=a.checkpointing)) as ses:
         ms = ses.model_sampling
         ns, sig = bridge.noise_scaling_fn(ms), bridge.sigma_of_t_fn(ms)
         opt = torch.optim.AdamW(ses.params, lr=1e-4)
@@ -230,7 +230,7 @@ def run_mse_same_lora(model, lat, a) -> tuple[list[float], bool]:
         def step():
             idx = torch.randperm(len(lat), generator=g)[: a.batch]
             x0 = lat[idx].to(dev)
-            sigma = sig(draw_t(a.batch, g, ses.host.t_range)).to(dev)  # the node's t-range for this model
+            sigma = sig(draw_t(a.batch, g, ses.view.t_range)).to(dev)  # the node's t-range for this model
             x_t = ns(sigma, torch.randn(x0.shape, generator=g).to(dev), x0)
             loss = (ses.predict_x0(x_t, sigma, cond) - x0).square().mean()
             opt.zero_grad()
@@ -261,13 +261,13 @@ def measure_activations(model, lat, a) -> dict:
 def count_flops(model, lat, a) -> dict:
     """FLOPs of one MSE LoRA step (forward + backward) and of one forward up to the mid-block."""
     from selfperc_pack.nodes import bridge
-    from selfperc_pack.nodes.session import training_session
+    from selfperc_pack.nodes.session import SessionSpec, training_session
     from torch.utils.flop_counter import FlopCounterMode
 
     lat = model.model.process_latent_in(lat[: a.batch]).to(bridge.device())
     sigma = torch.full((a.batch,), 1.0, device=lat.device)
-    with torch.inference_mode(False), training_session(model, a.rank, float(a.rank), 0, "mid_block", False,
-                                                       depth=getattr(a, "depth", 0.5)) as ses:
+    with torch.inference_mode(False), training_session(model, SessionSpec(
+            a.rank, float(a.rank), checkpointing=False, depth=getattr(a, "depth", 0.5))) as ses:
         x = lat.clone().requires_grad_(False)
         cond = batch_inputs(ses, getattr(a, "conditioning", None), lat, a.batch)
         with FlopCounterMode(display=False) as fc:

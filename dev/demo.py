@@ -40,8 +40,9 @@ EVALUATE = dict(sample_count=128, steps=20, bootstraps=30, max_dataset_images=59
 def demo_graph(ckpt_name: str, fine_tune: dict = FINE_TUNE, evaluate: dict = EVALUATE) -> dict:
     """The demo's workflow, as a spec for dev.workflows.build (UI format; the demo saves it for the browser)."""
     res = demo_model.RES
-    tune = dict(fine_tune, vae=(1, 2), model=(1, 0), conditioning=(2, 0), dataset_folder=TRAIN_FOLDER,
-                resolution=res, overwrite=True, save_every=0, preview_every=0)
+    alpha = fine_tune.get("alpha", 8.0)
+    tune = dict({k: v for k, v in fine_tune.items() if k != "alpha"}, vae=(1, 2), model=(1, 0), conditioning=(2, 0),
+                dataset_folder=TRAIN_FOLDER, resolution=res, lora=(17, 0))
     return {
         "title": "selfperc_demo",
         "note": ("The demo: a self-perceptual LoRA and the same LoRA trained with plain MSE (the baseline), then "
@@ -50,10 +51,15 @@ def demo_graph(ckpt_name: str, fine_tune: dict = FINE_TUNE, evaluate: dict = EVA
         "nodes": {
             1: ("CheckpointLoaderSimple", {"ckpt_name": ckpt_name}, (40, 120), (320, 100)),
             2: ("CLIPTextEncode", {"clip": (1, 1), "text": ""}, (40, 280), (320, 120)),
-            3: ("SelfPerceptualFineTune", dict(tune, lora_name="selfperc/demo_selfperceptual", mse_weight=0.0,
-                                               perceptual_weight=1.0), (400, 120), (360, 760)),
-            4: ("SelfPerceptualFineTune", dict(tune, lora_name="selfperc/demo_mse_baseline", mse_weight=1.0,
-                                               perceptual_weight=0.0), (400, 920), (360, 760)),
+            3: ("SelfPerceptualFineTune", dict(tune, lora_name="selfperc/demo_selfperceptual", objective=(15, 0)),
+                (400, 120), (360, 420)),
+            4: ("SelfPerceptualFineTune", dict(tune, lora_name="selfperc/demo_mse_baseline", objective=(16, 0)),
+                (400, 920), (360, 420)),
+            # the paper's objective, and the baseline: the same LoRA with plain MSE in the model's own loss space
+            15: ("SelfPerceptualObjective", {"perceptual_weight": 1.0, "mse_weight": 0.0}, (-340, 120), (340, 380)),
+            16: ("SelfPerceptualObjective", {"perceptual_weight": 0.0, "mse_weight": 1.0, "mse_space": "native"},
+                 (-340, 920), (340, 380)),
+            17: ("SelfPerceptualLoraOptions", {"alpha": alpha, "overwrite": True}, (-340, 520), (340, 300)),
             5: ("SelfPerceptualEvaluate", dict(evaluate, base_model=(1, 0), model=(3, 0), baseline_model=(4, 0),
                                                vae=(1, 2), positive=(2, 0), dataset_folder=HELDOUT_FOLDER,
                                                resolution=res), (800, 120), (360, 600)),

@@ -24,19 +24,26 @@ FINE_TUNE = {
              "1. Pick your SD1.5 / SD2.x checkpoint in the loader.\n"
              "2. Put a folder of images (optional name.txt captions) into ComfyUI/input/ and pick it in "
              "dataset_folder (press R to refresh the list).\n"
-             "3. Set steps (200-1000), learning_rate (1e-5..1e-4); mse_weight 0 = pure self-perceptual as in the "
-             "paper, 1 = 1:1 mix with MSE (safer on models that already sample well).\n"
+             "3. Set steps (200-1000), learning_rate (1e-5..1e-4). The option nodes below the loader hold everything "
+             "else (each at its defaults; delete one and its defaults apply): Objective (mse_weight 0 = pure "
+             "self-perceptual as in the paper, 1 = 1:1 mix with MSE; perceptual_weight 0 + mse_weight 1 = the plain "
+             "MSE baseline), Training Options, LoRA Options, Monitoring.\n"
              "The LoRA is saved to models/loras/<lora_name>.safetensors; the loss curve is plotted below."),
     "nodes": {
         1: ("CheckpointLoaderSimple", {"ckpt_name": CKPT}, (40, 120), (320, 100)),
         2: ("SelfPerceptualFineTune", {"model": (1, 0), "vae": (1, 2), "clip": (1, 1), "steps": 200,
-                                       "dataset_folder": "my_dataset",
-                                       "resolution": 512}, (400, 120), (360, 760)),
-        3: ("EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 4}, (40, 420), (320, 110)),
+                                       "dataset_folder": "my_dataset", "resolution": 512, "objective": (7, 0),
+                                       "training": (8, 0), "lora": (9, 0), "monitoring": (10, 0)},
+            (400, 120), (360, 420)),
+        3: ("EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 4}, (400, 580), (320, 110)),
         4: ("SelfPerceptualSampler", {"model": (2, 0), "base_model": (1, 0), "latent": (3, 0), "vae": (1, 2),
                                       "steps": 30}, (800, 120), (340, 380)),
         5: ("SaveImage", {"images": (4, 1), "filename_prefix": "selfperc/compare"}, (1180, 120), (420, 460)),
         6: ("LossGraphNode", {"loss": (2, 2), "filename_prefix": "selfperc/loss"}, (800, 560), (340, 300)),
+        7: ("SelfPerceptualObjective", {}, (40, 260), (320, 380)),
+        8: ("SelfPerceptualTrainingOptions", {}, (40, 680), (320, 330)),
+        9: ("SelfPerceptualLoraOptions", {}, (40, 1050), (320, 300)),
+        10: ("SelfPerceptualMonitoring", {}, (40, 1390), (320, 230)),
     },
 }
 DISTANCE = {
@@ -74,8 +81,9 @@ EVALUATE = {
              "noise without guidance; each is compared with a dataset folder by Fréchet and kernel distances in "
              "the frozen base model's own features (lower is better), with their spread over resamples.\n\n"
              "1. Pick the checkpoint the LoRA was trained on, the LoRA, and a folder of held-out images in input/.\n"
-             "2. For an honest baseline, also train the same LoRA with mse_weight 1 (or the core Train LoRA) and "
-             "connect it as baseline_model. Connect Load CLIP Vision for distances in CLIP embeddings too.\n"
+             "2. For an honest baseline, also train the same LoRA with plain MSE (a Self-Perceptual Objective node "
+             "with perceptual_weight 0, mse_weight 1) and connect it as baseline_model. Connect Load CLIP Vision "
+             "for distances in CLIP embeddings too.\n"
              "A difference whose interval contains 0 is noise: sample more (sample_count) before concluding."),
     "nodes": {
         1: ("CheckpointLoaderSimple", {"ckpt_name": CKPT}, (40, 120), (320, 100)),

@@ -4,10 +4,11 @@ from typing_extensions import override
 
 from .distance import PerceptualDistance
 from .evaluate import SelfPerceptualEvaluate
+from .options import OPTION_NODES
 from .sample import SelfPerceptualSampler
 from .train import SelfPerceptualFineTune
 
-NODES = [SelfPerceptualFineTune, SelfPerceptualSampler, PerceptualDistance, SelfPerceptualEvaluate]
+NODES = [SelfPerceptualFineTune, *OPTION_NODES, SelfPerceptualSampler, PerceptualDistance, SelfPerceptualEvaluate]
 
 
 class SelfPerceptualExtension(ComfyExtension):

@@ -6,10 +6,9 @@ import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
-from ..selfperc_core import FeatureTap
+from ..selfperc_core.model_view import frozen_features_fn
 from ..selfperc_core.objective import DISTANCES
-from . import bridge, taps
-from . import conditioning as cond_mod
+from . import bridge, families, inputs
 
 # A perceptually ordered colour map (dark purple -> orange -> yellow), 5 anchors interpolated.
 _ANCHORS = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], np.float32) / 255
@@ -49,7 +48,7 @@ class PerceptualDistance(io.ComfyNode):
                 io.Float.Input("noise_level", default=0.25, min=0.0, max=1.0, step=0.01,
                                tooltip="Noise level as a fraction of the schedule (0 = clean, 1 = pure noise)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Seed of the shared noise."),
-                io.Combo.Input("feature_layer", options=taps.UNET_LAYERS, default=taps.MID_BLOCK,
+                io.Combo.Input("feature_layer", options=families.UNET_LAYERS, default=families.MID_BLOCK,
                                tooltip="Layer whose features are compared: mid_block (UNet mid-block, or for "
                                        "transformers the block at tap_depth) or a UNet block."),
                 io.Combo.Input("distance", options=list(DISTANCES), default="mse",
@@ -59,7 +58,7 @@ class PerceptualDistance(io.ComfyNode):
                 io.Conditioning.Input("conditioning", optional=True,
                                       tooltip="The model's text input while reading features (e.g. CLIPTextEncode "
                                               "with an empty text). Needed by every family but SD1.x/SD2.x."),
-                io.Float.Input("tap_depth", default=taps.DEFAULT_DEPTH, min=0.0, max=1.0, step=0.01, optional=True,
+                io.Float.Input("tap_depth", default=families.DEFAULT_DEPTH, min=0.0, max=1.0, step=0.01, optional=True,
                                tooltip="Transformers: the block read, as a fraction of the block stack."),
             ],
             outputs=[
@@ -70,15 +69,15 @@ class PerceptualDistance(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae, image_a, image_b, noise_level, seed, feature_layer, distance, overlay,
-                conditioning=None, tap_depth=taps.DEFAULT_DEPTH):
+                conditioning=None, tap_depth=families.DEFAULT_DEPTH):
         if image_a.shape[1:3] != image_b.shape[1:3]:
             raise ValueError(f"image_a is {image_a.shape[2]}x{image_a.shape[1]} but image_b is "
                              f"{image_b.shape[2]}x{image_b.shape[1]}: the images must have the same size")
         if image_b.shape[0] not in (1, image_a.shape[0]):
             raise ValueError(f"image_b has {image_b.shape[0]} images; give 1 or as many as image_a "
                              f"({image_a.shape[0]})")
-        point = taps.tap_point(model.model.diffusion_model, feature_layer, tap_depth)
-        prompt = conditioning if conditioning is not None else cond_mod.empty_conditioning(model)
+        tap = families.tap_point(model.model.diffusion_model, feature_layer, tap_depth)
+        prompt = conditioning if conditioning is not None else families.empty_conditioning(model)
         image_b = image_b.expand(image_a.shape[0], -1, -1, -1)
         lat_a = model.model.process_latent_in(vae.encode(image_a[..., :3]).float())
         lat_b = model.model.process_latent_in(vae.encode(image_b[..., :3]).float())
@@ -92,11 +91,10 @@ class PerceptualDistance(io.ComfyNode):
         noise_scaling = bridge.noise_scaling_fn(ms)
         x_a = noise_scaling(sigma, eps.to(dev), lat_a.to(dev))  # the same noise for both images
         x_b = noise_scaling(sigma, eps.to(dev), lat_b.to(dev))
-        cond = cond_mod.collate([cond_mod.model_inputs(model, prompt, tuple(lat_a.shape[1:]), seed)] * lat_a.shape[0])
-        predict = cond_mod.predictor(model)
-        with FeatureTap(point.module) as tap, torch.no_grad():
-            fa = point.features(tap(predict, x_a, sigma, cond), tuple(x_a.shape))
-            fb = point.features(tap(predict, x_b, sigma, cond), tuple(x_b.shape))
+        cond = inputs.collate([inputs.model_inputs(model, prompt, tuple(lat_a.shape[1:]), seed)] * lat_a.shape[0])
+        read = frozen_features_fn(inputs.predictor(model), tap)
+        with tap, torch.no_grad():
+            fa, fb = read(x_a, sigma, cond), read(x_b, sigma, cond)
         dmap = distance_map(fa, fb, distance).cpu()
         scalar = float(dmap.mean())
         up = torch.nn.functional.interpolate(dmap[:, None], size=image_a.shape[1:3], mode="bilinear",

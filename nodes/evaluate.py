@@ -21,13 +21,13 @@ import torch
 from comfy_api.latest import io, ui
 from PIL import Image, ImageDraw, ImageFont
 
-from ..selfperc_core import FeatureTap
 from ..selfperc_core.dataset import as_float, load_dataset
-from ..selfperc_core.evaluation import MIN_IMAGES, distances, noised_features, report_lines
-from . import bridge, files, taps
-from . import conditioning as cond_mod
-from .sample import frames, labelled_grid, sample_model
-from .train import cache_budget, check_sizes, encode_latents
+from ..selfperc_core.evaluation import MIN_IMAGES, build_report, distances, noised_features, report_lines
+from ..selfperc_core.model_view import frozen_features_fn
+from . import bridge, families, files, inputs
+from .data import cache_budget, encode_latents
+from .sample import Sampling, frames, labelled_grid, sample_model
+from .settings import check_step_size
 
 log = logging.getLogger("selfperc")
 
@@ -51,17 +51,15 @@ def self_features(model, latents: torch.Tensor, levels: list[float], positive, l
                   seed: int, stream: str) -> torch.Tensor:
     """(N, levels, C): the frozen ``model``'s tapped features of ``latents`` (model space) at each t'; ``stream``
     names the corruption-noise stream (the dataset's is independent of the samples')."""
-    point = taps.tap_point(model.model.diffusion_model, layer, depth)
+    tap = families.tap_point(model.model.diffusion_model, layer, depth)
     comfy.model_management.load_models_gpu([model])
     dev = model.load_device
     ms = bridge.model_sampling(model)
-    one = cond_mod.model_inputs(model, positive, tuple(latents.shape[1:]), seed)
-    predict = cond_mod.predictor(model)
-    with FeatureTap(point.module) as tap:
-        def features(x, sigma, cond):
-            return point.features(tap(predict, x, sigma, cond), tuple(x.shape))
+    one = inputs.model_inputs(model, positive, tuple(latents.shape[1:]), seed)
+    with tap:
+        features = frozen_features_fn(inputs.predictor(model), tap)
         per_level = noised_features(features, latents, levels, bridge.sigma_of_t_fn(ms),
-                                    bridge.noise_scaling_fn(ms), cond=lambda n: cond_mod.collate([one] * n),
+                                    bridge.noise_scaling_fn(ms), cond=lambda n: inputs.collate([one] * n),
                                     seed=seed, batch=CHUNK, stream=stream, device=dev)
     return torch.stack([per_level[t] for t in levels], 1)
 
@@ -148,7 +146,7 @@ class SelfPerceptualEvaluate(io.ComfyNode):
                                      "of the feature width per resample."),
                 io.Int.Input("max_dataset_images", default=256, min=MIN_IMAGES, max=100_000, optional=True,
                              tooltip="Use at most this many dataset images (the first, sorted by name)."),
-                io.Float.Input("tap_depth", default=taps.DEFAULT_DEPTH, min=0.0, max=1.0, step=0.01, optional=True,
+                io.Float.Input("tap_depth", default=families.DEFAULT_DEPTH, min=0.0, max=1.0, step=0.01, optional=True,
                                tooltip="Transformers: the block read, as a fraction of the block stack (UNets: "
                                        "the mid-block)."),
                 io.String.Input("dataset_path", default="", optional=True,
@@ -165,19 +163,19 @@ class SelfPerceptualEvaluate(io.ComfyNode):
     @classmethod
     def execute(cls, base_model, model, vae, dataset_folder, resolution, sample_count, seed, steps, sampler_name,
                 scheduler, cfg, positive=None, negative=None, baseline_model=None, clip_vision=None,
-                noise_levels=DEFAULT_LEVELS, bootstraps=20, max_dataset_images=256, tap_depth=taps.DEFAULT_DEPTH,
+                noise_levels=DEFAULT_LEVELS, bootstraps=20, max_dataset_images=256, tap_depth=families.DEFAULT_DEPTH,
                 dataset_path=""):
         # Every input is checked before any model runs.
         levels = parse_levels(noise_levels)
-        check_sizes(CHUNK, resolution)
+        check_step_size(CHUNK, resolution)
         if sample_count < MIN_IMAGES:
             raise ValueError(f"sample_count {sample_count}: a distance between distributions needs at least "
                              f"{MIN_IMAGES} samples (a covariance needs 2 points)")
-        taps.tap_point(base_model.model.diffusion_model, taps.MID_BLOCK, tap_depth)
-        positive = positive if positive is not None else cond_mod.empty_conditioning(base_model)
+        families.tap_point(base_model.model.diffusion_model, families.MID_BLOCK, tap_depth)
+        positive = positive if positive is not None else families.empty_conditioning(base_model)
         if negative is None:
             if cfg != 1.0:
-                negative = cond_mod.empty_conditioning(base_model)  # other families: connect a negative
+                negative = families.empty_conditioning(base_model)  # other families: connect a negative
             else:
                 negative = positive  # cfg 1.0 never evaluates the negative
         folder = files.resolve_dataset(dataset_folder, dataset_path)
@@ -202,23 +200,23 @@ class SelfPerceptualEvaluate(io.ComfyNode):
             clip_embeddings(clip_vision, torch.zeros(1, 64, 64, 3))  # a vision model of another kind: refuse now
         real_latents = torch.stack(encode_latents(base_model, vae, images))
         shape = tuple(real_latents.shape[1:])
-        cond_mod.model_inputs(base_model, positive, shape, seed)  # a conditioning it cannot read: refuse now
+        inputs.model_inputs(base_model, positive, shape, seed)  # a conditioning it cannot read: refuse now
         empty = torch.zeros((sample_count, *shape))
         noise = comfy.sample.prepare_noise(empty, seed)
+        how = Sampling(steps, cfg, sampler_name, scheduler, positive, negative)
         samples = {}
         for name, m in models.items():
             chunks = []
             for i in range(0, sample_count, CHUNK):
                 lat = {"samples": empty[i:i + CHUNK]}
                 # seed + i: ancestral/SDE samplers draw their per-step noise from it, per chunk
-                chunks.append(sample_model(m, lat, noise[i:i + CHUNK], seed + i, steps, cfg, sampler_name,
-                                           scheduler, positive, negative, 1.0, 0.0))
+                chunks.append(sample_model(m, lat, noise[i:i + CHUNK], seed + i, how))
             samples[name] = torch.cat(chunks)
 
-        self_real = self_features(base_model, real_latents, levels, positive, taps.MID_BLOCK, tap_depth, seed,
+        self_real = self_features(base_model, real_latents, levels, positive, families.MID_BLOCK, tap_depth, seed,
                                   "data")
         self_fake = {k: self_features(base_model, base_model.model.process_latent_in(v.float()), levels, positive,
-                                      taps.MID_BLOCK, tap_depth, seed, "samples") for k, v in samples.items()}
+                                      families.MID_BLOCK, tap_depth, seed, "samples") for k, v in samples.items()}
         spaces = {"self": (self_real, self_fake)}
         if clip_vision is not None:
             real_rgb = (torch.stack([as_float(x)[..., :3] for x in images[i:i + CHUNK]])
@@ -229,16 +227,11 @@ class SelfPerceptualEvaluate(io.ComfyNode):
         contrasts = (("fine-tuned", "baseline"),) if "baseline" in samples else ()
         metrics = {space: distances(real, fake, bootstraps, seed, contrasts=contrasts)
                    for space, (real, fake) in spaces.items()}
-        dim = self_real.shape[-1]
-        notes = [f"self features: {taps.tap_point(base_model.model.diffusion_model, taps.MID_BLOCK, tap_depth).name} "
-                 f"of the base model, {dim} channels, pooled, at t' = {', '.join(map(str, levels))}"]
-        if min(sample_count, len(images)) <= dim:
-            notes.append(f"FD is biased upward here: {min(sample_count, len(images))} points in {dim} dimensions "
-                         "(a full-rank covariance needs more than that); trust KID and the differences")
-        report = {"samples": sample_count, "dataset_images": len(images), "dataset": str(folder), "cfg": cfg,
-                  "steps": steps, "sampler": sampler_name, "scheduler": scheduler, "seed": seed,
-                  "noise_levels": levels, "bootstraps": bootstraps, "latent_shape": list(shape),
-                  "metrics": metrics, "notes": notes}
+        tap = families.tap_point(base_model.model.diffusion_model, families.MID_BLOCK, tap_depth)
+        report = build_report(metrics, tap=f"{tap.name} of the base model", width=self_real.shape[-1], levels=levels,
+                              samples=sample_count, dataset_images=len(images), dataset=str(folder), cfg=cfg,
+                              steps=steps, sampler=sampler_name, scheduler=scheduler, seed=seed,
+                              bootstraps=bootstraps, latent_shape=list(shape))
         table = table_image(report_lines(report))
         grid = labelled_grid([(k, torch.cat(list(decoded_chunks(vae, v[:GRID_ROWS])))) for k, v in samples.items()])
         return io.NodeOutput(table, json.dumps(report, indent=1), grid, ui=ui.PreviewImage(table, cls=cls))

@@ -14,7 +14,7 @@ import folder_paths
 import torch
 from safetensors.torch import save_file
 
-from ..selfperc_core.state import StateFileError, atomic_write, load_state_file, save_state_file
+from ..selfperc_core.state import StateFileError, atomic_write  # noqa: F401  (StateFileError: the nodes' error)
 
 # Server owners may allow dataset folders outside the input directory (absolute paths) with this variable.
 ALLOW_ANY_DATASET_PATH = "SELFPERC_ALLOW_ANY_DATASET_PATH"
@@ -85,11 +85,6 @@ def save_lora(path: Path, sd: dict[str, torch.Tensor], metadata: dict) -> Path:
     return atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=meta))
 
 
-def save_state(path: Path, state: dict) -> Path:
-    """The resume sidecar (optimizer, step, RNG, loss curve) beside the LoRA: '<lora>.selfperc_state'."""
-    return save_state_file(path, state)
-
-
 def state_path(lora_file: Path) -> Path:
     return lora_file.with_name(lora_file.stem + STATE_SUFFIX)
 
@@ -107,41 +102,6 @@ def read_lora_file(name: str) -> dict[str, torch.Tensor]:
 
 def ema_path(lora_file: Path) -> Path:
     return lora_file.with_name(lora_file.stem + "_ema.safetensors")
-
-
-def load_resume(lora_file: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """The LoRA weights and resume state of an earlier run, read without unpickling anything.
-
-    The state's size is bounded by the LoRA's before it is read (AdamW keeps two moments per weight).
-    Raises StateFileError naming the file for a missing, oversized or foreign state file.
-    """
-    from safetensors.torch import load_file
-
-    if lora_file.suffix != ".safetensors":
-        raise StateFileError(f"{lora_file.name}: only .safetensors LoRAs can be resumed (other formats are pickles)")
-    state_file = state_path(lora_file)
-    if not state_file.is_file():
-        legacy = lora_file.with_name(lora_file.stem + LEGACY_STATE_SUFFIX)
-        if legacy.exists():
-            raise StateFileError(f"{legacy.name} is an old pickle resume file: it is never loaded, because "
-                                 "loading a pickle can run code; start a new run (this version writes "
-                                 f"{STATE_SUFFIX} files)")
-        raise StateFileError(f"no resume state {state_file.name} beside {lora_file.name}")
-    weights = load_file(str(lora_file))
-    state = load_state_file(state_file, max_bytes=4 * lora_file.stat().st_size + (16 << 20))
-    if not (isinstance(state, dict) and isinstance(state.get("trainer"), dict)
-            and {"optimizer", "step", "rng", "losses"} <= set(state["trainer"])):
-        raise StateFileError(f"resume file {state_file.name} does not hold a fine-tune state")
-    from safetensors import safe_open
-
-    with safe_open(str(lora_file), framework="pt") as f:
-        lora_steps = (f.metadata() or {}).get("steps")
-    if lora_steps is not None and str(lora_steps) != str(state["trainer"]["step"]):
-        raise StateFileError(f"{state_file.name} is at step {state['trainer']['step']} but {lora_file.name} at "
-                             f"step {lora_steps}: the pair is out of step (a run stopped while saving?)")
-    if isinstance(state.get("raw_weights"), dict):  # the LoRA file holds the EMA: continue from the raw weights
-        weights = state["raw_weights"]
-    return weights, state
 
 
 def save_image_png(path: Path, image) -> Path:

@@ -4,6 +4,8 @@ encoded image), ILVR (the reference's low frequencies guide sampling) and invers
 base model, reconstruct with both)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import comfy.sample
 import comfy.samplers
 import comfy.utils
@@ -15,7 +17,7 @@ from comfy_extras.nodes_model_advanced import RescaleCFG
 from PIL import Image, ImageDraw, ImageFont
 
 from . import realimage
-from .conditioning import empty_conditioning
+from .families import empty_conditioning
 
 
 def latent_to_rgb(model, samples: torch.Tensor) -> torch.Tensor:
@@ -59,15 +61,28 @@ def labelled_grid(columns: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
     return torch.from_numpy(out.astype(np.float32) / 255.0)[None]
 
 
-def sample_model(model, latent: dict, noise, seed, steps, cfg, sampler_name, scheduler, positive, negative,
-                 denoise, rescale):
-    if rescale > 0:
-        model = RescaleCFG().patch(model, rescale)[0]
+@dataclass(frozen=True)
+class Sampling:
+    """How to sample: ComfyUI's sampler settings and the prompts."""
+    steps: int
+    cfg: float
+    sampler_name: str
+    scheduler: str
+    positive: list
+    negative: list
+    denoise: float = 1.0
+    cfg_rescale: float = 0.0
+
+
+def sample_model(model, latent: dict, noise, seed: int, how: Sampling):
+    """``model``'s samples from ``noise`` (+ ``latent``, for SDEdit) through ComfyUI's own sampling."""
+    if how.cfg_rescale > 0:
+        model = RescaleCFG().patch(model, how.cfg_rescale)[0]
     latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
-    callback = latent_preview.prepare_callback(model, steps)
-    return comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
-                               denoise=denoise, noise_mask=latent.get("noise_mask"), callback=callback,
-                               disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    callback = latent_preview.prepare_callback(model, how.steps)
+    return comfy.sample.sample(model, noise, how.steps, how.cfg, how.sampler_name, how.scheduler, how.positive,
+                               how.negative, latent_image, denoise=how.denoise, noise_mask=latent.get("noise_mask"),
+                               callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
 
 
 class SelfPerceptualSampler(io.ComfyNode):
@@ -162,12 +177,12 @@ class SelfPerceptualSampler(io.ComfyNode):
                 if denoise >= 1.0:  # ILVR samples from noise; below 1 it is SDEdit from the reference, guided
                     start = dict(latent, samples=torch.zeros_like(latent["samples"]))
             noise = comfy.sample.prepare_noise(start["samples"], seed, latent.get("batch_index"))
-            args = (noise, seed, steps, cfg, sampler_name, scheduler, positive, negative, denoise, cfg_rescale)
+            how = Sampling(steps, cfg, sampler_name, scheduler, positive, negative, denoise, cfg_rescale)
             guide = ((lambda m: realimage.with_ilvr(m, latent["samples"], ilvr_weight, ilvr_factor))
                      if mode == "ilvr" else (lambda m: m))
-            tuned = sample_model(guide(model), start, *args)
+            tuned = sample_model(guide(model), start, noise, seed, how)
             if base_model is not None:
-                columns.append(("base", decode(sample_model(guide(base_model), start, *args))))
+                columns.append(("base", decode(sample_model(guide(base_model), start, noise, seed, how))))
             columns.append(("fine-tuned" if base_model is not None else "sample", decode(tuned)))
         grid = labelled_grid(columns)
         out = latent.copy()

@@ -1,7 +1,8 @@
 """One training session on a ModelPatcher clone: LoRA attached, feature tap, checkpointing, and cleanup.
 
-Used by the fine-tune node (and the host tests) so that setup and teardown live in one place: whatever
-happens inside, the incoming MODEL and the shared modules come out without adapters, hooks or wrappers.
+Used by the fine-tune node (and the in-process tests and the benchmark) so that setup and teardown live in one
+place: whatever happens inside, the incoming MODEL and the shared modules come out without adapters, hooks or
+wrappers.
 """
 from __future__ import annotations
 
@@ -14,12 +15,28 @@ from typing import Callable
 import comfy.model_management
 import torch
 
-from ..selfperc_core import FeatureTap
 from ..selfperc_core.adapter import AdapterSwitch, checkpoint_forward, out_of_place_forward, uncheckpoint_forward
-from ..selfperc_core.host import ModelHost, frozen_features_fn
-from . import bridge, conditioning, lora, taps
+from ..selfperc_core.features import FeatureTap
+from ..selfperc_core.model_view import ModelView, frozen_features_fn
+from . import bridge, families, inputs, lora
 
 log = logging.getLogger("selfperc")
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    """How a training session sets up its model: the adapter, the tap, checkpointing, and what to keep room for."""
+    rank: int = 4
+    alpha: float = 4.0
+    seed: int = 0  # the adapter's initialisation
+    algorithm: str = "LoRA"
+    lora_dtype: torch.dtype = torch.float32
+    layer: str = families.MID_BLOCK
+    depth: float = families.DEFAULT_DEPTH
+    early_exit: bool = True
+    checkpointing: bool = True
+    latent_shape: tuple | None = None  # (C, ...) of one image: with it, ComfyUI loads the model with room for a step
+    batch: int = 1
 
 
 @dataclass
@@ -28,18 +45,21 @@ class Session:
     switch: AdapterSwitch
     adapters: dict
     params: list[torch.nn.Parameter]
-    tap: FeatureTap
-    tap_name: str                   # e.g. "mid_block" or "block 28 of 57"
-    host: ModelHost                 # predictions (adapter on), frozen features (off, early exit), schedule
+    tap: FeatureTap                 # its name: e.g. "mid_block" or "block 28 of 57"
+    view: ModelView                 # predictions (adapter on), frozen features (off, early exit), schedule
     model_sampling: object
 
     @property
+    def tap_name(self) -> str:
+        return self.tap.name
+
+    @property
     def predict_x0(self) -> Callable:
-        return self.host.predict_x0
+        return self.view.predict_x0
 
     @property
     def frozen_features(self) -> Callable:
-        return self.host.frozen_features
+        return self.view.frozen_features
 
 
 def make_trainable_tensors(module: torch.nn.Module) -> int:
@@ -78,11 +98,19 @@ def memory_estimate(mp, latent_shape: tuple, batch: int, checkpointing: bool) ->
     return mp.model.memory_required([passes, *latent_shape])
 
 
+def _model_view(mp, dm, tap: FeatureTap, switch: AdapterSwitch) -> ModelView:
+    predict = inputs.predictor(mp)
+    ms = bridge.model_sampling(mp)
+    return ModelView(predict, frozen_features_fn(predict, tap, switch), bridge.noise_scaling_fn(ms),
+                     bridge.sigma_of_t_fn(ms), bridge.parameterization(ms),
+                     functools.partial(inputs.collate, unet=families.is_unet(dm)), bridge.output_scale_fn(ms))
+
+
 @contextlib.contextmanager
-def training_session(model, rank: int, alpha: float, seed: int, layer: str = taps.MID_BLOCK,
-                     checkpointing: bool = True, existing: dict | None = None, early_exit: bool = True,
-                     depth: float = taps.DEFAULT_DEPTH, latent_shape: tuple | None = None, batch: int = 1,
-                     start: dict | None = None, algorithm: str = "LoRA", lora_dtype: torch.dtype = torch.float32):
+def training_session(model, spec: SessionSpec = SessionSpec(), existing: dict | None = None,
+                     start: dict | None = None):
+    """A training clone of ``model`` with the adapter on (``existing``: resumed weights; ``start``: init_lora's),
+    the tap, checkpointing; everything is taken off again on exit, whatever happened."""
     mp = model.clone()
     base_params = list(mp.model.parameters())
     grad_flags = [p.requires_grad for p in base_params]
@@ -90,29 +118,24 @@ def training_session(model, rank: int, alpha: float, seed: int, layer: str = tap
     blocks, tap, lora_ = [], None, None
     try:
         dm = mp.model.diffusion_model
-        point = taps.tap_point(dm, layer, depth)  # an unsupported model or layer is refused before any work
-        lora_ = lora.add_lora(mp.model, rank, alpha, switch, seed, mp.load_device, existing, start, algorithm,
-                              lora_dtype)
+        tap = families.tap_point(dm, spec.layer, spec.depth, spec.early_exit)  # unsupported: refused before work
+        lora_ = lora.add_lora(mp.model, spec.rank, spec.alpha, switch, spec.seed, mp.load_device, existing, start,
+                              spec.algorithm, spec.lora_dtype)
         mp.model.requires_grad_(False)  # only the adapter trains; no gradient buffers for the base weights
         # ComfyUI decides how much of the model fits the device (partial loading/offload, weights kept as
         # stored, e.g. fp8), from its own estimate of what a step needs beside the weights.
-        need = memory_estimate(mp, latent_shape, batch, checkpointing) if latent_shape else 0
+        need = memory_estimate(mp, spec.latent_shape, spec.batch, spec.checkpointing) if spec.latent_shape else 0
         comfy.model_management.load_models_gpu([mp], memory_required=need)
         make_trainable_tensors(dm)
-        tap = FeatureTap(point.module, early_exit=early_exit)
-        blocks = taps.checkpointed_blocks(dm)
-        if taps.adds_in_place(dm):
+        blocks = families.checkpointed_blocks(dm)
+        if families.adds_in_place(dm):
             for b in blocks:
                 out_of_place_forward(b)
-        if checkpointing:
+        if spec.checkpointing:
             for b in blocks:
                 checkpoint_forward(b, switch)
-        predict = conditioning.predictor(mp)
-        ms = bridge.model_sampling(mp)
-        host = ModelHost(predict, frozen_features_fn(predict, tap, switch, point.features), bridge.noise_scaling_fn(ms),
-                         bridge.sigma_of_t_fn(ms), bridge.parameterization(ms),
-                         functools.partial(conditioning.collate, unet=taps.is_unet(dm)), bridge.output_scale_fn(ms))
-        yield Session(mp, switch, lora_.adapters, lora_.params(), tap, point.name, host, ms)
+        yield Session(mp, switch, lora_.adapters, lora_.params(), tap, _model_view(mp, dm, tap, switch),
+                      bridge.model_sampling(mp))
     finally:
         if tap is not None:
             tap.remove()

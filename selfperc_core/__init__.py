@@ -5,11 +5,13 @@ plain tensors and callables.
 """
 from .adapter import AdapterSwitch, checkpoint_forward
 from .features import FeatureTap
-from .objective import LossParts, self_perceptual_loss
+from .objective import LossConfig, LossParts, self_perceptual_loss
 from .schedule import noise_coefficients, split_prediction
 from .timesteps import T_PRIME_STRATEGIES, draw_t, draw_t_prime
 
+__version__ = "0.2.0"  # the pack's version (pyproject.toml says the same; a test checks it)
+
 __all__ = [
-    "AdapterSwitch", "checkpoint_forward", "FeatureTap", "LossParts", "self_perceptual_loss",
-    "noise_coefficients", "split_prediction", "T_PRIME_STRATEGIES", "draw_t", "draw_t_prime",
+    "AdapterSwitch", "checkpoint_forward", "FeatureTap", "LossConfig", "LossParts", "self_perceptual_loss",
+    "noise_coefficients", "split_prediction", "T_PRIME_STRATEGIES", "draw_t", "draw_t_prime", "__version__",
 ]

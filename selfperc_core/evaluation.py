@@ -171,7 +171,7 @@ def noised_features(features_fn, latents: Tensor, t_levels: list[float], sigma_o
     (one stream, paired by index like their sampling noise) see the same corruption, while the dataset's stream is
     independent of theirs, so no cross-set pair shares noise (which would correlate them and bias KID's cross
     term) and no sample is corrupted with its own starting noise. ``features_fn(x, sigma, cond)`` is the frozen
-    tap (e.g. ModelHost.frozen_features); ``cond``: a batch cond or a function of the chunk size, or None.
+    tap (e.g. ModelView.frozen_features); ``cond``: a batch cond or a function of the chunk size, or None.
     Chunks move to ``device`` one at a time. Returns {t': (N, C) pooled features, on the CPU}.
     """
     out = {}
@@ -220,6 +220,20 @@ def distances(real: Tensor, fakes: dict[str, Tensor], bootstraps: int, seed: int
             "KID": {k: v.as_dict() for k, v in compare(real, fakes, kid, bootstraps, seed, reference,
                                                        replace=False, contrasts=contrasts).items()},
             "resamples": {"FD": n_fd, "KID": bootstraps}}
+
+
+def build_report(metrics: dict, *, tap: str, width: int, levels: list[float], samples: int, dataset_images: int,
+                 **run) -> dict:
+    """The Evaluate report, as the node and the headless evaluation both write it: the run's description
+    (``run``: dataset, cfg, steps, sampler, seed, bootstraps, latent_shape, ...), the ``distances`` result per
+    feature space, and notes on what the self features are and when FD is biased."""
+    notes = [f"self features: {tap}, {width} channels, pooled, at t' = {', '.join(map(str, levels))}"]
+    points = min(samples, dataset_images)
+    if points <= width:
+        notes.append(f"FD is biased upward here: {points} points in {width} dimensions (a full-rank covariance needs "
+                     "more than that); trust KID and the differences")
+    return {"samples": samples, "dataset_images": dataset_images, **run, "noise_levels": list(levels),
+            "metrics": metrics, "notes": notes}
 
 
 def verdict(s: dict) -> str:

@@ -5,27 +5,30 @@ state is part of the saved state, so N steps straight and N/2 + resume N/2 give 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-from .host import ModelHost
-from .objective import MSE_SPACES, LossParts, self_perceptual_loss
-from .timesteps import draw_t, draw_t_prime
+from .model_view import ModelView
+from .objective import MSE_SPACES, LossConfig, LossParts, self_perceptual_loss
+from .timesteps import T_PRIME_STRATEGIES, check_t_prime_range, draw_t, draw_t_prime
 
 
 @dataclass
 class TrainSettings:
+    """One run's training settings (the ComfyUI node and the headless trainer build it by keyword, and check it
+    with ``validate``, before any work)."""
     steps: int = 100
     learning_rate: float = 1e-4
     batch_size: int = 1
     seed: int = 0
     t_prime: str = "uniform"
     t_prime_range: tuple[float, float] = (0.0, 1.0)
-    t_range: tuple[float, float] | None = None  # None: the host's (see host.default_t_range)
+    t_range: tuple[float, float] | None = None  # None: the model's (see model_view.default_t_range)
     distance: str = "mse"
     normalize: bool = False
     mse_weight: float = 0.0
@@ -37,9 +40,45 @@ class TrainSettings:
     warmup_steps: int = 0
     total_steps: int | None = None  # the schedule's horizon (final step count); None: steps
     ema_decay: float = 0.0  # 0: no EMA of the trained weights (the paper: 0.9995)
+    accumulation: int = 1  # micro-batches per optimizer step
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def loss(self) -> LossConfig:
+        return LossConfig(self.distance, self.normalize, self.mse_weight, self.perceptual_weight, self.batched_frozen)
+
+    def validate(self) -> "TrainSettings":
+        """Every rule on these settings, in one place; raises ValueError naming the setting."""
+        self.loss.validate()
+        check_t_prime_range(self.t_prime_range)
+        if self.t_prime not in T_PRIME_STRATEGIES:
+            raise ValueError(f"unknown t' strategy {self.t_prime!r}; choose one of {T_PRIME_STRATEGIES}")
+        if self.mse_space not in MSE_SPACES:
+            raise ValueError(f"unknown mse_space {self.mse_space!r}; choose one of {MSE_SPACES}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown learning-rate schedule {self.lr_schedule!r}; choose one of {LR_SCHEDULES}")
+        if self.ema_decay and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay {self.ema_decay} must be within (0, 1), or 0 for none")
+        for name in ("batch_size", "accumulation"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} {getattr(self, name)} must be at least 1")
+        if self.steps < 0 or self.warmup_steps < 0 or self.learning_rate < 0:
+            raise ValueError(f"steps {self.steps}, warmup_steps {self.warmup_steps} and learning_rate "
+                             f"{self.learning_rate} must not be negative")
+        return self
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """Data parallel: every process draws the same global batch (batch_size x world_size) from the shared generator
+    and keeps its own slice, so N processes x B equals 1 process x N*B; ``grad_sync`` averages the gradients."""
+    rank: int = 0
+    world_size: int = 1
+    grad_sync: Callable[[list[Tensor]], None] | None = None
 
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")
@@ -91,33 +130,27 @@ class Trainer:
     Args:
         params: the trainable (adapter) parameters.
         latents: clean latents, one (C, h, w) tensor per image; images of one shape form a bucket.
-        conds: per-image conditionings, as the host stores them (or None each, for unconditional training);
-            a batch's are joined by ``host.collate``.
-        host: the model's callables (predictions, frozen features, forward process, schedule).
+        conds: per-image conditionings, as the model's host stores them (or None each, for unconditional training);
+            a batch's are joined by ``view.collate``.
+        view: the model's callables (predictions, frozen features, forward process, schedule).
+        settings: the run's settings (checked here).
+        dist: data parallel processes (default: one).
+        optimizer: an optimizer over ``params`` made elsewhere (e.g. prepared by accelerate); default: the settings'.
     """
 
-    def __init__(self, params: list[Tensor], latents: list[Tensor], conds: list, host: ModelHost,
-                 settings: TrainSettings, device=None,
-                 rank: int = 0, world_size: int = 1, grad_sync: Callable[[list[Tensor]], None] | None = None,
-                 accumulation: int = 1, optimizer: torch.optim.Optimizer | None = None):
+    def __init__(self, params: list[Tensor], latents: list[Tensor], conds: list, view: ModelView,
+                 settings: TrainSettings, device=None, dist: Distributed = Distributed(),
+                 optimizer: torch.optim.Optimizer | None = None):
         if len(latents) != len(conds):
             raise ValueError(f"{len(latents)} latents but {len(conds)} conditionings")
+        self.s = settings.validate()
+        if settings.mse_space == "native" and view.output_scale is None:
+            raise ValueError("mse_space 'native' needs the model's output_scale (how its raw output enters x0_hat)")
         self.params = list(params)
-        self.latents, self.conds = latents, conds
-        self.host = host
-        self.s = settings
-        self.t_range = settings.t_range or host.t_range
+        self.latents, self.conds, self.view, self.dist = latents, conds, view, dist
+        self.t_range = settings.t_range or view.t_range
         self.device = device or latents[0].device
         self.optimizer = optimizer or make_optimizer(settings.optimizer, self.params, settings.learning_rate)
-        lr_factor(0, settings.lr_schedule, settings.warmup_steps, 1)  # an unknown schedule fails here, not later
-        if settings.mse_space not in MSE_SPACES:
-            raise ValueError(f"unknown mse_space {settings.mse_space!r}; choose one of {MSE_SPACES}")
-        if settings.mse_space == "native" and host.output_scale is None:
-            raise ValueError("mse_space 'native' needs the host's output_scale (how its raw output enters x0_hat)")
-        # Data parallel: every process draws the same GLOBAL batch (batch_size x world_size) from the shared
-        # generator and keeps its own slice, so N processes x B equals 1 process x N*B exactly.
-        self.rank, self.world_size, self.grad_sync = rank, world_size, grad_sync
-        self.accumulation = accumulation
         self.generator = torch.Generator().manual_seed(settings.seed)
         self.step_count = 0
         self.losses: list[float] = []
@@ -127,8 +160,6 @@ class Trainer:
         self.buckets = list(buckets.values())
         self.ema = None
         if settings.ema_decay:
-            if not 0.0 < settings.ema_decay < 1.0:
-                raise ValueError(f"ema_decay {settings.ema_decay} must be within (0, 1), or 0 for none")
             from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
             # ema = decay * ema + (1 - decay) * weights after every step (the first step copies the weights)
@@ -153,33 +184,32 @@ class Trainer:
     def _draw(self) -> tuple:
         """Everything random for one optimizer step: the GLOBAL batch (batch_size x processes x accumulation)."""
         g, s = self.generator, self.s
-        idx = self._indices(s.batch_size * self.world_size * self.accumulation)
+        idx = self._indices(s.batch_size * self.dist.world_size * s.accumulation)
         t = draw_t(len(idx), g, self.t_range)
         tp = draw_t_prime(t, s.t_prime, g, s.t_prime_range)
         eps = torch.randn((len(idx),) + tuple(self.latents[idx[0]].shape), generator=g)
         return idx, t, tp, eps
 
     def _loss(self, x0: Tensor, eps: Tensor, t: Tensor, tp: Tensor, cond, training: bool = True) -> LossParts:
-        """The objective on one batch at online levels t and perceptual levels t' (fractions of the schedule)."""
-        h, s = self.host, self.s
-        sigma = h.sigma_of_t(t).to(self.device)
-        sigma_p = h.sigma_of_t(tp).to(self.device)
-        scale = h.output_scale(sigma) if s.mse_space == "native" else None
-        weights = dict(mse_weight=s.mse_weight, perceptual_weight=s.perceptual_weight) if training else {}
+        """The objective on one batch at online levels t and perceptual levels t' (fractions of the schedule);
+        validation (``training`` off) always measures both terms, as separate passes."""
+        v, s = self.view, self.s
+        sigma = v.sigma_of_t(t).to(self.device)
+        sigma_p = v.sigma_of_t(tp).to(self.device)
+        scale = v.output_scale(sigma) if s.mse_space == "native" else None
+        config = s.loss if training else LossConfig(s.distance, s.normalize)
         return self_perceptual_loss(
-            lambda x, sg: h.predict_x0(x, sg, cond), lambda x, sg: h.frozen_features(x, sg, cond),
-            h.noise_scaling, x0, eps.to(device=self.device, dtype=x0.dtype), sigma, sigma_p,
-            distance=s.distance, normalize=s.normalize, batched_frozen=s.batched_frozen and training,
-            output_scale=scale, **weights)
+            lambda x, sg: v.predict_x0(x, sg, cond), lambda x, sg: v.frozen_features(x, sg, cond),
+            v.noise_scaling, x0, eps.to(device=self.device, dtype=x0.dtype), sigma, sigma_p, config, scale)
 
     def _micro_batch(self, draw: tuple, j: int) -> LossParts:
         """Micro-batch ``j`` of this process from the step's global draw: k micro-batches of B are exactly one
         batch of k*B, and N processes x B exactly one process x N*B."""
         s = self.s
-        lo = (j * self.world_size + self.rank) * s.batch_size
+        lo = (j * self.dist.world_size + self.dist.rank) * s.batch_size
         idx, t, tp, eps = (d[lo:lo + s.batch_size] for d in draw)
         x0 = torch.stack([self.latents[i] for i in idx]).to(self.device)
-        cond = None if self.conds[idx[0]] is None else self.host.collate([self.conds[i] for i in idx])
+        cond = None if self.conds[idx[0]] is None else self.view.collate([self.conds[i] for i in idx])
         return self._loss(x0, eps, t, tp, cond)
 
     @torch.no_grad()
@@ -193,7 +223,7 @@ class Trainer:
             t = draw_t(1, g, self.t_range)
             tp = draw_t_prime(t, self.s.t_prime, g, self.s.t_prime_range)
             eps = torch.randn((1, *lat.shape), generator=g)
-            c = None if cond is None else self.host.collate([cond])
+            c = None if cond is None else self.view.collate([cond])
             parts = self._loss(lat[None].to(self.device), eps, t, tp, c, training=False)
             perceptual += float(parts.perceptual)
             mse += float(parts.mse)
@@ -205,15 +235,16 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss = perceptual = mse = 0.0
         draw = self._draw()
-        for j in range(self.accumulation):
+        n = self.s.accumulation
+        for j in range(n):
             parts = self._micro_batch(draw, j)
             value = parts.loss.item()
             if not math.isfinite(value):
                 raise NonFiniteLoss(self.step_count + 1, value)
-            (parts.loss / self.accumulation).backward()
+            (parts.loss / n).backward()
             loss, perceptual, mse = loss + value, perceptual + parts.perceptual, mse + parts.mse
-        if self.grad_sync is not None:
-            self.grad_sync(self.params)
+        if self.dist.grad_sync is not None:
+            self.dist.grad_sync(self.params)
         factor = lr_factor(self.step_count, self.s.lr_schedule, self.s.warmup_steps, self.s.total_steps or self.s.steps)
         for group in self.optimizer.param_groups:
             group["lr"] = self.s.learning_rate * factor
@@ -221,10 +252,8 @@ class Trainer:
         if self.ema is not None:
             self.ema.update_parameters(self._trained)
         self.step_count += 1
-        n = self.accumulation
-        out = LossParts(loss=torch.tensor(loss / n), perceptual=perceptual / n, mse=mse / n)
         self.losses.append(loss / n)
-        return out
+        return LossParts(loss=torch.tensor(loss / n), perceptual=perceptual / n, mse=mse / n)
 
     def state_dict(self) -> dict:
         """Everything but the adapter weights needed to continue exactly: optimizer, step, RNG, loss curve."""
@@ -243,3 +272,44 @@ class Trainer:
             if "ema" not in state:
                 raise ValueError("the saved run has no EMA weights but ema_decay is set")
             self.ema.load_state_dict(state["ema"])
+
+
+@dataclass
+class Hooks:
+    """What a host does around the steps of ``fit``; every hook is optional.
+
+    before_step(): e.g. raise if the user cancelled; context(): a context for each step (autocast);
+    after_step(step, parts): progress, previews, validation, logging; save(step) -> what was saved (e.g. its
+    file), called every ``save_every`` steps (the last one included, when it is a multiple); on_error(exception,
+    last saved): turn a failure into the host's message (return an exception to raise instead, or None to
+    re-raise).
+    """
+    before_step: Callable[[], None] | None = None
+    context: Callable[[], Any] | None = None
+    after_step: Callable[[int, LossParts], None] | None = None
+    save: Callable[[int], Any] | None = None
+    on_error: Callable[[BaseException, Any], BaseException | None] | None = None
+
+
+def fit(trainer: Trainer, total: int, hooks: Hooks = Hooks(), save_every: int = 0) -> Any:
+    """Run ``trainer`` from its step count to ``total`` steps: the one loop the ComfyUI node and the headless
+    trainer share (progress, checkpoints every ``save_every`` steps, a non-finite loss stopping the run before its
+    update). Returns what the last periodic save returned (None if none ran)."""
+    last_saved = None
+    try:
+        while trainer.step_count < total:
+            if hooks.before_step is not None:
+                hooks.before_step()
+            with hooks.context() if hooks.context is not None else contextlib.nullcontext():
+                parts = trainer.step()
+            step = trainer.step_count
+            if hooks.after_step is not None:
+                hooks.after_step(step, parts)
+            if save_every and step % save_every == 0 and hooks.save is not None:
+                last_saved = hooks.save(step)
+    except Exception as e:
+        replacement = hooks.on_error(e, last_saved) if hooks.on_error is not None else None
+        if replacement is not None:
+            raise replacement from None
+        raise
+    return last_saved

@@ -35,6 +35,27 @@ DISTANCES = ("mse", "mae")
 MSE_SPACES = ("native", "x0")
 
 
+@dataclass(frozen=True)
+class LossConfig:
+    """How the loss is formed (the module docstring's D, weights and batching). Defaults: the paper's."""
+    distance: str = "mse"           # D: "mse" or "mae"
+    normalize: bool = False         # divide D by the target features' mean square
+    mse_weight: float = 0.0         # weight of the ordinary MSE term (0 = pure self-perceptual, as in the paper)
+    perceptual_weight: float = 1.0  # weight of L_sp; 0 with mse_weight > 0 = the plain MSE baseline
+    batched_frozen: bool = False    # target and prediction through f* as one batch of 2B
+
+    def validate(self) -> "LossConfig":
+        if self.distance not in DISTANCES:
+            raise ValueError(f"unknown distance {self.distance!r}; choose one of {DISTANCES}")
+        if self.mse_weight < 0 or self.perceptual_weight < 0:
+            raise ValueError(f"weights must be >= 0 (mse_weight {self.mse_weight}, perceptual_weight "
+                             f"{self.perceptual_weight})")
+        if not self.perceptual_weight and not self.mse_weight:
+            raise ValueError("perceptual_weight and mse_weight are both 0: nothing to train (perceptual_weight 0 with "
+                             "mse_weight 1 is the plain-MSE baseline)")
+        return self
+
+
 @dataclass
 class LossParts:
     loss: Tensor          # what to backpropagate
@@ -82,11 +103,7 @@ def self_perceptual_loss(
     eps: Tensor,
     sigma: Tensor,
     sigma_prime: Tensor,
-    distance: str = "mse",
-    normalize: bool = False,
-    mse_weight: float = 0.0,
-    batched_frozen: bool = False,
-    perceptual_weight: float = 1.0,
+    config: LossConfig = LossConfig(),
     output_scale: Tensor | None = None,
 ) -> LossParts:
     """Self-perceptual loss for one batch (module docstring states the maths).
@@ -100,31 +117,28 @@ def self_perceptual_loss(
         noise_scaling: the forward process, (sigma, eps, x0) -> x_t.
         x0, eps: clean latents and noise, (B, C, ...).
         sigma, sigma_prime: noise levels for the online and the perceptual pass, (B,).
-        distance: "mse" or "mae"; normalize: divide by the target features' mean square.
-        mse_weight: weight of the ordinary MSE term (0 = pure self-perceptual, as in the paper).
-        batched_frozen: run target and prediction through f* as one batch of 2B. Off (default) runs the
-            target under no_grad, which records no graph for it.
-        perceptual_weight: weight of L_sp (1 as in the paper). 0 with mse_weight > 0 is plain MSE fine-tuning,
-            the honest baseline: the frozen passes are then skipped and ``perceptual`` is reported as 0.
+        config: distance, normalization, the two weights and batching (LossConfig). perceptual_weight 0 with
+            mse_weight > 0 is plain MSE fine-tuning, the honest baseline: the frozen passes are then skipped and
+            ``perceptual`` is reported as 0. batched_frozen off (default) runs the target under no_grad, which
+            records no graph for it.
         output_scale: c_out(sigma), (B,), for the MSE in the network's own output space (``prediction_mse``);
             None: x0 space.
     """
-    if not perceptual_weight and not mse_weight:
-        raise ValueError("perceptual_weight and mse_weight are both 0: nothing to train")
+    c = config.validate()
     x_t = noise_scaling(sigma, eps, x0)
     x0_hat = predict_x0(x_t, sigma)
     eps_hat = split_prediction(x_t, sigma, x0_hat, noise_scaling)
 
     mse = prediction_mse(x0_hat, x0, output_scale)
-    if not perceptual_weight:
-        return LossParts(loss=mse_weight * mse, perceptual=torch.zeros((), device=mse.device), mse=mse.detach())
+    if not c.perceptual_weight:
+        return LossParts(loss=c.mse_weight * mse, perceptual=torch.zeros((), device=mse.device), mse=mse.detach())
 
     a_p, b_p = noise_coefficients(noise_scaling, sigma_prime, x0)
     x_hat_tp = a_p * x0_hat + b_p * eps_hat
     with torch.no_grad():
         x_tp = a_p * x0 + b_p * eps
 
-    if batched_frozen:
+    if c.batched_frozen:
         feats = frozen_features(torch.cat([x_tp, x_hat_tp]), torch.cat([sigma_prime, sigma_prime]))
         f_target, f_pred = feats.chunk(2)
         f_target = f_target.detach()
@@ -133,7 +147,7 @@ def self_perceptual_loss(
             f_target = frozen_features(x_tp, sigma_prime)
         f_pred = frozen_features(x_hat_tp, sigma_prime)
 
-    perceptual = feature_distance(f_pred, f_target, distance, normalize).mean()
-    loss = perceptual_weight * perceptual if perceptual_weight != 1 else perceptual
-    loss = loss + mse_weight * mse if mse_weight else loss
+    perceptual = feature_distance(f_pred, f_target, c.distance, c.normalize).mean()
+    loss = c.perceptual_weight * perceptual if c.perceptual_weight != 1 else perceptual
+    loss = loss + c.mse_weight * mse if c.mse_weight else loss
     return LossParts(loss=loss, perceptual=perceptual.detach(), mse=mse.detach())

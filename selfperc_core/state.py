@@ -131,3 +131,35 @@ def load_state_file(path: Path, max_bytes: int | None = None) -> Any:
     except (SafetensorError, OSError, ValueError, TypeError, RecursionError, json.JSONDecodeError) as e:
         raise StateFileError(f"resume file {path.name} is not a valid selfperc state file ({e}); it was not "
                              "loaded (pickle files are never loaded: they can run code)") from None
+
+
+TRAINER_KEYS = ("optimizer", "step", "rng", "losses")
+
+
+def save_run_state(path: Path, trainer_state: dict, weights: dict[str, torch.Tensor] | None = None,
+                   metadata: dict | None = None) -> Path:
+    """A resumable run, as the ComfyUI node and the headless trainer both write it: the Trainer's state (optimizer,
+    step, RNG, losses, EMA), the trained weights by name (None: they are the LoRA file beside it) and metadata."""
+    state = {"trainer": trainer_state, "metadata": metadata or {}}
+    if weights is not None:
+        state["weights"] = dict(weights)
+    return save_state_file(path, state)
+
+
+def load_run_state(path: Path, max_bytes: int | None = None) -> tuple[dict, dict[str, torch.Tensor] | None, dict]:
+    """(trainer state, trained weights by name or None, metadata) of a file ``save_run_state`` wrote (also the older
+    layouts: the node's 'raw_weights', the headless trainer's 'params' list). Never unpickles; raises StateFileError
+    naming the file when it holds no run."""
+    path = Path(path)
+    state = load_state_file(path, max_bytes)
+    trainer = state.get("trainer") if isinstance(state, dict) else None
+    if not (isinstance(trainer, dict) and set(TRAINER_KEYS) <= set(trainer)):
+        raise StateFileError(f"resume file {path.name} does not hold a fine-tune state")
+    weights = state.get("weights", state.get("raw_weights"))
+    if isinstance(state.get("params"), list):
+        weights = {str(i): t for i, t in enumerate(state["params"])}
+    if weights is not None and not (isinstance(weights, dict) and all(
+            isinstance(v, torch.Tensor) for v in weights.values())):
+        raise StateFileError(f"resume file {path.name}: its weights are not a set of named tensors")
+    metadata = state.get("metadata")
+    return trainer, weights, metadata if isinstance(metadata, dict) else {}

@@ -22,6 +22,17 @@ def draw_t(batch: int, generator: torch.Generator | None = None, t_range: tuple[
     return lo + (hi - lo) * u
 
 
+def check_t_prime_range(t_range: tuple[float, float]) -> tuple[float, float]:
+    """(lo, hi) of t' as fractions of the schedule: 0 <= lo < hi <= 1, and wide enough that t' can keep MIN_GAP
+    from any t on one side."""
+    lo, hi = t_range
+    if not 0.0 <= lo < hi <= 1.0:
+        raise ValueError(f"t' range (t_prime_min, t_prime_max) must satisfy 0 <= min < max <= 1, got {lo}, {hi}")
+    if hi - lo < 4 * MIN_GAP:
+        raise ValueError(f"t' range {lo}..{hi} is too narrow: keep t_prime_max - t_prime_min >= {4 * MIN_GAP}")
+    return lo, hi
+
+
 def draw_t_prime(t: Tensor, strategy: str = "uniform", generator: torch.Generator | None = None,
                  t_range: tuple[float, float] = (0.0, 1.0)) -> Tensor:
     """Draw t' independently of t (paper: uniform is best), within t_range and never equal to t.
@@ -34,11 +45,7 @@ def draw_t_prime(t: Tensor, strategy: str = "uniform", generator: torch.Generato
     Returns:
         t', shape (B,), with |t' - t| >= MIN_GAP (a too-close draw is reflected to the other side of t).
     """
-    lo, hi = t_range
-    if not 0.0 <= lo < hi <= 1.0:
-        raise ValueError(f"t' range must satisfy 0 <= lo < hi <= 1, got {t_range}")
-    if hi - lo < 4 * MIN_GAP:
-        raise ValueError(f"t' range {t_range} is too narrow")
+    lo, hi = check_t_prime_range(t_range)
     shape, dev = t.shape, t.device
     if strategy == "uniform":
         u = torch.rand(shape, generator=generator, device=dev)

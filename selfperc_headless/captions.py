@@ -17,33 +17,35 @@ from __future__ import annotations
 
 import gc
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from selfperc_core.state import atomic_write
 
 CLIP_TOKENS = 77  # CLIP's context: longer captions are truncated by the tokenizer, as ComfyUI does per chunk
-T5_TOKENS = {"sd3": 256, "flux": 512}  # diffusers' pipeline defaults
-# family -> (encoder folder, tokenizer folder, kind, required)
-SLOTS = {
-    "sd": [("text_encoder", "tokenizer", "clip", True)],
-    "sdxl": [("text_encoder", "tokenizer", "clip", True), ("text_encoder_2", "tokenizer_2", "clip_proj", True)],
-    "sd3": [("text_encoder", "tokenizer", "clip_proj", True), ("text_encoder_2", "tokenizer_2", "clip_proj", True),
-            ("text_encoder_3", "tokenizer_3", "t5", False)],
-    "flux": [("text_encoder", "tokenizer", "clip", True), ("text_encoder_2", "tokenizer_2", "t5", True)],
-}
+SD3_T5_TOKENS, FLUX_T5_TOKENS = 256, 512  # diffusers' pipeline defaults
+
+
+@dataclass(frozen=True)
+class TextEncoding:
+    """How a family's diffusers pipeline turns a prompt into the denoiser's conditioning."""
+    name: str  # the family's name (part of the cache key)
+    slots: tuple[tuple[str, str, str, bool], ...]  # (encoder folder, tokenizer folder, kind, required)
+    encode: Callable[[list, str, int | None], dict[str, torch.Tensor]]  # (loaded encoders, text, joint_dim)
 
 
 def _present(model_dir: Path, enc: str, tok: str) -> bool:
     return (model_dir / enc / "config.json").exists() and (model_dir / tok).is_dir()
 
 
-def slots(model_dir: Path, family: str) -> list[tuple[str, str, str]]:
+def slots(model_dir: Path, text: TextEncoding) -> list[tuple[str, str, str]]:
     """The family's encoder slots found in the folder; [] when a required one is missing (no captions)."""
     model_dir = Path(model_dir)
     found = []
-    for enc, tok, kind, required in SLOTS[family]:
+    for enc, tok, kind, required in text.slots:
         if _present(model_dir, enc, tok):
             found.append((enc, tok, kind))
         elif required:
@@ -51,14 +53,14 @@ def slots(model_dir: Path, family: str) -> list[tuple[str, str, str]]:
     return found
 
 
-def has_text_encoder(model_dir: Path, family: str = "sd") -> bool:
-    return bool(slots(model_dir, family))
+def has_text_encoder(model_dir: Path, text: TextEncoding) -> bool:
+    return bool(slots(model_dir, text))
 
 
-def encoder_id(model_dir: Path, family: str = "sd", dtype: torch.dtype = torch.float32) -> str:
+def encoder_id(model_dir: Path, text: TextEncoding, dtype: torch.dtype = torch.float32) -> str:
     """sha256 over the text encoders' and tokenizers' files (names and bytes) and the dtype they run in."""
-    h = hashlib.sha256(f"{family}\0{dtype}\0".encode())
-    for enc, tok, _ in slots(model_dir, family):
+    h = hashlib.sha256(f"{text.name}\0{dtype}\0".encode())
+    for enc, tok, _ in slots(model_dir, text):
         for sub in (enc, tok):
             for p in sorted((Path(model_dir) / sub).rglob("*")):
                 if p.is_file():
@@ -104,36 +106,51 @@ def _run(kind: str, tokenizer, encoder, text: str, length: int):
     return encoder(ids, output_hidden_states=kind != "t5")
 
 
-@torch.no_grad()
-def encode(family: str, encoders: list, text: str, joint_dim: int | None = None) -> dict[str, torch.Tensor]:
-    """One caption -> {"context": (1, L, D)[, "pooled": (1, P)]}, as the family's diffusers pipeline computes it."""
-    if family == "sd":
-        kind, tok, enc = encoders[0]
-        return {"context": _run(kind, tok, enc, text, CLIP_TOKENS).last_hidden_state}
-    if family == "flux":
-        (k1, t1, e1), (k2, t2, e2) = encoders
-        return {"context": _run(k2, t2, e2, text, T5_TOKENS["flux"]).last_hidden_state,
-                "pooled": _run(k1, t1, e1, text, CLIP_TOKENS).pooler_output}
+def _encode_sd(encoders: list, text: str, joint_dim=None) -> dict[str, torch.Tensor]:
+    kind, tok, enc = encoders[0]
+    return {"context": _run(kind, tok, enc, text, CLIP_TOKENS).last_hidden_state}
+
+
+def _encode_flux(encoders: list, text: str, joint_dim=None) -> dict[str, torch.Tensor]:
+    (k1, t1, e1), (k2, t2, e2) = encoders
+    return {"context": _run(k2, t2, e2, text, FLUX_T5_TOKENS).last_hidden_state,
+            "pooled": _run(k1, t1, e1, text, CLIP_TOKENS).pooler_output}
+
+
+def _encode_sdxl(encoders: list, text: str, joint_dim=None) -> dict[str, torch.Tensor]:
+    outs = [_run(kind, tok, enc, text, CLIP_TOKENS) for kind, tok, enc in encoders[:2]]
+    return {"context": torch.cat([o.hidden_states[-2] for o in outs], dim=-1), "pooled": outs[1].text_embeds}
+
+
+def _encode_sd3(encoders: list, text: str, joint_dim: int | None = None) -> dict[str, torch.Tensor]:
     outs = [_run(kind, tok, enc, text, CLIP_TOKENS) for kind, tok, enc in encoders[:2]]
     clip = torch.cat([o.hidden_states[-2] for o in outs], dim=-1)
-    if family == "sdxl":
-        return {"context": clip, "pooled": outs[1].text_embeds}
     clip = torch.nn.functional.pad(clip, (0, joint_dim - clip.shape[-1]))
     if len(encoders) > 2:
         kind, tok, enc = encoders[2]
-        t5 = _run(kind, tok, enc, text, T5_TOKENS["sd3"]).last_hidden_state
-    else:
-        t5 = torch.zeros(1, T5_TOKENS["sd3"], joint_dim, device=clip.device, dtype=clip.dtype)
+        t5 = _run(kind, tok, enc, text, SD3_T5_TOKENS).last_hidden_state
+    else:  # without text_encoder_3/, zero T5 tokens, as diffusers
+        t5 = torch.zeros(1, SD3_T5_TOKENS, joint_dim, device=clip.device, dtype=clip.dtype)
     return {"context": torch.cat([clip, t5], dim=1), "pooled": torch.cat([o.text_embeds for o in outs], dim=-1)}
 
 
-def encode_texts(model_dir: Path, texts: list[str], device, family: str = "sd", dtype: torch.dtype = torch.float32,
-                 joint_dim: int | None = None) -> dict[str, dict[str, torch.Tensor]]:
-    """Load the family's encoders, encode each text (CPU results), and free the encoders again."""
+_CLIP, _CLIP_2 = ("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")
+SD = TextEncoding("sd", ((*_CLIP, "clip", True),), _encode_sd)
+SDXL = TextEncoding("sdxl", ((*_CLIP, "clip", True), (*_CLIP_2, "clip_proj", True)), _encode_sdxl)
+SD3 = TextEncoding("sd3", ((*_CLIP, "clip_proj", True), (*_CLIP_2, "clip_proj", True),
+                           ("text_encoder_3", "tokenizer_3", "t5", False)), _encode_sd3)
+FLUX = TextEncoding("flux", ((*_CLIP, "clip", True), (*_CLIP_2, "t5", True)), _encode_flux)
+
+
+def encode_texts(model_dir: Path, texts: list[str], device, text: TextEncoding = SD,
+                 dtype: torch.dtype = torch.float32, joint_dim: int | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """Load the family's encoders, encode each text (CPU results), as its diffusers pipeline's encode_prompt does
+    ({"context": (1, L, D)[, "pooled": (1, P)]}), and free the encoders again."""
     if not texts:
         return {}
-    encoders = _load_encoders(Path(model_dir), slots(model_dir, family), device, dtype)
-    out = {t: {k: v.cpu() for k, v in encode(family, encoders, t, joint_dim).items()} for t in texts}
+    encoders = _load_encoders(Path(model_dir), slots(model_dir, text), device, dtype)
+    with torch.no_grad():
+        out = {t: {k: v.cpu() for k, v in text.encode(encoders, t, joint_dim).items()} for t in texts}
     del encoders  # free the text encoders before training
     gc.collect()
     if torch.cuda.is_available():
@@ -141,18 +158,18 @@ def encode_texts(model_dir: Path, texts: list[str], device, family: str = "sd", 
     return out
 
 
-def encode_captions(model_dir: Path, captions: list[str | None], cache_dir: Path, device, family: str = "sd",
+def encode_captions(model_dir: Path, captions: list[str | None], cache_dir: Path, device, text: TextEncoding = SD,
                     dtype: torch.dtype = torch.float32, joint_dim: int | None = None,
                     log=print) -> list[dict[str, torch.Tensor]]:
     """One conditioning per image ({"context": (1, L, D)[, "pooled"]}, CPU, ``dtype``), from the cache where
     present, else encoded and cached. ``joint_dim``: SD3's transformer width the CLIP states are padded to."""
     model_dir, cache_dir = Path(model_dir), Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    enc_id = encoder_id(model_dir, family, dtype)
+    enc_id = encoder_id(model_dir, text, dtype)
     texts = sorted({c or "" for c in captions})
     found = {t: _load(cache_dir / f"{cache_key(enc_id, t)}.safetensors") for t in texts}
     missing = [t for t, v in found.items() if v is None]
-    for t, cond in encode_texts(model_dir, missing, device, family, dtype, joint_dim).items():
+    for t, cond in encode_texts(model_dir, missing, device, text, dtype, joint_dim).items():
         found[t] = cond
         _save_atomic(cond, cache_dir / f"{cache_key(enc_id, t)}.safetensors")
     log(f"selfperc: {len(texts)} distinct caption(s): {len(texts) - len(missing)} from the cache, "

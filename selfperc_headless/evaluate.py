@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 
 from selfperc_core.dataset import load_dataset
-from selfperc_core.evaluation import MIN_IMAGES, distances, noised_features, report_lines
-from selfperc_core.features import DEFAULT_DEPTH, FeatureTap
-from selfperc_core.host import frozen_features_fn
+from selfperc_core.evaluation import MIN_IMAGES, build_report, distances, noised_features, report_lines
+from selfperc_core.features import DEFAULT_DEPTH
+from selfperc_core.model_view import frozen_features_fn
 from selfperc_core.realimage import euler_ode
+from selfperc_core.state import atomic_write
 from selfperc_headless import families as fam
 from selfperc_headless.captions import encode_texts, has_text_encoder
 from selfperc_headless.train import encode
@@ -48,7 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--prompt", default="", help="the conditioning, encoded by the folder's text encoders")
     ap.add_argument("--tap-depth", type=float, default=DEFAULT_DEPTH, help="transformers: the tapped block (0..1)")
-    ap.add_argument("--guidance", type=float, default=3.5, help="Flux dev's distilled guidance input")
+    ap.add_argument("--guidance", type=float, default=0.0,
+                    help="Flux dev's distilled guidance input; 0: the model's default (3.5)")
     ap.add_argument("--out", type=Path, default=None, help="write the report JSON here")
     a = ap.parse_args(argv)
     if a.samples < MIN_IMAGES:
@@ -137,26 +139,19 @@ def sample(predict, shape: tuple, count: int, seed: int, sigmas: torch.Tensor, b
 
 def prompt_cond(a, family, net, dev):
     """The --prompt's conditioning (batch 1) from the folder's text encoders, or None (zero conditioning)."""
-    if not has_text_encoder(a.model, family.name):
+    if not has_text_encoder(a.model, family.text):
         print("selfperc evaluate: no text encoders in the model folder: the zero conditioning", flush=True)
         return None
-    return encode_texts(a.model, [a.prompt], dev, family.name,
+    return encode_texts(a.model, [a.prompt], dev, family.text,
                         joint_dim=getattr(net.config, "joint_attention_dim", None))[a.prompt]
 
 
-def main(argv=None) -> dict:
-    from diffusers import AutoencoderKL
+def read_compares(a, family, net, dev) -> dict:
+    """Every --compare, read (and refused) before any sampling: a LoRA's weight deltas, or a fine-tuned denoiser."""
     from safetensors.torch import load_file
 
-    a = parse_args(argv)
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    family = fam.detect(a.model)
-    images = load_dataset(a.data, a.resolution, max_images=a.max_images).images
-    if len(images) < MIN_IMAGES:
-        raise SystemExit(f"{a.data}: {len(images)} usable image(s); the distances need at least {MIN_IMAGES}")
-    net = fam.load_denoiser(a.model, family).to(dev).eval().requires_grad_(False)
     tuned = {}
-    for item in a.compare:  # every input is read (and refused) before any sampling
+    for item in a.compare:
         name, path = item.split("=", 1)
         path = Path(path)
         if path.is_dir():
@@ -168,13 +163,11 @@ def main(argv=None) -> dict:
             tuned[name] = lora_deltas(net, load_file(str(path)), path, family.lora_prefix)
         else:
             raise SystemExit(f"--compare {item}: give a .safetensors LoRA or a {family.denoiser}/ folder")
-    cond1 = prompt_cond(a, family, net, dev)
-    batch_cond = None if cond1 is None else (lambda n: {k: v.expand(n, *v.shape[1:]) for k, v in cond1.items()})
-    vae = AutoencoderKL.from_pretrained(a.model / "vae").to(dev).eval()
-    real = torch.stack(encode(vae, images, dev))
-    del vae
-    shape = tuple(real.shape[1:])
-    schedule = fam.load_schedule(a.model, family, shape[-2:])
+    return tuned
+
+
+def sample_all(a, family, net, tuned: dict, schedule, shape: tuple, dev, batch_cond) -> dict[str, torch.Tensor]:
+    """The base model's and every fine-tune's samples, from identical noise."""
     sigmas = ode_sigmas(schedule, a.steps)
 
     def run(model):
@@ -188,9 +181,28 @@ def main(argv=None) -> dict:
                 samples[name] = run(net)
         else:
             samples[name] = run(t)
-    tp = fam.tap_point(net, family, a.tap_depth)
-    with FeatureTap(tp.module) as tap:
-        feats = frozen_features_fn(fam.predictor(net, family, schedule, a.guidance), tap, None, tp.features)
+    return samples
+
+
+def main(argv=None) -> dict:
+    from diffusers import AutoencoderKL
+
+    a = parse_args(argv)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    family = fam.detect(a.model)
+    images = load_dataset(a.data, a.resolution, max_images=a.max_images).images
+    if len(images) < MIN_IMAGES:
+        raise SystemExit(f"{a.data}: {len(images)} usable image(s); the distances need at least {MIN_IMAGES}")
+    net = fam.load_denoiser(a.model, family).to(dev).eval().requires_grad_(False)
+    tuned = read_compares(a, family, net, dev)
+    cond1 = prompt_cond(a, family, net, dev)
+    batch_cond = None if cond1 is None else (lambda n: {k: v.expand(n, *v.shape[1:]) for k, v in cond1.items()})
+    real = torch.stack(encode(AutoencoderKL.from_pretrained(a.model / "vae").to(dev).eval(), images, dev))
+    shape = tuple(real.shape[1:])
+    schedule = fam.load_schedule(a.model, family, shape[-2:])
+    samples = sample_all(a, family, net, tuned, schedule, shape, dev, batch_cond)
+    with fam.tap_point(net, family, a.tap_depth) as tap:
+        feats = frozen_features_fn(fam.predictor(net, family, schedule, a.guidance), tap)
 
         def stack(lat, stream):
             per = noised_features(feats, lat, a.noise_levels, schedule.sigma_of_t, schedule.noise_scaling,
@@ -198,23 +210,14 @@ def main(argv=None) -> dict:
             return torch.stack([per[t] for t in a.noise_levels], 1)
         real_f = stack(real, "data")
         fake_f = {k: stack(v, "samples") for k, v in samples.items()}
-    dim = real_f.shape[-1]
-    notes = [f"self features: the base {family.name} model's {tp.name}, {dim} channels, pooled, at t' = "
-             f"{', '.join(map(str, a.noise_levels))}"]
-    if min(a.samples, len(images)) <= dim:
-        notes.append(f"FD is biased upward here: {min(a.samples, len(images))} points in {dim} dimensions; trust KID "
-                     "and the differences")
-    report = {"samples": a.samples, "dataset_images": len(images), "dataset": str(a.data), "cfg": 1.0,
-              "steps": a.steps, "sampler": "probability-flow ODE (Euler)", "family": family.name,
-              "prompt": a.prompt, "seed": a.seed, "noise_levels": a.noise_levels,
-              "bootstraps": a.bootstraps, "latent_shape": list(shape),
-              "metrics": {"self": distances(real_f, fake_f, a.bootstraps, a.seed)}, "notes": notes}
+    report = build_report({"self": distances(real_f, fake_f, a.bootstraps, a.seed)},
+                          tap=f"the base {family.name} model's {tap.name}", width=real_f.shape[-1],
+                          levels=a.noise_levels, samples=a.samples, dataset_images=len(images), dataset=str(a.data),
+                          cfg=1.0, steps=a.steps, sampler="probability-flow ODE (Euler)", family=family.name,
+                          prompt=a.prompt, seed=a.seed, bootstraps=a.bootstraps, latent_shape=list(shape))
     print("\n".join(report_lines(report)))
     if a.out is not None:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = a.out.with_name(a.out.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=1))
-        tmp.replace(a.out)
+        atomic_write(a.out, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
     return report
 
 

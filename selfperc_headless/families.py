@@ -5,10 +5,11 @@
 * ``sd3``: ``SD3Transformer2DModel`` (SD3 / SD3.5, rectified flow);
 * ``flux``: ``FluxTransformer2DModel`` (Flux.1 dev / schnell, rectified flow, packed 2x2 latents, guidance).
 
-The tap rules are the ComfyUI nodes': the UNet mid-block output, or for transformers the block at a depth fraction
-of the whole stack (double-stream then single-stream blocks; ``selfperc_core.features.block_at_depth``), its image
-tokens reshaped to the latent's token grid. A conditioning is a dict of (B, ...) tensors: ``context`` (text
-tokens) and, where the family reads one, ``pooled``.
+Each family's behaviour (how its denoiser is called, its zero conditioning, how captions are encoded) lives in its
+FAMILIES entry. The tap rules are the ComfyUI nodes': the UNet mid-block output, or for transformers the block at a
+depth fraction of the whole stack (double-stream then single-stream blocks; ``selfperc_core.features.block_at_depth``),
+its image tokens reshaped to the latent's token grid. A conditioning is a dict of (B, ...) tensors: ``context``
+(text tokens) and, where the family reads one, ``pooled``.
 """
 from __future__ import annotations
 
@@ -20,26 +21,83 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from selfperc_core.features import DEFAULT_DEPTH, block_at_depth, to_grid
+from selfperc_core.features import DEFAULT_DEPTH, FeatureTap, block_at_depth, to_grid
+from selfperc_headless import captions
 from selfperc_headless.schedules import DiffusersSchedule, FlowSchedule
 
 MAX_CONFIG_BYTES = 1 << 20  # a diffusers config.json is a few KB; anything far larger is not one
 EMPTY_TOKENS = 77  # the token count of the zero conditioning used when no text encoder is there (CLIP's context)
 
 
+DEFAULT_FLUX_GUIDANCE = 3.5  # Flux dev's distilled guidance when none is given (diffusers' FluxPipeline default)
+VAE_SCALE = 8  # pixels per latent pixel of every family here (SDXL's size embeddings are in pixels)
+
+
+def _unet_forward(net, x_in, sigma, cond, schedule, guidance):
+    return net(x_in, schedule.timestep_of_sigma(sigma).to(x_in.device), encoder_hidden_states=cond["context"]).sample
+
+
+def _sdxl_forward(net, x_in, sigma, cond, schedule, guidance):
+    b, h, w = x_in.shape[0], x_in.shape[-2] * VAE_SCALE, x_in.shape[-1] * VAE_SCALE
+    ids = torch.tensor([h, w, 0, 0, h, w], device=x_in.device, dtype=x_in.dtype).expand(b, 6)  # the image's size
+    return net(x_in, schedule.timestep_of_sigma(sigma).to(x_in.device), encoder_hidden_states=cond["context"],
+               added_cond_kwargs={"text_embeds": cond["pooled"], "time_ids": ids}).sample
+
+
+def _sd3_forward(net, x_in, sigma, cond, schedule, guidance):
+    return net(hidden_states=x_in, timestep=sigma * 1000, encoder_hidden_states=cond["context"],
+               pooled_projections=cond["pooled"]).sample
+
+
+def _flux_forward(net, x_in, sigma, cond, schedule, guidance):
+    b, dev, dt = x_in.shape[0], x_in.device, x_in.dtype
+    g = None  # the transformer multiplies timestep and guidance by 1000 itself
+    if net.config.guidance_embeds:
+        g = torch.full((b,), guidance or DEFAULT_FLUX_GUIDANCE, device=dev, dtype=dt)
+    txt_ids = torch.zeros(cond["context"].shape[1], 3, device=dev, dtype=dt)
+    out = net(hidden_states=pack(x_in), timestep=sigma.to(dt), guidance=g, pooled_projections=cond["pooled"],
+              encoder_hidden_states=cond["context"], txt_ids=txt_ids, img_ids=flux_image_ids(*x_in.shape[-2:], dev, dt))
+    return unpack(out.sample, x_in.shape)
+
+
+def _unet_empty(c) -> dict[str, Tensor]:
+    return {"context": torch.zeros(1, EMPTY_TOKENS, c.cross_attention_dim)}
+
+
+def _sdxl_empty(c) -> dict[str, Tensor]:
+    return dict(_unet_empty(c),
+                pooled=torch.zeros(1, c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim))
+
+
+def _dit_empty(c) -> dict[str, Tensor]:
+    return {"context": torch.zeros(1, EMPTY_TOKENS, c.joint_attention_dim),
+            "pooled": torch.zeros(1, c.pooled_projection_dim)}
+
+
 @dataclass(frozen=True)
 class Family:
+    """One diffusers model family the headless host trains, with its behaviour."""
     name: str
     denoiser: str  # the model folder's subfolder holding the denoiser
+    model_class: str  # its diffusers class
     lora_prefix: str  # kohya prefix ComfyUI's LoRA loader maps for diffusers names of this family
+    forward: Callable  # (net, x_in, sigma, cond, schedule, guidance) -> the raw output (eps, v or velocity)
+    empty: Callable  # (the denoiser's config) -> the zero conditioning (1, ...)
+    text: captions.TextEncoding  # how captions become its conditioning
     stacks: tuple[str, ...] = ()  # transformer block lists in forward order; () for UNets
+
+    @property
+    def unet(self) -> bool:
+        return not self.stacks
 
 
 FAMILIES = {
-    "sd": Family("sd", "unet", "lora_unet_"),
-    "sdxl": Family("sdxl", "unet", "lora_unet_"),
-    "sd3": Family("sd3", "transformer", "lora_transformer_", ("transformer_blocks",)),
-    "flux": Family("flux", "transformer", "lora_transformer_", ("transformer_blocks", "single_transformer_blocks")),
+    "sd": Family("sd", "unet", "UNet2DConditionModel", "lora_unet_", _unet_forward, _unet_empty, captions.SD),
+    "sdxl": Family("sdxl", "unet", "UNet2DConditionModel", "lora_unet_", _sdxl_forward, _sdxl_empty, captions.SDXL),
+    "sd3": Family("sd3", "transformer", "SD3Transformer2DModel", "lora_transformer_", _sd3_forward, _dit_empty,
+                  captions.SD3, ("transformer_blocks",)),
+    "flux": Family("flux", "transformer", "FluxTransformer2DModel", "lora_transformer_", _flux_forward, _dit_empty,
+                   captions.FLUX, ("transformer_blocks", "single_transformer_blocks")),
 }
 
 
@@ -62,10 +120,9 @@ def detect(model_dir: Path) -> Family:
     if unet:
         return FAMILIES["sdxl" if unet.get("addition_embed_type") == "text_time" else "sd"]
     cls = _config(model_dir / "transformer" / "config.json").get("_class_name")
-    if cls == "SD3Transformer2DModel":
-        return FAMILIES["sd3"]
-    if cls == "FluxTransformer2DModel":
-        return FAMILIES["flux"]
+    for family in FAMILIES.values():
+        if not family.unet and family.model_class == cls:
+            return family
     if cls:
         raise ValueError(f"{model_dir}: transformer/ holds a {cls}; the headless trainer knows SD1.x/SD2.x/SDXL "
                          "UNets, SD3Transformer2DModel and FluxTransformer2DModel")
@@ -75,14 +132,14 @@ def detect(model_dir: Path) -> Family:
 def load_denoiser(model_dir: Path, family: Family, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     import diffusers
 
-    cls = {"sd": diffusers.UNet2DConditionModel, "sdxl": diffusers.UNet2DConditionModel,
-           "sd3": diffusers.SD3Transformer2DModel, "flux": diffusers.FluxTransformer2DModel}[family.name]
-    return cls.from_pretrained(Path(model_dir) / family.denoiser, torch_dtype=dtype)
+    return getattr(diffusers, family.model_class).from_pretrained(Path(model_dir) / family.denoiser,
+                                                                  torch_dtype=dtype)
 
 
 def load_schedule(model_dir: Path, family: Family, latent_hw: tuple[int, int]):
-    """The scheduler config's noise levels; a flow model's resolution-dependent shift uses ``latent_hw``."""
-    if family.denoiser == "unet":
+    """The scheduler config's noise levels: DDPM for UNets, flow matching for transformers (a resolution-dependent
+    shift uses ``latent_hw``)."""
+    if family.unet:
         from diffusers import DDPMScheduler
 
         return DiffusersSchedule(DDPMScheduler.from_pretrained(Path(model_dir) / "scheduler"))
@@ -93,14 +150,7 @@ def load_schedule(model_dir: Path, family: Family, latent_hw: tuple[int, int]):
 
 def empty_cond(net: torch.nn.Module, family: Family) -> dict[str, Tensor]:
     """The zero conditioning (1, ...) of this denoiser: unconditional training without a text encoder."""
-    c = net.config
-    if family.name in ("sd", "sdxl"):
-        out = {"context": torch.zeros(1, EMPTY_TOKENS, c.cross_attention_dim)}
-        if family.name == "sdxl":
-            out["pooled"] = torch.zeros(1, c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim)
-        return out
-    return {"context": torch.zeros(1, EMPTY_TOKENS, c.joint_attention_dim),
-            "pooled": torch.zeros(1, c.pooled_projection_dim)}
+    return family.empty(net.config)
 
 
 def collate(conds: list[dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -130,13 +180,11 @@ def flux_image_ids(h: int, w: int, device, dtype) -> Tensor:
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
-def predictor(net: torch.nn.Module, family: Family, schedule, guidance: float | None = None,
-              vae_scale: int = 8) -> Callable:
+def predictor(net: torch.nn.Module, family: Family, schedule, guidance: float | None = None) -> Callable:
     """(x_t, sigma, cond) -> x0_hat through ``net`` (the online or the frozen network); cond None = the zero one.
 
-    Args:
-        guidance: Flux dev's distilled guidance (the transformer's guidance input); ignored without guidance_embeds.
-        vae_scale: pixels per latent pixel (SDXL's size embeddings are in pixels).
+    ``guidance``: Flux dev's distilled guidance (the transformer's guidance input); 0 or None: its default, 3.5;
+    ignored by models without guidance_embeds.
     """
     empty = empty_cond(net, family)
 
@@ -145,53 +193,27 @@ def predictor(net: torch.nn.Module, family: Family, schedule, guidance: float | 
         cond = cond if cond is not None else {k: v.expand(b, *v.shape[1:]) for k, v in empty.items()}
         cond = {k: v.to(device=dev, dtype=dt) for k, v in cond.items()}
         sigma = sigma.to(dev)
-        x_in = schedule.model_input(x, sigma)
-        if family.denoiser == "unet":
-            ts = schedule.timestep_of_sigma(sigma).to(dev)
-            extra = {}
-            if family.name == "sdxl":
-                h, w = x.shape[-2] * vae_scale, x.shape[-1] * vae_scale
-                ids = torch.tensor([h, w, 0, 0, h, w], device=dev, dtype=dt).expand(b, 6)
-                extra["added_cond_kwargs"] = {"text_embeds": cond["pooled"], "time_ids": ids}
-            out = net(x_in, ts, encoder_hidden_states=cond["context"], **extra).sample
-        elif family.name == "sd3":
-            out = net(hidden_states=x_in, timestep=sigma * 1000, encoder_hidden_states=cond["context"],
-                      pooled_projections=cond["pooled"]).sample
-        else:  # flux: the transformer multiplies timestep and guidance by 1000 itself
-            g = None
-            if net.config.guidance_embeds:
-                g = torch.full((b,), 3.5 if guidance is None else guidance, device=dev, dtype=dt)
-            txt_ids = torch.zeros(cond["context"].shape[1], 3, device=dev, dtype=dt)
-            out = unpack(net(hidden_states=pack(x_in), timestep=sigma.to(dt), guidance=g,
-                             pooled_projections=cond["pooled"], encoder_hidden_states=cond["context"],
-                             txt_ids=txt_ids, img_ids=flux_image_ids(*x.shape[-2:], dev, dt)).sample, x.shape)
+        out = family.forward(net, schedule.model_input(x, sigma), sigma, cond, schedule, guidance)
         return schedule.denoise(x, sigma, out)
     return predict_x0
 
 
-@dataclass
-class Tap:
-    """The module to hook and how its raw output becomes (B, C, h, w) features for a latent of a given shape."""
-    module: torch.nn.Module
-    name: str
-    features: Callable[[object, tuple], Tensor]
-
-
-def tap_point(net: torch.nn.Module, family: Family, depth: float = DEFAULT_DEPTH) -> Tap:
+def tap_point(net: torch.nn.Module, family: Family, depth: float = DEFAULT_DEPTH, early_exit: bool = True
+              ) -> FeatureTap:
     """UNets: the mid-block output; transformers: the image tokens of the block at ``depth`` of all blocks."""
-    if family.denoiser == "unet":
-        return Tap(net.mid_block, "mid_block", lambda out, shape: out)
+    if family.unet:
+        return FeatureTap(net.mid_block, "mid_block", early_exit=early_exit)
     stack = [b for attr in family.stacks for b in getattr(net, attr)]
     i = block_at_depth(len(stack), depth)
 
     def features(out, shape):  # every block returns (text tokens, image tokens)
         return to_grid(out[1], (shape[-2] // 2, shape[-1] // 2))
-    return Tap(stack[i], f"block {i} of {len(stack)}", features)
+    return FeatureTap(stack[i], f"block {i} of {len(stack)}", features, early_exit)
 
 
 def blocks(net: torch.nn.Module, family: Family) -> list[torch.nn.Module]:
     """The blocks to checkpoint (and FSDP's wrap units): the UNet's down/mid/up blocks, every transformer block."""
-    if family.denoiser == "unet":
+    if family.unet:
         return [*net.down_blocks, net.mid_block, *net.up_blocks]
     return [b for attr in family.stacks for b in getattr(net, attr)]
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,16 +21,16 @@ import torch
 
 from selfperc_core.adapter import checkpoint_forward
 from selfperc_core.dataset import RESIZE_MODES, as_float, load_dataset
-from selfperc_core.features import DEFAULT_DEPTH, FeatureTap
-from selfperc_core.host import ModelHost, frozen_features_fn
-from selfperc_core.loop import LR_SCHEDULES, OPTIMIZERS, Trainer, TrainSettings, make_optimizer
+from selfperc_core.features import DEFAULT_DEPTH, check_depth
+from selfperc_core.loop import LR_SCHEDULES, OPTIMIZERS, Distributed, Hooks, Trainer, TrainSettings, fit, make_optimizer
+from selfperc_core.model_view import ModelView, frozen_features_fn
 from selfperc_core.objective import DISTANCES, MSE_SPACES
 from selfperc_core.schedule import output_scale_fn
-from selfperc_core.state import atomic_write, load_state_file, save_state_file
+from selfperc_core.state import atomic_write, load_run_state, save_run_state
 from selfperc_core.timesteps import T_PRIME_STRATEGIES
 from selfperc_headless import families as fam
 from selfperc_headless.captions import encode_captions, has_text_encoder
-from selfperc_headless.diffusers_host import PeftSwitch, comfy_lora_state_dict
+from selfperc_headless.peft_lora import PeftSwitch, kohya_state_dict
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -54,7 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--alpha", type=float, default=8.0)
     ap.add_argument("--tap-depth", type=float, default=DEFAULT_DEPTH,
                     help="transformers: the tapped block's depth in the whole stack (0..1); UNets: the mid-block")
-    ap.add_argument("--guidance", type=float, default=3.5, help="Flux dev's distilled guidance input while training")
+    ap.add_argument("--guidance", type=float, default=0.0,
+                    help="Flux dev's distilled guidance input while training; 0: the model's default (3.5), as the "
+                         "node's 0")
     ap.add_argument("--t-prime", choices=T_PRIME_STRATEGIES, default="uniform")
     ap.add_argument("--t-prime-range", type=float, nargs=2, default=(0.0, 1.0))
     ap.add_argument("--distance", choices=DISTANCES, default="mse")
@@ -82,8 +83,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="folder of encoded captions (default OUT/caption_cache); share it between runs")
     ap.add_argument("--log-json", type=Path, default=None, help="write per-step global losses here (main process)")
     a = ap.parse_args(argv)
-    if not 0.0 <= a.tap_depth <= 1.0:
-        ap.error(f"--tap-depth {a.tap_depth} must be within 0..1")
+    try:  # the core's rules, as the node applies them
+        check_depth(a.tap_depth)
+        settings_of(a).validate()
+    except ValueError as e:
+        ap.error(str(e))
     if a.fsdp and (a.save_every or a.resume or a.full):
         ap.error("--save-every, --resume and --full are not supported with --fsdp yet (sharded optimizer state; "
                  "an unsharded frozen copy)")
@@ -93,24 +97,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 STATE_FILE = "trainer.selfperc_state"
 
 
-def save_checkpoint(folder: Path, trainer: Trainer, params: list[torch.Tensor]) -> None:
-    """Resumable state without pickle (accelerate's own checkpoints unpickle custom objects on load): the
-    trainer (optimizer, step, RNG, losses) and the trained weights, in one safetensors state file."""
-    save_state_file(folder / STATE_FILE, {"trainer": trainer.state_dict(), "params": list(params)})
+def save_checkpoint(folder: Path, trainer: Trainer, names: list[str], params: list[torch.Tensor]) -> None:
+    """Resumable state without pickle (accelerate's own checkpoints unpickle custom objects on load), in the core's
+    run-state format (as the node writes it): the trainer's state and the trained weights by name."""
+    save_run_state(folder / STATE_FILE, trainer.state_dict(), dict(zip(names, params)))
 
 
 def load_checkpoint(folder: Path, trainer: Trainer, params: list[torch.Tensor]) -> None:
-    state = load_state_file(folder / STATE_FILE)
-    saved = state.get("params") if isinstance(state, dict) else None
-    if not isinstance(state.get("trainer") if isinstance(state, dict) else None, dict):
-        raise ValueError(f"{folder / STATE_FILE} holds no trainer state")
-    if not isinstance(saved, list) or len(saved) != len(params) or any(
-            not isinstance(s, torch.Tensor) or s.shape != p.shape for s, p in zip(saved, params)):
+    state, saved, _ = load_run_state(folder / STATE_FILE)
+    saved = list((saved or {}).values())
+    if len(saved) != len(params) or any(s.shape != p.shape for s, p in zip(saved, params)):
         raise ValueError(f"{folder / STATE_FILE} does not hold this run's weights (other rank, model or --full)")
     with torch.no_grad():
         for p, s in zip(params, saved):
             p.copy_(s)
-    trainer.load_state_dict(state["trainer"])
+    trainer.load_state_dict(state)
 
 
 def encode(vae, images: list[torch.Tensor], device) -> list[torch.Tensor]:
@@ -159,6 +160,10 @@ class Run:
     params: list[torch.Tensor]
     trainer: Trainer
 
+    @property
+    def param_names(self) -> list[str]:
+        return [n for n, p in self.net.named_parameters() if p.requires_grad]
+
 
 def accelerator(a: argparse.Namespace):
     from accelerate import Accelerator
@@ -184,11 +189,11 @@ def training_data(a, acc, family: fam.Family, net) -> tuple[list[torch.Tensor], 
     say(f"selfperc: {family.name} model, {len(ds.images)} images ({len(ds.skipped)} skipped), "
         f"{acc.num_processes} process(es)")
     conds = [None] * len(ds.images)
-    if a.captions == "auto" and has_text_encoder(a.model, family.name):
+    if a.captions == "auto" and has_text_encoder(a.model, family.text):
         with acc.main_process_first():  # the main process encodes and caches; the others then read the cache
             bf16 = DTYPES[acc.mixed_precision] == torch.bfloat16
             conds = encode_captions(a.model, ds.captions, a.caption_cache or a.out / "caption_cache", dev,
-                                    family.name, torch.bfloat16 if bf16 else torch.float32,
+                                    family.text, torch.bfloat16 if bf16 else torch.float32,
                                     getattr(net.config, "joint_attention_dim", None), log=say)
     else:
         why = "--captions off" if a.captions == "off" else "the model folder has no text encoders of its family"
@@ -224,7 +229,8 @@ def settings_of(a: argparse.Namespace) -> TrainSettings:
     return TrainSettings(steps=a.steps, learning_rate=a.lr, batch_size=a.batch_size, seed=a.seed, t_prime=a.t_prime,
                          t_prime_range=tuple(a.t_prime_range), distance=a.distance, normalize=a.normalize,
                          mse_weight=a.mse_weight, perceptual_weight=a.perceptual_weight, mse_space=a.mse_space,
-                         optimizer=a.optimizer, lr_schedule=a.lr_schedule, warmup_steps=a.warmup_steps)
+                         optimizer=a.optimizer, lr_schedule=a.lr_schedule, warmup_steps=a.warmup_steps,
+                         accumulation=a.grad_accum)
 
 
 def setup(a: argparse.Namespace) -> Run:
@@ -238,7 +244,7 @@ def setup(a: argparse.Namespace) -> Run:
     latents, conds = training_data(a, acc, family, net)
     schedule = fam.load_schedule(a.model, family, (a.resolution // 8, a.resolution // 8))
     net, params, switch, tap_net, opt = trainable(a, acc, family, net)
-    host = make_host(net, tap_net, family, schedule, switch, a.tap_depth, a.guidance, early_exit=not a.fsdp)
+    view = make_view(net, tap_net, family, schedule, switch, a.tap_depth, a.guidance, early_exit=not a.fsdp)
 
     def grad_sync(ps):  # mean of the processes' gradients (no DDP wrapper: the frozen passes reuse the net)
         if acc.num_processes > 1 and not a.fsdp:  # FSDP reduce-scatters the gradients itself
@@ -246,15 +252,15 @@ def setup(a: argparse.Namespace) -> Run:
                 if p.grad is not None:
                     p.grad = acc.reduce(p.grad, reduction="mean")
 
-    trainer = Trainer(params, latents, conds, host, settings_of(a), device=acc.device, rank=acc.process_index,
-                      world_size=acc.num_processes, grad_sync=grad_sync, accumulation=a.grad_accum, optimizer=opt)
+    trainer = Trainer(params, latents, conds, view, settings_of(a), device=acc.device,
+                      dist=Distributed(acc.process_index, acc.num_processes, grad_sync), optimizer=opt)
     if a.resume is not None:
         load_checkpoint(a.resume, trainer, params)  # every process reads the same state
     return Run(a, acc, family, net, params, trainer)
 
 
-def fit(run: Run) -> list[float]:
-    """Train to --steps; returns the global (all-process mean) loss of every step run."""
+def train(run: Run) -> list[float]:
+    """Train to --steps with the core's loop; returns the global (all-process mean) loss of every step run."""
     from tqdm.auto import tqdm
 
     a, acc, trainer = run.args, run.acc, run.trainer
@@ -262,27 +268,28 @@ def fit(run: Run) -> list[float]:
     losses = []
     bar = tqdm(total=a.steps, initial=trainer.step_count, desc=f"self-perceptual ({run.family.name})",
                disable=not acc.is_main_process)
-    while trainer.step_count < a.steps:
-        with acc.autocast():
-            parts = trainer.step()
-        loss = acc.reduce(parts.loss.to(acc.device), reduction="mean").item()
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss} at step {trainer.step_count}")
-        losses.append(loss)
+
+    def after_step(step, parts):
+        losses.append(acc.reduce(parts.loss.to(acc.device), reduction="mean").item())
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.5f}")
-        if a.save_every and trainer.step_count % a.save_every == 0 and acc.is_main_process:
-            save_checkpoint(a.out / f"state-{trainer.step_count:06d}", trainer, run.params)
-    bar.close()
+        bar.set_postfix(loss=f"{losses[-1]:.5f}")
+
+    def save(step):
+        if acc.is_main_process:
+            save_checkpoint(a.out / f"state-{step:06d}", trainer, run.param_names, run.params)
+    try:
+        fit(trainer, a.steps, Hooks(context=acc.autocast, after_step=after_step, save=save), a.save_every)
+    finally:
+        bar.close()
     return losses
 
 
 def main(argv=None) -> Run:
     run = setup(parse_args(argv))
-    losses = fit(run)
+    losses = train(run)
     acc = run.acc
     acc.wait_for_everyone()
-    lora = None if run.args.full else comfy_lora_state_dict(run.net, run.family.lora_prefix)  # every process
+    lora = None if run.args.full else kohya_state_dict(run.net, run.family.lora_prefix)  # every process: FSDP
     if acc.is_main_process:
         _write_outputs(run.args, run.net, lora, losses, run.trainer, run.family)
     acc.wait_for_everyone()
@@ -290,15 +297,14 @@ def main(argv=None) -> Run:
     return run
 
 
-def make_host(net, tap_net, family: fam.Family, schedule, switch, depth: float, guidance: float,
-              early_exit: bool = True) -> ModelHost:
+def make_view(net, tap_net, family: fam.Family, schedule, switch, depth: float, guidance: float,
+              early_exit: bool = True) -> ModelView:
     """The core's view of a diffusers denoiser: predictions through ``net`` (adapter on), features of ``tap_net``
     (the same net with the adapter off, or a frozen copy) at the family's tap."""
-    tp = fam.tap_point(tap_net, family, depth)
     # FSDP (un)shards each block in its forward hooks: the forward must run to the end for them all to run
-    tap = FeatureTap(tp.module, early_exit=early_exit)
-    frozen = frozen_features_fn(fam.predictor(tap_net, family, schedule, guidance), tap, switch, tp.features)
-    return ModelHost(fam.predictor(net, family, schedule, guidance), frozen, schedule.noise_scaling,
+    tap = fam.tap_point(tap_net, family, depth, early_exit)
+    frozen = frozen_features_fn(fam.predictor(tap_net, family, schedule, guidance), tap, switch)
+    return ModelView(fam.predictor(net, family, schedule, guidance), frozen, schedule.noise_scaling,
                      schedule.sigma_of_t, schedule.parameterization, fam.collate, output_scale_fn(schedule.denoise))
 
 

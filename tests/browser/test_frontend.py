@@ -71,7 +71,9 @@ def graph_state(page) -> list[dict]:
 @pytest.mark.parametrize("name", sorted(p.name for p in workflows.WORKFLOWS.glob("*.json")))
 def test_workflow_loads_without_missing_nodes_or_widget_errors(server, page, name):
     wf = workflows.load(name)
+    page.evaluate("() => { window.selfpercMigrations = []; }")
     load(page, wf)
+    assert page.evaluate("() => window.selfpercMigrations") == []  # a current workflow is not taken for an old one
     state = graph_state(page)
     assert len(state) == len(wf["nodes"])
     missing = [n["type"] for n in state if not n["registered"]]
@@ -144,3 +146,26 @@ def test_queue_distance_workflow_from_the_ui(server, page):
                                              (3, "image"): "ui_b.png"})
     assert entry["outputs"]["5"]["images"]
     page.screenshot(path=str(ARTIFACTS / "distance_after_run.png"))
+
+
+def test_a_workflow_saved_before_the_option_nodes_keeps_its_values_and_says_what_moved(server, page):
+    """The fine-tune workflow as version 0.2.0 saved it (all 44 settings as one list of widget values, which ComfyUI
+    would assign by position): the pack's frontend extension puts the node's own settings back by name and lists
+    the moved settings that differ from their defaults, with the option node that holds each now."""
+    old = json.loads((REPO_ROOT / "tests" / "browser" / "old_fine_tune_compare_v0.2.0.json").read_text())
+    tune = next(n for n in old["nodes"] if n["type"] == "SelfPerceptualFineTune")
+    assert len(tune["widgets_values"]) == 44
+    values = tune["widgets_values"]
+    values[1], values[2], values[6], values[19] = 321, 3e-5, 768, "selfperc/old_run"  # steps, lr, resolution, name
+    values[16], values[27] = 1.0, "sgd"  # mse_weight, optimizer: moved, and not at their defaults
+    page.evaluate("() => { window.selfpercMigrations = []; }")
+    load(page, old)
+    state = {n["type"]: dict(n["widgets"]) for n in graph_state(page)}["SelfPerceptualFineTune"]
+    assert (state["steps"], state["learning_rate"], state["resolution"], state["lora_name"]) == (
+        321, 3e-5, 768, "selfperc/old_run")
+    assert state["dataset_folder"] == "my_dataset" and state["seed"] == 0 and state["rank"] == 8
+    migrations = page.evaluate("() => window.selfpercMigrations")
+    assert len(migrations) == 1, migrations
+    assert migrations[0]["changed"] == ["Self-Perceptual Objective: mse_weight = 1",
+                                        "Self-Perceptual Training Options: optimizer = \"sgd\""], migrations
+    page.screenshot(path=str(ARTIFACTS / "old_workflow_migrated.png"))

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from selfperc_core import AdapterSwitch
-from selfperc_core.host import ModelHost
 from selfperc_core.loop import LR_SCHEDULES, OPTIMIZERS, Trainer, TrainSettings, lr_factor
+from selfperc_core.model_view import ModelView
 from selfperc_core.schedule import output_scale_fn
 from tests.core.toy import EPS, ToyUNet, host_callables
 
@@ -16,13 +16,13 @@ def trainer(accumulation=1, batch_size=1, seed=0, **settings):
     switch = AdapterSwitch()
     net = ToyUNet(switch)
     predict, frozen, _ = host_callables(net, switch, EPS)
-    host = ModelHost(lambda x, s, c: predict(x, s), lambda x, s, c: frozen(x, s), EPS.noise_scaling,
+    host = ModelView(lambda x, s, c: predict(x, s), lambda x, s, c: frozen(x, s), EPS.noise_scaling,
                      lambda t: 0.03 + t * 10.0, "eps", output_scale=output_scale_fn(EPS.denoise))
     g = torch.Generator().manual_seed(1)
     latents = [torch.randn(4, 8, 8, generator=g) for _ in range(6)]
     params = [p for p in net.parameters() if p.requires_grad]
-    s = TrainSettings(learning_rate=1e-3, batch_size=batch_size, seed=seed, **settings)
-    return Trainer(params, latents, [None] * len(latents), host, s, accumulation=accumulation), params
+    s = TrainSettings(learning_rate=1e-3, batch_size=batch_size, seed=seed, accumulation=accumulation, **settings)
+    return Trainer(params, latents, [None] * len(latents), host, s), params
 
 
 def test_accumulating_k_micro_batches_equals_one_k_times_larger_batch():

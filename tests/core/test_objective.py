@@ -6,7 +6,14 @@ import sys
 import pytest
 import torch
 
-from selfperc_core import AdapterSwitch, FeatureTap, checkpoint_forward, self_perceptual_loss, split_prediction
+from selfperc_core import (
+    AdapterSwitch,
+    FeatureTap,
+    LossConfig,
+    checkpoint_forward,
+    self_perceptual_loss,
+    split_prediction,
+)
 from selfperc_core.adapter import uncheckpoint_forward
 from selfperc_core.objective import feature_distance
 from tests.core.toy import FLOW, PARAMS, ToyUNet, host_callables, make_batch
@@ -98,7 +105,7 @@ def _loss_and_grads(net, switch, param, batch, **kw):
     predict_x0, frozen_features, tap = host_callables(net, switch, param, early_exit=kw.pop("early_exit", True))
     for p in net.parameters():
         p.grad = None
-    parts = self_perceptual_loss(predict_x0, frozen_features, param.noise_scaling, *batch, **kw)
+    parts = self_perceptual_loss(predict_x0, frozen_features, param.noise_scaling, *batch, LossConfig(**kw))
     parts.loss.backward()
     tap.remove()
     return parts.loss.detach(), [p.grad.clone() for p in adapter_params(net)]
@@ -178,7 +185,7 @@ def test_only_adapter_gets_gradients_and_base_stays_bit_identical(name):
     for i in range(4):
         opt.zero_grad()
         parts = self_perceptual_loss(predict_x0, frozen_features, param.noise_scaling, *make_batch(param=param, seed=i),
-                                     mse_weight=0.1)
+                                     LossConfig(mse_weight=0.1))
         parts.loss.backward()
         for n, p in net.named_parameters():
             if n.endswith(("down", "up")):
@@ -222,7 +229,8 @@ def test_extreme_noise_levels_stay_finite(name, sigma_value):
     predict_x0, frozen_features, _ = host_callables(net, switch, param)
     x0, eps, _, sp = make_batch(param=param)
     sigma = torch.full((x0.shape[0],), sigma_value)
-    parts = self_perceptual_loss(predict_x0, frozen_features, param.noise_scaling, x0, eps, sigma, sp, mse_weight=1)
+    parts = self_perceptual_loss(predict_x0, frozen_features, param.noise_scaling, x0, eps, sigma, sp,
+                                 LossConfig(mse_weight=1))
     parts.loss.backward()
     assert torch.isfinite(parts.loss)
     assert all(torch.isfinite(p.grad).all() for p in adapter_params(net))
@@ -250,7 +258,7 @@ def test_core_never_imports_comfyui_or_a_host_library():
     code = ("import sys, pkgutil, importlib, selfperc_core;"
             "mods=[m.name for m in pkgutil.iter_modules(selfperc_core.__path__)];"
             "[importlib.import_module('selfperc_core.' + m) for m in mods];"
-            "assert {'loop', 'dataset', 'host', 'state', 'objective', 'evaluation', 'realimage'} <= set(mods), mods;"
+            "assert {'loop', 'dataset', 'model_view', 'state', 'objective', 'evaluation', 'realimage'} <= set(mods), mods;"
             "bad=[m for m in sys.modules if m.split('.')[0] in ('comfy','comfy_api','folder_paths','nodes',"
             "'diffusers','accelerate','peft','transformers','torchmetrics')];"
             "assert not bad, bad")
@@ -259,7 +267,7 @@ def test_core_never_imports_comfyui_or_a_host_library():
 
 def test_conditionings_of_different_lengths_batch_like_comfyui():
     """Repeating a token sequence leaves attention's output unchanged, so captions of 77 and 154 tokens batch."""
-    from selfperc_core.host import stack_token_conds as batch_conds
+    from selfperc_core.model_view import stack_token_conds as batch_conds
 
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(1, 77, 8, generator=g), torch.randn(1, 154, 8, generator=g)
@@ -277,19 +285,19 @@ def test_perceptual_weight_scales_the_loss_and_zero_is_plain_mse_without_frozen_
     predict_x0, frozen_features, _ = host_callables(net, switch, param)
     batch = make_batch(param=param)
     one = self_perceptual_loss(predict_x0, frozen_features, param.noise_scaling, *batch)
-    two = self_perceptual_loss(predict_x0, frozen_features, param.noise_scaling, *batch, perceptual_weight=2.0)
+    two = self_perceptual_loss(predict_x0, frozen_features, param.noise_scaling, *batch, LossConfig(perceptual_weight=2.0))
     torch.testing.assert_close(two.loss, 2 * one.loss)
 
     def no_frozen(*a):
         raise AssertionError("the MSE baseline must not run the frozen network")
-    mse = self_perceptual_loss(predict_x0, no_frozen, param.noise_scaling, *batch, perceptual_weight=0.0,
-                               mse_weight=1.0)
+    mse = self_perceptual_loss(predict_x0, no_frozen, param.noise_scaling, *batch,
+                               LossConfig(perceptual_weight=0.0, mse_weight=1.0))
     x0, eps, sigma, _ = batch
     expected = (predict_x0(param.noise_scaling(sigma, eps, x0), sigma) - x0).square().mean()
     torch.testing.assert_close(mse.loss, expected)
     assert float(mse.perceptual) == 0.0
     with pytest.raises(ValueError, match="nothing to train"):
-        self_perceptual_loss(predict_x0, frozen_features, param.noise_scaling, *batch, perceptual_weight=0.0)
+        self_perceptual_loss(predict_x0, frozen_features, param.noise_scaling, *batch, LossConfig(perceptual_weight=0.0))
 
 
 def textbook_target(name, x0, eps, sigma):
@@ -318,29 +326,29 @@ def test_native_mse_is_the_raw_output_mse_and_x0_space_reweights_it_by_c_out_squ
     def predict_x0(x, s):  # the host's view: only x0_hat, never the raw output
         return param.denoise(x, s, net(param.scale_in(x, s), s))
     c_out = output_scale_fn(param.denoise)(sigma)
-    kw = dict(perceptual_weight=0.0, mse_weight=1.0)
-    native = self_perceptual_loss(predict_x0, None, param.noise_scaling, x0, eps, sigma, sp, output_scale=c_out, **kw)
+    baseline = LossConfig(perceptual_weight=0.0, mse_weight=1.0)
+    native = self_perceptual_loss(predict_x0, None, param.noise_scaling, x0, eps, sigma, sp, baseline, c_out)
     textbook = (raw - textbook_target(name, x0, eps, sigma)).square().mean()
     assert textbook > 0.1  # an untrained net: far from its target
     torch.testing.assert_close(native.loss, textbook, rtol=1e-4, atol=0)
     torch.testing.assert_close(native.mse, textbook, rtol=1e-4, atol=0)
-    x0_space = self_perceptual_loss(predict_x0, None, param.noise_scaling, x0, eps, sigma, sp, **kw)
+    x0_space = self_perceptual_loss(predict_x0, None, param.noise_scaling, x0, eps, sigma, sp, baseline)
     per_sample = [prediction_mse(predict_x0(x_t, sigma)[i:i + 1], x0[i:i + 1], c_out[i:i + 1]) for i in range(3)]
     torch.testing.assert_close(x0_space.loss, sum(c ** 2 * m for c, m in zip(c_out, per_sample)) / 3, rtol=1e-4, atol=0)
     assert not torch.allclose(x0_space.loss, native.loss, rtol=1e-2)  # the two spaces weight the levels differently
 
 
 def test_trainer_refuses_an_unknown_mse_space_and_native_without_the_hosts_output_scale():
-    from selfperc_core.host import ModelHost
     from selfperc_core.loop import Trainer, TrainSettings
+    from selfperc_core.model_view import ModelView
 
     param = PARAMS["eps"]
     net, switch = trained_net()
     predict_x0, frozen_features, _ = host_callables(net, switch, param)
-    host = ModelHost(lambda x, s, c: predict_x0(x, s), lambda x, s, c: frozen_features(x, s), param.noise_scaling,
+    host = ModelView(lambda x, s, c: predict_x0(x, s), lambda x, s, c: frozen_features(x, s), param.noise_scaling,
                      lambda t: 0.03 + t, "eps")
     params = [p for p in net.parameters() if p.requires_grad]
-    with pytest.raises(ValueError, match="needs the host's output_scale"):
+    with pytest.raises(ValueError, match="needs the model's output_scale"):
         Trainer(params, [torch.zeros(4, 8, 8)], [None], host, TrainSettings())
     with pytest.raises(ValueError, match="unknown mse_space 'eps'"):
         Trainer(params, [torch.zeros(4, 8, 8)], [None], host, TrainSettings(mse_space="eps"))

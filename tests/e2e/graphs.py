@@ -36,6 +36,26 @@ def core_sampling() -> dict:
     return g
 
 
+OPTION_NODES = {"objective": "SelfPerceptualObjective", "training": "SelfPerceptualTrainingOptions",
+                "lora": "SelfPerceptualLoraOptions", "monitoring": "SelfPerceptualMonitoring"}
+
+
+def fine_tune_node(node_id: str, inputs: dict) -> dict:
+    """API-format nodes of a fine-tune whose settings are given flat: the node (id ``node_id``) and an option node
+    (ids node_id + 1..4) for each option group with a value; the groups come from the pack's own settings."""
+    from dev.host import import_pack
+
+    import_pack()
+    from selfperc_pack.nodes.settings import split_flat
+
+    base, groups = split_flat(inputs)
+    nodes = {node_id: {"class_type": "SelfPerceptualFineTune", "inputs": base}}
+    for i, (group, values) in enumerate(sorted(groups.items()), 1):
+        nodes[f"{node_id}{i}"] = {"class_type": OPTION_NODES[group], "inputs": values}
+        base[group] = [f"{node_id}{i}", 0]
+    return nodes
+
+
 def fine_tune(kind: str, folder: str, lora_name: str, clip: bool = True, **over) -> dict:
     """Fine-tune -> A/B sampler (base vs tuned, no CFG) -> SaveImage, plus core Plot Loss Graph."""
     g = loader(kind)
@@ -43,7 +63,7 @@ def fine_tune(kind: str, folder: str, lora_name: str, clip: bool = True, **over)
     if clip:
         inputs["clip"] = ["1", 1]
     inputs.update(over)
-    g["10"] = {"class_type": "SelfPerceptualFineTune", "inputs": inputs}
+    g.update(fine_tune_node("10", inputs))
     g["11"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
     g["12"] = {"class_type": "SelfPerceptualSampler",
                "inputs": {"model": ["10", 0], "base_model": ["2", 0], "latent": ["11", 0], "seed": 1, "steps": 3,

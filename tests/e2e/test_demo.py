@@ -49,9 +49,12 @@ def test_quick_demo_runs_through_the_server(tmp_path, capsys):
             assert im.width > 32 and im.height > 32, name
     from safetensors import safe_open
 
-    for name in ("demo_selfperceptual", "demo_mse_baseline"):
+    for name, weights in (("demo_selfperceptual", (1.0, 0.0)), ("demo_mse_baseline", (0.0, 1.0))):
         with safe_open(str(results / f"{name}.safetensors"), "pt") as f:
             assert any("lora" in k for k in f.keys()), name
+            settings = json.loads(f.metadata()["settings"])
+        # the baseline is plain MSE in the model's own (velocity) loss space, the rest of the run the same
+        assert (settings["perceptual_weight"], settings["mse_weight"]) == weights and settings["mse_space"] == "native"
     rows = report["metrics"]["self"]["KID"]
     assert set(rows) == {"base", "fine-tuned", "baseline", "fine-tuned - base", "baseline - base",
                          "fine-tuned - baseline"}

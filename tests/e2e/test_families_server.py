@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 
 from dev.datasets import make_dataset, photo
 from dev.tiny_families import FAMILIES
+from tests.e2e import graphs
 from tests.e2e.test_server import assert_success
 from tests.host import test_families as host_tests
 
@@ -48,9 +49,8 @@ def test_family_trains_samples_and_its_lora_loads_through_the_api(server, inputs
     assert_success(server, before)
 
     g = tiny(family)
-    g["10"] = {"class_type": "SelfPerceptualFineTune",
-               "inputs": dict(TRAIN, model=["1", 0], vae=["1", 2], clip=["1", 1], dataset_folder=inputs,
-                              lora_name=f"fam/{family}")}
+    g.update(graphs.fine_tune_node("10", dict(TRAIN, model=["1", 0], vae=["1", 2], clip=["1", 1], dataset_folder=inputs,
+                              lora_name=f"fam/{family}")))
     g["12"] = {"class_type": "SelfPerceptualSampler",
                "inputs": {"model": ["10", 0], "base_model": ["1", 0], "latent": ["1", 4], "positive": ["1", 3],
                           "vae": ["1", 2], "seed": 1, "steps": 2, "sampler_name": "euler", "scheduler": "normal",
@@ -104,9 +104,8 @@ def test_sd3_file_through_core_unetloader_trains(server, inputs, family, weight_
                   str(path))
     g = tiny("sd3")
     g["5"] = {"class_type": "UNETLoader", "inputs": {"unet_name": name, "weight_dtype": weight_dtype}}
-    g["10"] = {"class_type": "SelfPerceptualFineTune",
-               "inputs": dict(TRAIN, model=["5", 0], vae=["1", 2], conditioning=["1", 3], dataset_folder=inputs,
-                              lora_name=f"fam/{family}_{weight_dtype}")}
+    g.update(graphs.fine_tune_node("10", dict(TRAIN, model=["5", 0], vae=["1", 2], conditioning=["1", 3], dataset_folder=inputs,
+                              lora_name=f"fam/{family}_{weight_dtype}")))
     entry, log = server.run_logged(g)
     assert_success(server, entry)
     text = entry["outputs"]["10"]["text"][0]
@@ -131,8 +130,7 @@ def test_sd2_file_through_core_unetloader_trains_as_v_prediction(server, inputs)
          "6": {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["5", 0], "sampling": "v_prediction",
                                                                 "zsnr": True}},
          "7": {"class_type": "SelfPercTestTinyFamily", "inputs": {"family": "sd20_v", "side": 4}}}
-    g["10"] = {"class_type": "SelfPerceptualFineTune",
-               "inputs": dict(TRAIN, model=["6", 0], vae=["7", 2], dataset_folder=inputs, lora_name="fam/sd2_file")}
+    g.update(graphs.fine_tune_node("10", dict(TRAIN, model=["6", 0], vae=["7", 2], dataset_folder=inputs, lora_name="fam/sd2_file")))
     entry, log = server.run_logged(g)
     assert_success(server, entry)
     assert "model_type EPS" in log  # detection says eps (a tiny file has no v statistics); ModelSamplingDiscrete sets v

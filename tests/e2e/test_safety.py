@@ -53,7 +53,7 @@ def test_an_old_pickle_state_pt_is_not_offered_and_not_loaded(server, photos, tm
     marker = tmp_path / "pwned_legacy"
     _fake_lora(loras / "old.safetensors")
     (loras / "old.state.pt").write_bytes(pickle.dumps({"trainer": _Payload(marker)}))
-    options = server.get("/object_info/SelfPerceptualFineTune")["SelfPerceptualFineTune"]["input"]["optional"][
+    options = server.get("/object_info/SelfPerceptualLoraOptions")["SelfPerceptualLoraOptions"]["input"]["optional"][
         "resume_from"][0]
     assert "legacy/old.safetensors" not in options
     # ComfyUI does not check optional combo values against the list: the node itself refuses, naming the file

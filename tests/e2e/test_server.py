@@ -13,7 +13,24 @@ from tests.e2e import graphs
 
 pytestmark = pytest.mark.e2e
 OUR_NODES = {"SelfPerceptualFineTune": "selfperc/training", "SelfPerceptualSampler": "selfperc/sampling",
-             "SelfPerceptualDistance": "selfperc/analysis", "SelfPerceptualEvaluate": "selfperc/analysis"}
+             "SelfPerceptualDistance": "selfperc/analysis", "SelfPerceptualEvaluate": "selfperc/analysis",
+             "SelfPerceptualObjective": "selfperc/training/options",
+             "SelfPerceptualTrainingOptions": "selfperc/training/options",
+             "SelfPerceptualLoraOptions": "selfperc/training/options",
+             "SelfPerceptualMonitoring": "selfperc/training/options"}
+# The fine-tune node's inputs in version 0.2.0 (before the option nodes): every one is still offered under its name.
+INPUTS_0_2_0 = [
+    "model", "vae", "dataset_folder", "steps", "learning_rate", "rank", "alpha", "batch_size", "resolution",
+    "resize_mode", "seed", "feature_layer", "t_prime", "t_prime_min", "t_prime_max", "distance", "normalize_features",
+    "mse_weight", "gradient_checkpointing", "training_dtype", "lora_name", "overwrite", "save_every", "preview_every",
+    "clip", "resume_from", "batched_frozen", "dataset_path", "conditioning", "tap_depth", "optimizer", "lr_schedule",
+    "warmup_steps", "gradient_accumulation", "ema_decay", "save_weights", "algorithm", "lora_dtype", "save_format",
+    "init_lora", "sample_prompts", "sample_every", "validation_split", "validation_every", "guidance",
+    "perceptual_weight"]
+
+
+def inputs_of(spec: dict) -> dict:
+    return {**spec["input"]["required"], **spec["input"].get("optional", {})}
 
 
 def outputs_of(entry: dict, node: str) -> dict:
@@ -32,12 +49,40 @@ def test_object_info_lists_our_nodes_with_tooltips(server):
         assert (Path(__file__).parents[2] / "web" / "docs" / f"{node_id}.md").is_file(), f"{node_id}: no help page"
         spec = info[node_id]
         assert spec["category"] == category
-        inputs = {**spec["input"]["required"], **spec["input"].get("optional", {})}
-        for name, (typ, *opts) in inputs.items():
+        for name, (typ, *opts) in inputs_of(spec).items():
             assert opts and opts[0].get("tooltip"), f"{node_id}.{name} has no tooltip"
     core = info["SaveLoRA"]["input"]["required"]["lora"][0]
     assert info["SelfPerceptualFineTune"]["output"][1] == core  # LORA_MODEL: plugs into core Save LoRA
     assert info["SelfPerceptualFineTune"]["output"][2] == info["LossGraphNode"]["input"]["required"]["loss"][0]
+
+
+def test_the_fine_tune_node_shows_at_most_16_inputs_and_every_earlier_input_is_still_offered(server):
+    """The node keeps what a first run needs; each option node plugs into its own input with its own type; every
+    input of version 0.2.0 (and mse_space) is an input of some pack node under the same name."""
+    info = server.get("/object_info")
+    tune = inputs_of(info["SelfPerceptualFineTune"])
+    assert len(tune) <= 16, sorted(tune)
+    offered = {name for node in OUR_NODES for name in inputs_of(info[node])}
+    assert not set(INPUTS_0_2_0 + ["mse_space"]) - offered
+    for group, node in graphs.OPTION_NODES.items():
+        out_type = info[node]["output"][0]
+        assert out_type == f"SELFPERC_{group.upper()}" and tune[group][0] == out_type  # their own custom type
+        assert group in info["SelfPerceptualFineTune"]["input"]["optional"]
+
+
+def test_a_prompt_with_the_earlier_inputs_is_refused_naming_where_they_live_now(server, photos):
+    """An API prompt written for version 0.2.0 (every setting on the node): a clear error, nothing trained."""
+    g = graphs.fine_tune("eps", photos, "e2e/old_layout", steps=1)
+    g["10"]["inputs"].update(mse_weight=1.0, perceptual_weight=0.0, optimizer="sgd", alpha=4.0)
+    for key in [k for k in g if k.startswith("10") and k != "10"]:
+        del g[key]
+    for group in graphs.OPTION_NODES:
+        g["10"]["inputs"].pop(group, None)
+    text = run_expecting_error(server, g)
+    assert "saved with an earlier version of Self-Perceptual Fine-Tune" in text, text
+    assert "Self-Perceptual Objective (mse_weight=1.0, perceptual_weight=0.0)" in text, text
+    assert "Self-Perceptual Training Options (optimizer='sgd')" in text and "LoRA Options (alpha=4.0)" in text, text
+    assert not (server.base / "models" / "loras" / "e2e" / "old_layout.safetensors").exists()
 
 
 def test_harness_core_graph_saves_an_image(server):

@@ -29,14 +29,12 @@ def as_parameterization(model, kind: str):
     raise ValueError(kind)
 
 
-def session(pack, model, **kw):
-    """A training session on ``model`` with small test defaults (``pack``: the pack is imported)."""
-    from selfperc_pack.nodes.session import training_session
+def session(pack, model, existing=None, start=None, **spec):
+    """A training session on ``model`` with small test defaults (rank 4, alpha 4; ``spec``: SessionSpec fields;
+    ``pack``: the pack is imported)."""
+    from selfperc_pack.nodes.session import SessionSpec, training_session
 
-    kw.setdefault("rank", 4)
-    kw.setdefault("alpha", 4.0)
-    kw.setdefault("seed", 0)
-    return training_session(model, **kw)
+    return training_session(model, SessionSpec(**spec), existing=existing, start=start)
 
 
 def nonzero_lora(ses, seed=1, scale=0.05, up_scale=None):
@@ -77,3 +75,12 @@ def loaded_output(patcher, x, sigma, **cond):
             return patcher.model.apply_model(x, sigma, **cond)
     finally:
         release(patcher)
+
+
+def fine_tune_inputs(**flat):
+    """The fine-tune node's inputs for settings given by name in one flat dict (the node's own inputs, and option
+    objects for the groups that have a value)."""
+    from selfperc_pack.nodes.settings import OPTION_GROUPS, split_flat
+
+    base, groups = split_flat(flat)
+    return dict(base, **{g: OPTION_GROUPS[g](**v) for g, v in groups.items()})

@@ -7,7 +7,7 @@ import torch
 
 from dev.stand_ins import CaptionEncoder, PatchVAE
 from dev.tiny_families import FAMILIES, SPECS, latent_shape, tiny_conditioning, tiny_model
-from tests.host.models import assert_applied_as_trained, nonzero_lora, session
+from tests.host.models import assert_applied_as_trained, fine_tune_inputs, nonzero_lora, session
 
 pytestmark = pytest.mark.host
 UNETS = ("sd15", "sd20_v", "sdxl")
@@ -41,20 +41,20 @@ def fixed_batch(mp, shape, B=2):
 
 
 def test_training_lowers_the_loss_on_a_fixed_batch_and_leaves_the_base_bit_identical(pack, family):
-    from selfperc_pack.nodes import conditioning
+    from selfperc_pack.nodes import inputs
     from selfperc_pack.selfperc_core import self_perceptual_loss
 
     mp, cond, shape = tiny_model(family), tiny_conditioning(family), shape_of(family)
     before = sample(mp, cond, shape)
     batch = fixed_batch(mp, shape)
     with session(pack, mp, checkpointing=True, latent_shape=shape[1:], batch=2) as ses:
-        c = conditioning.collate([conditioning.model_inputs(ses.mp, cond, shape[1:])] * 2)
+        c = inputs.collate([inputs.model_inputs(ses.mp, cond, shape[1:])] * 2)
         opt = torch.optim.Adam(ses.params, lr=3e-3)
         losses = []
         for _ in range(10):
             opt.zero_grad()
             parts = self_perceptual_loss(lambda x, s: ses.predict_x0(x, s, c), lambda x, s: ses.frozen_features(x, s, c),
-                                         ses.host.noise_scaling, *batch)
+                                         ses.view.noise_scaling, *batch)
             parts.loss.backward()
             assert any(p.grad is not None for p in ses.params)  # layers whose output is unused get none
             opt.step()
@@ -65,21 +65,21 @@ def test_training_lowers_the_loss_on_a_fixed_batch_and_leaves_the_base_bit_ident
 
 
 def test_tap_gives_a_feature_grid_and_stops_the_forward_there(pack, family):
-    from selfperc_pack.nodes import conditioning, taps
+    from selfperc_pack.nodes import families, inputs
 
     mp, cond, shape = tiny_model(family), tiny_conditioning(family), shape_of(family, side=6)
     dm = mp.model.diffusion_model
-    if taps.is_unet(dm):
+    if families.is_unet(dm):
         last = dm.output_blocks[-1][-1]  # the blocks' children are what the UNet calls
-    elif len(taps.blocks(dm)) > 1:
-        last = taps.blocks(dm)[-1][0]
+    elif len(families.blocks(dm)) > 1:
+        last = families.blocks(dm)[-1][0]
     else:  # one block (the tiny Z-Image): the output layer comes after it
         last = dm.final_layer
     ran = []
     handle = last.register_forward_hook(lambda *a: ran.append(1))
     try:  # tap_depth 0: the first block, so the tiny transformers (2 blocks) have a block after the tap
         with session(pack, mp, checkpointing=False, depth=0.0) as ses:
-            c = conditioning.collate([conditioning.model_inputs(ses.mp, cond, shape[1:])])
+            c = inputs.collate([inputs.model_inputs(ses.mp, cond, shape[1:])])
             x = torch.randn(shape)
             sigma = torch.tensor([float(ses.model_sampling.sigma_max) / 2])
             with torch.no_grad():
@@ -90,26 +90,26 @@ def test_tap_gives_a_feature_grid_and_stops_the_forward_there(pack, family):
     finally:
         handle.remove()
     assert feats.ndim == 4 and feats.shape[0] == 1
-    if not taps.is_unet(dm):
-        assert tuple(feats.shape[2:]) == (taps.token_grid(dm, shape)[-2] * (shape[2] if len(shape) == 5 else 1),
-                                          taps.token_grid(dm, shape)[-1])
-        assert ses.tap_name == f"block 0 of {len(taps.blocks(dm))}"
+    if not families.is_unet(dm):
+        assert tuple(feats.shape[2:]) == (families.token_grid(dm, shape)[-2] * (shape[2] if len(shape) == 5 else 1),
+                                          families.token_grid(dm, shape)[-1])
+        assert ses.tap_name == f"block 0 of {len(families.blocks(dm))}"
 
 
 def test_gradients_through_the_blocks_match_finite_differences(pack, family):
     """Backward through ComfyUI's block code (checkpointed, inputs copied: some blocks add in place) is exact."""
-    from selfperc_pack.nodes import conditioning
-    from selfperc_pack.selfperc_core import self_perceptual_loss
+    from selfperc_pack.nodes import inputs
+    from selfperc_pack.selfperc_core import LossConfig, self_perceptual_loss
 
     mp, cond, shape = tiny_model(family), tiny_conditioning(family), shape_of(family)
     batch = fixed_batch(mp, shape)
     with session(pack, mp, checkpointing=True) as ses:
         nonzero_lora(ses)
-        c = conditioning.collate([conditioning.model_inputs(ses.mp, cond, shape[1:])] * 2)
+        c = inputs.collate([inputs.model_inputs(ses.mp, cond, shape[1:])] * 2)
 
         def loss():
             return self_perceptual_loss(lambda x, s: ses.predict_x0(x, s, c), lambda x, s: ses.frozen_features(x, s, c),
-                                        ses.host.noise_scaling, *batch, mse_weight=1.0).loss
+                                        ses.view.noise_scaling, *batch, LossConfig(mse_weight=1.0)).loss
         loss().backward()
         g = torch.Generator().manual_seed(5)
         dirs = [torch.randn(p.shape, generator=g) * 0.1 for p in ses.params]  # small: the loss is far from linear
@@ -131,7 +131,7 @@ def test_gradients_through_the_blocks_match_finite_differences(pack, family):
 def test_native_mse_is_the_textbook_loss_of_the_families_raw_output(pack, family):
     """mse_space native on every family's own parameterization (eps, v, flow; Cosmos' rectified flow in
     sigma/(1+sigma)): the MSE of the raw network output against eps, v or the velocity eps - x0."""
-    from selfperc_pack.nodes import conditioning
+    from selfperc_pack.nodes import inputs
 
     from tests.host.test_objective_real_unet import native_and_textbook_mse
 
@@ -139,7 +139,7 @@ def test_native_mse_is_the_textbook_loss_of_the_families_raw_output(pack, family
     x0, eps, sigma, sigma_p = fixed_batch(mp, shape)
     with session(pack, mp, checkpointing=False) as ses:
         nonzero_lora(ses)
-        c = conditioning.collate([conditioning.model_inputs(ses.mp, cond, shape[1:])] * 2)
+        c = inputs.collate([inputs.model_inputs(ses.mp, cond, shape[1:])] * 2)
         ours, textbook = native_and_textbook_mse(ses, x0, eps, sigma, sigma_p, c)
     assert textbook > 0.05
     torch.testing.assert_close(ours, textbook, rtol=1e-4, atol=0)
@@ -148,14 +148,14 @@ def test_native_mse_is_the_textbook_loss_of_the_families_raw_output(pack, family
 def test_the_lora_is_what_core_loraloader_applies_with_no_unloaded_keys(pack, family, caplog):
     import comfy.model_management
     import comfy.sd
-    from selfperc_pack.nodes import conditioning, lora
+    from selfperc_pack.nodes import inputs, lora
     from selfperc_pack.nodes.session import release
 
     mp, cond, shape = tiny_model(family), tiny_conditioning(family), shape_of(family)
     x, _, sigma, _ = fixed_batch(mp, shape, B=2)
     with session(pack, mp, checkpointing=False) as ses:
         nonzero_lora(ses, up_scale=0.5)
-        c = conditioning.collate([conditioning.model_inputs(ses.mp, cond, shape[1:])] * 2)
+        c = inputs.collate([inputs.model_inputs(ses.mp, cond, shape[1:])] * 2)
         with torch.no_grad():
             on = ses.predict_x0(x, sigma, c)
             with ses.switch.off():
@@ -182,6 +182,8 @@ def node(name):
     class Run:
         @staticmethod
         def execute(**kw):
+            if name == "SelfPerceptualFineTune":  # settings given flat: the option groups as option objects
+                kw = fine_tune_inputs(**kw)
             with torch.inference_mode():
                 return cls.execute(**kw)
     return Run
@@ -231,7 +233,7 @@ def test_the_nodes_run_on_the_family(family, captioned, comfy):
 
 
 def test_families_that_need_their_text_encoder_say_so_before_any_work(family, captioned):
-    from selfperc_pack.nodes.conditioning import empty_conditioning
+    from selfperc_pack.nodes.families import empty_conditioning
 
     mp, shape = tiny_model(family), shape_of(family)
     if family in ("sd15", "sd20_v"):
@@ -259,7 +261,7 @@ def test_fp8_weights_stay_as_stored_and_the_lora_trains_in_fp32(pack, tmp_path):
     """A model loaded with fp8 weights (as the usual Flux/Qwen files are): no full-precision copy is made."""
     import comfy.sd
     from safetensors.torch import save_file
-    from selfperc_pack.nodes import conditioning
+    from selfperc_pack.nodes import inputs
     from selfperc_pack.selfperc_core import self_perceptual_loss
 
     path = tmp_path / "sd3.safetensors"
@@ -270,9 +272,9 @@ def test_fp8_weights_stay_as_stored_and_the_lora_trains_in_fp32(pack, tmp_path):
         linears = [m for m in ses.mp.model.diffusion_model.modules() if isinstance(m, torch.nn.Linear)]
         assert linears and all(m.weight.dtype == torch.float8_e4m3fn for m in linears)
         assert all(p.dtype == torch.float32 for p in ses.params)
-        c = conditioning.collate([conditioning.model_inputs(ses.mp, cond, shape[1:])] * 2)
+        c = inputs.collate([inputs.model_inputs(ses.mp, cond, shape[1:])] * 2)
         parts = self_perceptual_loss(lambda x, s: ses.predict_x0(x, s, c), lambda x, s: ses.frozen_features(x, s, c),
-                                     ses.host.noise_scaling, *fixed_batch(ses.mp, shape))
+                                     ses.view.noise_scaling, *fixed_batch(ses.mp, shape))
         parts.loss.backward()
         assert torch.isfinite(parts.loss) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in ses.params)
         assert all(m.weight.dtype == torch.float8_e4m3fn for m in linears)
@@ -295,12 +297,12 @@ def scaled_model(fam, scale=10.0):
 @pytest.mark.parametrize("fam", INPLACE_FAMILIES)
 def test_out_of_place_blocks_compute_the_same_forward(pack, fam):
     import comfy.model_management
-    from selfperc_pack.nodes import conditioning
+    from selfperc_pack.nodes import inputs
     from selfperc_pack.nodes.session import release
     from selfperc_pack.selfperc_core.adapter import OutOfPlace
 
     mp, shape = scaled_model(fam), shape_of(fam)
-    c = conditioning.collate([conditioning.model_inputs(mp, tiny_conditioning(fam), shape[1:])])
+    c = inputs.collate([inputs.model_inputs(mp, tiny_conditioning(fam), shape[1:])])
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     try:
         comfy.model_management.load_models_gpu([mp])
@@ -318,7 +320,7 @@ def test_blocks_that_add_in_place_give_exact_input_gradients_with_and_without_ch
     """ComfyUI's Flux-type blocks add in place to tensors autograd saved; run out of place (adapter.OutOfPlace)
     the session's input gradient, checkpointed (recomputed) or not, matches finite differences at O(1) activations
     (a recomputation that read overwritten tensors was off by ~70 here)."""
-    from selfperc_pack.nodes import conditioning
+    from selfperc_pack.nodes import inputs
 
     shape = shape_of(fam)
     g = torch.Generator().manual_seed(0)
@@ -327,7 +329,7 @@ def test_blocks_that_add_in_place_give_exact_input_gradients_with_and_without_ch
     for ck in (True, False):
         mp = scaled_model(fam)
         with session(pack, mp, checkpointing=ck) as ses:
-            c = conditioning.collate([conditioning.model_inputs(ses.mp, tiny_conditioning(fam), shape[1:])])
+            c = inputs.collate([inputs.model_inputs(ses.mp, tiny_conditioning(fam), shape[1:])])
 
             def f(z):
                 return ses.predict_x0(z, sigma, c).square().mean()
@@ -373,17 +375,17 @@ def test_flux_blocks_under_out_of_place_match_finite_differences_in_float64(pack
 
 
 def test_guidance_is_set_only_when_asked_and_reference_images_are_refused(pack):
-    from selfperc_pack.nodes import conditioning
+    from selfperc_pack.nodes import inputs
 
     mp, shape = tiny_model("flux"), shape_of("flux")
     cond = tiny_conditioning("flux")  # carries guidance 3.5, as FluxGuidance would set it
-    assert conditioning.with_guidance(cond, 0.0) is cond
-    kept = conditioning.model_inputs(mp, cond, shape[1:])["guidance"].cond
-    set_ = conditioning.model_inputs(mp, conditioning.with_guidance(cond, 7.0), shape[1:])["guidance"].cond
+    assert inputs.with_guidance(cond, 0.0) is cond
+    kept = inputs.model_inputs(mp, cond, shape[1:])["guidance"].cond
+    set_ = inputs.model_inputs(mp, inputs.with_guidance(cond, 7.0), shape[1:])["guidance"].cond
     assert kept.tolist() == [3.5] and set_.tolist() == [7.0]
     ref = [[cond[0][0], dict(cond[0][1], reference_latents=[torch.zeros(shape)])]]
     with pytest.raises(ValueError, match="reference images"):
-        conditioning.model_inputs(mp, ref, shape[1:])
+        inputs.model_inputs(mp, ref, shape[1:])
 
 
 def test_evaluate_and_real_image_modes_on_the_family(family, captioned, comfy):
@@ -452,10 +454,10 @@ def test_the_tap_reads_the_image_tokens_in_grid_order_and_no_text_token(pack, fa
     made token-local so that a change stays where it was made: a change of the latent at one spatial position moves
     exactly the tapped feature at that position's (row, column) of the token grid, and a change of one text token
     moves no tapped feature (the tap holds no text tokens)."""
-    from selfperc_pack.nodes import conditioning, taps
+    from selfperc_pack.nodes import families, inputs
 
     mp, cond = tiny_model(family), tiny_conditioning(family)
-    if taps.is_unet(mp.model.diffusion_model):
+    if families.is_unet(mp.model.diffusion_model):
         pytest.skip("UNets have no token stream: the tap is the mid-block's feature map")
     shape = shape_of(family, side=16 if SPECS[family][2] <= 16 else 32)
     sigma = torch.tensor([0.5])
@@ -467,13 +469,13 @@ def test_the_tap_reads_the_image_tokens_in_grid_order_and_no_text_token(pack, fa
     changed_image[..., r, c] += 1.0
     with session(pack, mp, checkpointing=False, depth=depth) as ses:
         def features(latent, conditioning_):
-            inputs = conditioning.collate([conditioning.model_inputs(ses.mp, conditioning_, shape[1:])])
+            batch = inputs.collate([inputs.model_inputs(ses.mp, conditioning_, shape[1:])])
             with torch.no_grad():
-                return ses.frozen_features(latent, sigma, inputs)
+                return ses.frozen_features(latent, sigma, batch)
         base = features(x, cond)
         text = features(x, changed_text)
         image = features(changed_image, cond)
-        n = len(taps.blocks(ses.mp.model.diffusion_model))
+        n = len(families.blocks(ses.mp.model.diffusion_model))
         assert ses.tap_name == f"block {min(n - 1, int(depth * n))} of {n}"
     rows, cols = base.shape[-2:]
     patch = shape[-1] // cols

@@ -22,13 +22,13 @@ def trained_lora(pack, mp):
 def patched_output(mp, sd, family):
     import comfy.model_management
     import comfy.sd
-    from selfperc_pack.nodes import conditioning
+    from selfperc_pack.nodes import inputs
     from selfperc_pack.nodes.session import release
 
     loaded, _ = comfy.sd.load_lora_for_models(mp, None, sd, 1.0, 0)
     shape = latent_shape(family, None, side=4)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    cond = conditioning.collate([conditioning.model_inputs(mp, tiny_conditioning(family), shape[1:])])
+    cond = inputs.collate([inputs.model_inputs(mp, tiny_conditioning(family), shape[1:])])
     try:
         comfy.model_management.load_models_gpu([loaded])
         with torch.no_grad():
@@ -128,13 +128,13 @@ def test_every_adapter_runs_beside_the_layer_as_core_loraloader_applies_it(comfy
     base model exactly; trainable; nothing left behind."""
     import comfy.model_management
     import comfy.sd
-    from selfperc_pack.nodes import conditioning, lora
+    from selfperc_pack.nodes import inputs, lora
 
     mp = tiny_model(family)
     shape = latent_shape(family, None, side=4)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     sigma = torch.tensor([0.5])
-    cond = conditioning.collate([conditioning.model_inputs(mp, tiny_conditioning(family), shape[1:])])
+    cond = inputs.collate([inputs.model_inputs(mp, tiny_conditioning(family), shape[1:])])
     with session(pack, mp, checkpointing=True, algorithm=algorithm) as ses:
         nonzero_lora(ses, scale=0.2)
         assert all(p.requires_grad for p in ses.params)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dev.datasets import make_dataset
-from tests.host.models import as_parameterization, load_checkpoint
+from tests.host.models import as_parameterization, fine_tune_inputs, load_checkpoint
 
 pytestmark = pytest.mark.host
 
@@ -44,7 +44,8 @@ class node:
 def train(pack, model, vae, folder, **kw):
     args = dict(TRAIN_DEFAULTS, lora_name=kw.pop("lora_name", "t/run"))
     args.update(kw)
-    return node(pack, "SelfPerceptualFineTune").execute(model=model, vae=vae, dataset_folder=folder, **args)
+    return node(pack, "SelfPerceptualFineTune").execute(model=model, vae=vae, dataset_folder=folder,
+                                                        **fine_tune_inputs(**args))
 
 
 def sample_base(model, seed=3):
@@ -290,7 +291,7 @@ def test_validation_samples_and_loss_curve(pack, models, comfy):
 
     import folder_paths
     from safetensors import safe_open
-    from selfperc_pack.nodes.train import held_out
+    from selfperc_pack.nodes.data import held_out
 
     model, clip, vae = models
     folder = make_dataset(comfy / "input" / "val_photos", names=["astronaut", "coffee", "chelsea"]).name

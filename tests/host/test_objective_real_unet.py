@@ -32,12 +32,12 @@ def fixed_batch(ms, B=2, seed=0):
 
 def loss_and_grads(ses, batch, **kw):
     from selfperc_pack.nodes import bridge
-    from selfperc_pack.selfperc_core import self_perceptual_loss
+    from selfperc_pack.selfperc_core import LossConfig, self_perceptual_loss
 
     for p in ses.params:
         p.grad = None
     parts = self_perceptual_loss(lambda x, s: ses.predict_x0(x, s, None), lambda x, s: ses.frozen_features(x, s, None),
-                                 bridge.noise_scaling_fn(ses.model_sampling), *batch, **kw)
+                                 bridge.noise_scaling_fn(ses.model_sampling), *batch, LossConfig(**kw))
     parts.loss.backward()
     return parts.loss.detach(), [p.grad.clone() for p in ses.params]
 
@@ -170,7 +170,7 @@ def test_only_adapter_trains_and_base_is_bit_identical(pack, base, kind):
     before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
     latents = [torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     with session(pack, model) as ses:
-        tr = Trainer(ses.params, latents, [None] * 3, ses.host,
+        tr = Trainer(ses.params, latents, [None] * 3, ses.view,
                      TrainSettings(learning_rate=1e-3, batch_size=2, mse_weight=0.1))
         for _ in range(3):
             tr.step()
@@ -237,15 +237,15 @@ def textbook_target(ms, x0, eps, sigma):
 def native_and_textbook_mse(ses, x0, eps, sigma, sigma_p, cond=None):
     """The pack's native MSE for one batch and the textbook MSE of the raw network output of that same forward
     (captured at the diffusion model's output, before ComfyUI turns it into x0_hat)."""
-    from selfperc_pack.selfperc_core import self_perceptual_loss
+    from selfperc_pack.selfperc_core import LossConfig, self_perceptual_loss
 
     raw = []
     hook = ses.mp.model.diffusion_model.register_forward_hook(lambda m, a, out: raw.append(out.detach().float()))
     try:
         with torch.no_grad():
-            parts = self_perceptual_loss(lambda x, s: ses.predict_x0(x, s, cond), None, ses.host.noise_scaling, x0, eps,
-                                         sigma, sigma_p, perceptual_weight=0.0, mse_weight=1.0,
-                                         output_scale=ses.host.output_scale(sigma))
+            parts = self_perceptual_loss(lambda x, s: ses.predict_x0(x, s, cond), None, ses.view.noise_scaling, x0, eps,
+                                         sigma, sigma_p, LossConfig(perceptual_weight=0.0, mse_weight=1.0),
+                                         ses.view.output_scale(sigma))
     finally:
         hook.remove()
     assert len(raw) == 1 and raw[0].shape == x0.shape

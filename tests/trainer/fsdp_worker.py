@@ -17,11 +17,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from selfperc_core.adapter import checkpoint_forward  # noqa: E402
 from selfperc_core.dataset import load_dataset  # noqa: E402
-from selfperc_core.loop import Trainer, TrainSettings  # noqa: E402
+from selfperc_core.loop import Distributed, Trainer, TrainSettings  # noqa: E402
 from selfperc_headless import families as fam  # noqa: E402
 from selfperc_headless.captions import encode_captions  # noqa: E402
-from selfperc_headless.diffusers_host import PeftSwitch, comfy_lora_state_dict  # noqa: E402
-from selfperc_headless.train import add_lora, encode, make_host  # noqa: E402
+from selfperc_headless.peft_lora import PeftSwitch, kohya_state_dict  # noqa: E402
+from selfperc_headless.train import add_lora, encode, make_view  # noqa: E402
 
 
 def main(model_dir: Path, data_dir: Path, out: Path, shard: bool, steps: int = 2, batch: int = 1,
@@ -35,7 +35,7 @@ def main(model_dir: Path, data_dir: Path, out: Path, shard: bool, steps: int = 2
     torch.manual_seed(0)
     family = fam.detect(model_dir)
     ds = load_dataset(data_dir, 64)
-    conds = encode_captions(model_dir, ds.captions, out.parent / f"cache-{rank}", "cpu", family.name,
+    conds = encode_captions(model_dir, ds.captions, out.parent / f"cache-{rank}", "cpu", family.text,
                             joint_dim=getattr(fam.load_denoiser(model_dir, family).config, "joint_attention_dim",
                                               None), log=lambda *_: None)
     latents = encode(AutoencoderKL.from_pretrained(model_dir / "vae").eval(), ds.images, "cpu")
@@ -52,10 +52,9 @@ def main(model_dir: Path, data_dir: Path, out: Path, shard: bool, steps: int = 2
         fully_shard(net)
     params = [p for p in net.parameters() if p.requires_grad]
     schedule = fam.load_schedule(model_dir, family, (8, 8))
-    host = make_host(net, net, family, schedule, switch, 0.5, 3.5, early_exit=not shard)
+    view = make_view(net, net, family, schedule, switch, 0.5, 3.5, early_exit=not shard)
     settings = TrainSettings(steps=steps, learning_rate=1e-3, batch_size=batch, seed=0)
-    trainer = Trainer(params, latents, conds, host, settings, device=torch.device("cpu"), rank=rank,
-                      world_size=world)
+    trainer = Trainer(params, latents, conds, view, settings, device=torch.device("cpu"), dist=Distributed(rank, world))
     losses = []
     for _ in range(steps):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=weights == torch.bfloat16):  # as acc.autocast()
@@ -64,7 +63,7 @@ def main(model_dir: Path, data_dir: Path, out: Path, shard: bool, steps: int = 2
             dist.all_reduce(loss)
             loss /= world
         losses.append(float(loss))
-    lora = comfy_lora_state_dict(net, family.lora_prefix)  # every rank: gathers the shards
+    lora = kohya_state_dict(net, family.lora_prefix)  # every rank: gathers the shards
     if rank == 0:
         from safetensors.torch import save_file
 

@@ -128,13 +128,13 @@ def test_full_fine_tune_trains_every_weight_against_a_frozen_copy(tmp_path, data
     assert 0.9 * lr <= moves.max() <= 2 * lr * 1.01  # AdamW: at most about lr per step
     assert (moves > 0.1 * lr).float().mean() > 0.5, "most weights should have moved"
     schedule = F.load_schedule(v_dir, F.FAMILIES["sd"], (8, 8))
-    untouched = headless.make_host(original, original, F.FAMILIES["sd"], schedule, None, 0.5, 3.5)
+    untouched = headless.make_view(original, original, F.FAMILIES["sd"], schedule, None, 0.5, 3.5)
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     sigma = torch.tensor([0.5, 3.0])
     with torch.no_grad():
-        frozen = run.trainer.host.frozen_features(x, sigma, None)
+        frozen = run.trainer.view.frozen_features(x, sigma, None)
         torch.testing.assert_close(frozen, untouched.frozen_features(x, sigma, None), rtol=0, atol=0)
-        online = headless.make_host(run.net, run.net, F.FAMILIES["sd"], schedule, None, 0.5, 3.5)
+        online = headless.make_view(run.net, run.net, F.FAMILIES["sd"], schedule, None, 0.5, 3.5)
         assert not torch.equal(online.frozen_features(x, sigma, None), frozen)
 
 
@@ -212,7 +212,7 @@ def test_captions_are_encoded_once_cached_and_condition_training(tmp_path, data_
     log, _ = train(model, captioned, tmp_path / "a", "--steps", 2, "--batch-size", 2, "--caption-cache", cache)
     files = sorted(cache.glob("*.safetensors"))
     assert len(files) == len(texts)  # one entry per distinct caption, the empty one included
-    enc_id = cap.encoder_id(model, "sd")
+    enc_id = cap.encoder_id(model, cap.SD)
     tok = CLIPTokenizer.from_pretrained(model / "tokenizer")
     te = CLIPTextModel.from_pretrained(model / "text_encoder").eval()
     for t in texts:

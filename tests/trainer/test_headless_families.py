@@ -70,9 +70,8 @@ def test_predictions_and_tapped_features_equal_comfyuis(comfy, pack, family):
     """One set of weights in both layouts (converted by ComfyUI's key maps): x0_hat and the frozen features at the
     tap (mid-block; block n//2 and block 0 of the transformers) equal what ComfyUI computes with the node's tap."""
     import comfy.model_management
-    from selfperc_pack.nodes import taps
+    from selfperc_pack.nodes import families
 
-    from selfperc_core.features import FeatureTap
     from selfperc_headless import families as F
 
     mp = comfy_model(family)
@@ -93,11 +92,11 @@ def test_predictions_and_tapped_features_equal_comfyuis(comfy, pack, family):
         ours = ours_fn(x, sigma, cond)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
     for depth in (0.5, 0.0):
-        ct, tp = taps.tap_point(dm, "mid_block", depth), F.tap_point(net, F.FAMILIES[family], depth)
+        ct, tp = families.tap_point(dm, "mid_block", depth), F.tap_point(net, F.FAMILIES[family], depth)
         assert ct.name == tp.name
-        with FeatureTap(ct.module) as tap_c, FeatureTap(tp.module) as tap_d, torch.no_grad():
-            fc = ct.features(tap_c(lambda: mp.model.apply_model(x, sigma, **inputs)), shape)
-            fd = tp.features(tap_d(lambda: ours_fn(x, sigma, cond)), shape)
+        with ct, tp, torch.no_grad():
+            fc = ct.features(lambda x_, s_: mp.model.apply_model(x_, s_, **inputs), x, sigma)
+            fd = tp.features(ours_fn, x, sigma, cond)
         assert fd.ndim == 4 and fd.shape[0] == 2
         torch.testing.assert_close(fd, fc, rtol=1e-4, atol=1e-4)
 
@@ -160,6 +159,7 @@ def pipeline(folder, family):
 def test_captions_are_what_the_diffusers_pipeline_feeds(folders, tmp_path, family, t5):
     """Each family's encoding (context tokens, pooled vector) equals its diffusers pipeline's encode_prompt; SD3
     without text_encoder_3/ gets diffusers' zero T5 tokens."""
+    from selfperc_headless import families as F
     from selfperc_headless.captions import encode_texts
 
     folder = folders[family] if t5 else write_model_folder(tmp_path / "sd3_no_t5", family="sd3",
@@ -167,7 +167,7 @@ def test_captions_are_what_the_diffusers_pipeline_feeds(folders, tmp_path, famil
     pipe = pipeline(folder, family)
     text = "a photo of a cat on a red sofa"
     joint = getattr(pipe.transformer.config, "joint_attention_dim", None) if family != "sdxl" else None
-    ours = encode_texts(folder, [text], "cpu", family, joint_dim=joint)[text]
+    ours = encode_texts(folder, [text], "cpu", F.FAMILIES[family].text, joint_dim=joint)[text]
     with torch.no_grad():
         if family == "sdxl":
             ctx, _, pooled, _ = pipe.encode_prompt(text, device="cpu", do_classifier_free_guidance=False)
@@ -198,7 +198,7 @@ def test_trained_lora_loads_in_comfyui_as_the_trained_function(comfy, pack, fold
     import comfy.sd
 
     from selfperc_headless import families as F
-    from selfperc_headless.diffusers_host import PeftSwitch
+    from selfperc_headless.peft_lora import PeftSwitch
     from tests.host.models import loaded_output
 
     run = run_in_process(folders[family], data_dir, tmp_path / "run", "--steps", 2, "--batch-size", 2, "--lr", "1e-2",
@@ -217,9 +217,9 @@ def test_trained_lora_loads_in_comfyui_as_the_trained_function(comfy, pack, fold
     sigma = ms.sigma(ms.timestep(torch.tensor([0.4, 2.0]))) if family == "sdxl" else torch.tensor([0.3, 0.8])
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        tuned = run.trainer.host.predict_x0(x, sigma, cond)  # peft's trained layers, as the run trained them
+        tuned = run.trainer.view.predict_x0(x, sigma, cond)  # peft's trained layers, as the run trained them
         with PeftSwitch(run.net).off():
-            base = run.trainer.host.predict_x0(x, sigma, cond)
+            base = run.trainer.view.predict_x0(x, sigma, cond)
     theirs = loaded_output(patched, x, sigma, **comfy_inputs(mp, family, cond, shape))
     assert (tuned - base).abs().max() > 1e-2, "the LoRA must change the output for the comparison to mean much"
     torch.testing.assert_close(theirs, tuned, rtol=1e-4, atol=1e-4)
@@ -249,10 +249,10 @@ def test_the_nodes_mse_baseline_is_the_headless_trainers_mse_on_the_same_batch_a
     UNet: there a random LoRA is copied from the peft model into the node's)."""
     import dataclasses
 
-    from selfperc_pack.nodes import conditioning, lora
+    from selfperc_pack.nodes import inputs, lora
 
     from selfperc_core.loop import Trainer
-    from selfperc_headless.diffusers_host import comfy_lora_state_dict
+    from selfperc_headless.peft_lora import kohya_state_dict
     from tests.host.models import as_parameterization, session
 
     v = prediction == "v_prediction"
@@ -275,17 +275,17 @@ def test_the_nodes_mse_baseline_is_the_headless_trainers_mse_on_the_same_batch_a
             for name, p in run.net.named_parameters():
                 if "lora_B" in name:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-        start = lora.read_any_lora(mp, comfy_lora_state_dict(run.net, "lora_unet_"), "peft")
+        start = lora.read_any_lora(mp, kohya_state_dict(run.net, "lora_unet_"), "peft")
     latents = [lat.clone().requires_grad_(True) for lat in run.trainer.latents]
-    headless = Trainer(run.params, latents, run.trainer.conds, run.trainer.host, run.trainer.s,
+    headless = Trainer(run.params, latents, run.trainer.conds, run.trainer.view, run.trainer.s,
                        optimizer=torch.optim.SGD(run.params, lr=0.0))
     theirs = headless.step()
     grads = [lat.grad for lat in latents]  # the batch's 2 images have one, the others none
     cond = node_conditioning(family, run.net)
     with session(pack, mp, checkpointing=False, rank=2, alpha=2.0, start=start) as ses:
         latents_node = [lat.detach().clone().requires_grad_(True) for lat in run.trainer.latents]
-        conds = [conditioning.model_inputs(ses.mp, cond, tuple(lat.shape)) for lat in latents_node]
-        node = Trainer(ses.params, latents_node, conds, ses.host, dataclasses.replace(run.trainer.s),
+        conds = [inputs.model_inputs(ses.mp, cond, tuple(lat.shape)) for lat in latents_node]
+        node = Trainer(ses.params, latents_node, conds, ses.view, dataclasses.replace(run.trainer.s),
                        optimizer=torch.optim.SGD(ses.params, lr=0.0))
         assert node.s.mse_space == "native" and not node.s.perceptual_weight
         ours = node.step()
@@ -303,7 +303,7 @@ def test_the_nodes_mse_baseline_is_the_headless_trainers_mse_on_the_same_batch_a
             saved = {n: p.clone() for n, p in run.net.named_parameters() if p.requires_grad}
             for p in run.params:
                 p.copy_(p.grad)
-            peft_grads = lora.read_any_lora(mp, comfy_lora_state_dict(run.net, "lora_unet_"), "grads")
+            peft_grads = lora.read_any_lora(mp, kohya_state_dict(run.net, "lora_unet_"), "grads")
             for n, p in run.net.named_parameters():
                 if n in saved:
                     p.copy_(saved[n])

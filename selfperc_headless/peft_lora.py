@@ -1,4 +1,5 @@
-"""peft's LoRA on a diffusers denoiser, seen by the core: the adapter switch and the LoRA file ComfyUI loads."""
+"""peft's LoRA on a diffusers denoiser, seen by the core: the adapter switch, and its weights in the kohya layout
+ComfyUI loads."""
 from __future__ import annotations
 
 import torch
@@ -33,8 +34,8 @@ def full_tensor(t: Tensor) -> Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def comfy_lora_state_dict(net: torch.nn.Module, prefix: str = "lora_unet_", adapter: str = "default"
-                          ) -> dict[str, Tensor]:
+def kohya_state_dict(net: torch.nn.Module, prefix: str = "lora_unet_", adapter: str = "default"
+                     ) -> dict[str, Tensor]:
     """peft LoRA weights in the kohya layout ComfyUI's LoraLoader maps for diffusers layer names:
     '<prefix><module with _>.lora_down.weight' (A), '.lora_up.weight' (B), '.alpha'; prefix 'lora_unet_' for
     UNets, 'lora_transformer_' for SD3 / Flux transformers."""

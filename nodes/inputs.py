@@ -18,12 +18,11 @@ import comfy.samplers
 import node_helpers
 import torch
 
+from . import families
+
 # Guidance-distilled models read the guidance strength from the conditioning (the FluxGuidance node sets it);
 # 0 leaves the conditioning as it is (its own value, else the model's default: 3.5 Flux, 0 Chroma, 6 Hunyuan).
 DEFAULT_GUIDANCE = 0.0
-# Inputs that add reference-image tokens beside the image's (Kontext / edit models): the tap reads the image's
-# own tokens by position, which these shift, so they are refused for now.
-REFERENCE_INPUTS = ("ref_latents", "ref_latent", "time_dim_concat", "image_cond")
 
 
 def with_guidance(conditioning: list, guidance: float | None) -> list:
@@ -31,23 +30,6 @@ def with_guidance(conditioning: list, guidance: float | None) -> list:
     if not guidance:
         return conditioning
     return node_helpers.conditioning_set_values(conditioning, {"guidance": guidance})
-
-
-def empty_conditioning(model_patcher) -> list:
-    """Unconditional input when neither a text encoder nor a conditioning is connected.
-
-    Only for UNets that declare a cross-attention width and read nothing else from the text encoder (SD1.x,
-    SD2.x): zeros of that width, as before. Every other family needs its encoder's output (SDXL's pooled
-    vector, the transformers' token streams), so the caller is told to connect one.
-    """
-    model = model_patcher.model
-    ctx = model.model_config.unet_config.get("context_dim")
-    adm = model.model_config.unet_config.get("adm_in_channels")
-    if ctx is None or adm:
-        raise ValueError(f"{type(model).__name__} needs its text encoder's output to train or sample: connect "
-                         "the loader's CLIP (captions are optional; without them the empty prompt is used) or a "
-                         "conditioning (e.g. CLIPTextEncode with an empty text)")
-    return [[torch.zeros(1, 77, ctx), {}]]
 
 
 def model_inputs(model_patcher, conditioning: list, latent_shape: tuple, seed: int = 0) -> dict:
@@ -62,7 +44,7 @@ def model_inputs(model_patcher, conditioning: list, latent_shape: tuple, seed: i
                                               "positive", latent_image=noise, denoise_mask=None, seed=seed)
     out = {}
     for k, v in conds[0]["model_conds"].items():
-        if k in REFERENCE_INPUTS:
+        if k in families.REFERENCE_INPUTS:
             raise ValueError(f"the conditioning carries reference images ({k}: Kontext / edit models), which "
                              "training does not support yet; use a plain text conditioning")
         out[k] = v.process_cond(batch_size=1, area=None, device=torch.device("cpu"))
@@ -109,18 +91,18 @@ def transformer_options(model_patcher, sigma: torch.Tensor) -> dict:
 def predictor(model_patcher):
     """(x_t, sigma, batch inputs from ``collate``) -> x0_hat through ComfyUI's apply_model.
 
-    cond None: the unconditional inputs of ``empty_conditioning`` (SD1.x/SD2.x only; others must be given).
+    cond None: the unconditional inputs of ``families.empty_conditioning`` (SD1.x/SD2.x only; others must be
+    given).
     """
     base = model_patcher.model
     empty: dict[tuple, dict] = {}
-    # Distilled HunyuanImage models add a second timestep from the sampler's schedule (there is none here).
-    extra = {"disable_time_r": True} if getattr(base.diffusion_model, "time_r_in", None) is not None else {}
+    extra = families.call_inputs(base.diffusion_model)
 
     def predict_x0(x_t, sigma, cond=None):
         if cond is None:
             shape = tuple(x_t.shape[1:])
             if shape not in empty:
-                empty[shape] = model_inputs(model_patcher, empty_conditioning(model_patcher), shape)
+                empty[shape] = model_inputs(model_patcher, families.empty_conditioning(model_patcher), shape)
             cond = collate([empty[shape]] * x_t.shape[0])
         return base.apply_model(x_t, sigma, transformer_options=transformer_options(model_patcher, sigma), **cond,
                                 **extra)

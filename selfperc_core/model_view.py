@@ -1,6 +1,6 @@
-"""What the training loop needs from a model host, in one bundle.
+"""What the training loop needs from a model, in one bundle: the ModelView.
 
-A host (the ComfyUI node's session, the headless diffusers trainer, a test) adapts its model once into these
+The ComfyUI node's session, the headless diffusers trainer and the tests each adapt their model once into these
 callables; the loop, the objective and the benchmark take the bundle, so the rules that belong to a model
 (which noise levels to train on, how conditioning batches) live in one place.
 """
@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .features import FeatureTap
 from .schedule import NoiseScaling
 
 
@@ -38,19 +39,18 @@ def stack_token_conds(conds: list[Tensor]) -> Tensor:
     return torch.cat([c.repeat(1, n // c.shape[1], *([1] * (c.ndim - 2))) for c in conds])
 
 
-def frozen_features_fn(predict: Callable, tap, switch=None, to_features: Callable | None = None) -> Callable:
-    """(x, sigma, cond) -> the frozen network's features: ``predict`` run through ``tap`` (a FeatureTap: stops at
-    the layer) with the adapter ``switch`` off; ``to_features(raw, x_shape)`` reshapes the layer's output
-    (e.g. transformer tokens to a (B, C, h, w) grid)."""
+def frozen_features_fn(predict: Callable, tap: FeatureTap, switch=None) -> Callable:
+    """(x, sigma, cond) -> the frozen network's features: ``predict`` read at ``tap`` (stopping there, unless the tap
+    says otherwise) with the adapter ``switch`` off (None: a network without an adapter). Every reader of features
+    (training, Evaluate, Perceptual Distance, the headless trainer and evaluation) is this function."""
     def frozen_features(x, sigma, cond=None):
         with switch.off() if switch is not None else contextlib.nullcontext():
-            out = tap(predict, x, sigma, cond)
-        return to_features(out, tuple(x.shape)) if to_features is not None else out
+            return tap.features(predict, x, sigma, cond)
     return frozen_features
 
 
 @dataclass
-class ModelHost:
+class ModelView:
     """A model seen by the loop.
 
     Attributes:

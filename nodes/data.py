@@ -1,0 +1,52 @@
+"""The data side of a fine-tune (and of Evaluate): memory bounds, the latent cache, per-image conditionings, and
+the held-out split."""
+from __future__ import annotations
+
+import torch
+
+from ..selfperc_core.dataset import as_float
+
+# The decoded images (uint8) may take at most this share of the memory available when training starts.
+CACHE_MEMORY_SHARE = 0.5
+
+
+def cache_budget() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available * CACHE_MEMORY_SHARE)
+
+
+@torch.no_grad()
+def encode_latents(model, vae, images: list[torch.Tensor]) -> list[torch.Tensor]:
+    """VAE-encode each image once (the latent cache), in the model's latent space."""
+    out = []
+    for img in images:
+        lat = vae.encode(as_float(img)[None, :, :, :3])
+        out.append(model.model.process_latent_in(lat.float())[0].cpu())
+    return out
+
+
+@torch.no_grad()
+def caption_conditionings(clip, captions: list[str | None], fallback: list | None) -> list[list]:
+    """A CONDITIONING per image: its caption through the connected text encoder (whatever the family uses,
+    as CLIPTextEncode does), else ``fallback`` (the node's conditioning input, or the empty prompt). One
+    CONDITIONING object per distinct caption: later caches key on its identity."""
+    cache, out = {}, []
+    for cap in captions:
+        if clip is None or (not cap and fallback is not None):
+            out.append(fallback)
+            continue
+        key = cap or ""
+        if key not in cache:
+            cache[key] = clip.encode_from_tokens_scheduled(clip.tokenize(key))
+        out.append(cache[key])
+    return out
+
+
+def held_out(n: int, fraction: float, seed: int) -> list[int]:
+    """Indices of the images kept for validation: round(fraction * n) of them (at least 1 when fraction > 0),
+    drawn with ``seed``; at least one image always stays for training."""
+    if fraction <= 0 or n < 2:
+        return []
+    k = min(n - 1, max(1, round(fraction * n)))
+    return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].tolist())

@@ -1,0 +1,210 @@
+"""The fine-tune's option nodes: each gives one group of settings (settings.py) to an optional input of the
+Self-Perceptual Fine-Tune node. Not connected, a group is its defaults; every input of an option node is optional too
+(an API prompt may give only the settings it changes), so a setting not given is its default."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..selfperc_core import T_PRIME_STRATEGIES
+from ..selfperc_core.dataset import RESIZE_MODES
+from ..selfperc_core.loop import LR_SCHEDULES, OPTIMIZERS
+from ..selfperc_core.objective import DISTANCES, MSE_SPACES
+from . import families, files
+from .lora import ALGORITHMS
+from .settings import (
+    DTYPES,
+    LORA_DTYPES,
+    MAX_SAMPLE_PROMPTS,
+    NONE,
+    SAVE_FORMATS,
+    SAVE_WEIGHTS,
+    LoraOptions,
+    Monitoring,
+    Objective,
+    TrainingOptions,
+)
+
+OBJECTIVE = io.Custom("SELFPERC_OBJECTIVE")
+TRAINING = io.Custom("SELFPERC_TRAINING")
+LORA = io.Custom("SELFPERC_LORA")
+MONITORING = io.Custom("SELFPERC_MONITORING")
+CATEGORY = "selfperc/training/options"
+
+
+def resumable_loras() -> list[str]:
+    return [NONE] + [n for n in folder_paths.get_filename_list("loras")
+                     if files.state_path(Path(folder_paths.get_full_path("loras", n) or n)).exists()]
+
+
+class SelfPerceptualObjective(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        d = Objective
+        return io.Schema(
+            node_id="SelfPerceptualObjective", display_name="Self-Perceptual Objective", category=CATEGORY,
+            description="What the self-perceptual loss compares, and the MSE term beside it. Defaults: the paper's.",
+            inputs=[
+                io.Combo.Input("feature_layer", optional=True, options=families.UNET_LAYERS, default=d.feature_layer,
+                               tooltip="Layer of the frozen model whose features are compared. mid_block: the UNet "
+                                       "mid-block (the paper's best), or for transformers the block at tap_depth. "
+                                       "The other names are UNet blocks."),
+                io.Float.Input("tap_depth", optional=True, default=d.tap_depth, min=0.0, max=1.0, step=0.01,
+                               tooltip="Transformers (Flux, SD3, Qwen-Image, Wan, ...): which block is the "
+                                       "perceptual layer, as a fraction of the block stack (0.5: the middle block). "
+                                       "UNets ignore it."),
+                io.Combo.Input("t_prime", optional=True, options=list(T_PRIME_STRATEGIES), default=d.t_prime,
+                               tooltip="How the perceptual noise level t' is drawn (the paper: uniform)."),
+                io.Float.Input("t_prime_min", optional=True, default=d.t_prime_min, min=0.0, max=1.0, step=0.01,
+                               tooltip="Lowest t' as a fraction of the schedule (0 = clean)."),
+                io.Float.Input("t_prime_max", optional=True, default=d.t_prime_max, min=0.0, max=1.0, step=0.01,
+                               tooltip="Highest t' as a fraction of the schedule (1 = pure noise)."),
+                io.Combo.Input("distance", optional=True, options=list(DISTANCES), default=d.distance,
+                               tooltip="Feature distance: mse (the paper) or mae."),
+                io.Boolean.Input("normalize_features", optional=True, default=d.normalize_features,
+                                 tooltip="Divide the distance by the target features' mean square (for transformers "
+                                         "whose loss reads in the hundreds or more)."),
+                io.Float.Input("perceptual_weight", optional=True, default=d.perceptual_weight, min=0.0, max=100.0, step=0.01,
+                               tooltip="Weight of the self-perceptual loss (1 = the paper). 0 with mse_weight 1 "
+                                       "trains the same LoRA with plain MSE (in mse_space): the baseline to "
+                                       "compare against in Self-Perceptual Evaluate."),
+                io.Float.Input("mse_weight", optional=True, default=d.mse_weight, min=0.0, max=100.0, step=0.01,
+                               tooltip="Weight of the ordinary MSE loss added to the self-perceptual loss. "
+                                       "0 = pure self-perceptual (the paper); 1 = a 1:1 mix (see help)."),
+                io.Combo.Input("mse_space", optional=True, options=list(MSE_SPACES), default=d.mse_space,
+                               tooltip="Space of the MSE term (mse_weight, and the perceptual_weight 0 baseline): "
+                                       "native = the loss the model was trained with (eps-MSE for eps models, "
+                                       "v-MSE for v models, velocity-MSE for flow models); x0 = the error of the "
+                                       "clean-image estimate (core Train LoRA's loss), which weights the noise "
+                                       "levels differently."),
+                io.Float.Input("guidance", optional=True, default=d.guidance, min=0.0, max=100.0, step=0.1,
+                               tooltip="Distilled guidance for guidance-distilled models (Flux-dev, Flux.2, Chroma, "
+                                       "HunyuanImage) while training, as FluxGuidance sets it. 0 = leave the "
+                                       "conditioning's own value or the model's default."),
+            ],
+            outputs=[OBJECTIVE.Output(display_name="objective", tooltip="Into the fine-tune's objective input.")],
+        )
+
+    @classmethod
+    def execute(cls, **values):
+        return io.NodeOutput(Objective(**values))
+
+
+class SelfPerceptualTrainingOptions(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        d = TrainingOptions
+        return io.Schema(
+            node_id="SelfPerceptualTrainingOptions", display_name="Self-Perceptual Training Options",
+            category=CATEGORY, description="Optimizer, schedule, memory and data-loading options of the fine-tune.",
+            inputs=[
+                io.Combo.Input("optimizer", optional=True, options=list(OPTIMIZERS), default=d.optimizer,
+                               tooltip="adamw (no weight decay), adam, sgd or rmsprop, with torch's defaults."),
+                io.Combo.Input("lr_schedule", optional=True, options=list(LR_SCHEDULES), default=d.lr_schedule,
+                               tooltip="Learning rate after the warm-up: constant, cosine (to 0 at the last step) "
+                                       "or linear (to 0)."),
+                io.Int.Input("warmup_steps", optional=True, default=d.warmup_steps, min=0, max=100000,
+                             tooltip="Linear learning-rate warm-up over the first N steps."),
+                io.Int.Input("gradient_accumulation", optional=True, default=d.gradient_accumulation, min=1, max=256,
+                             tooltip="Micro-batches of batch_size per optimizer step: k x batch_size images a step "
+                                     "for the memory of one batch (exactly a k-times larger batch)."),
+                io.Float.Input("ema_decay", optional=True, default=d.ema_decay, min=0.0, max=0.99999, step=0.0001,
+                               tooltip="EMA of the LoRA weights after every step (the paper: 0.9995); 0 = off."),
+                io.Boolean.Input("gradient_checkpointing", optional=True, default=d.gradient_checkpointing,
+                                 tooltip="Recompute activations in backward: less memory, ~30% slower."),
+                io.Combo.Input("training_dtype", optional=True, options=list(DTYPES), default=d.training_dtype,
+                               tooltip="auto: bf16 on a GPU, fp32 on CPU."),
+                io.Boolean.Input("batched_frozen", optional=True, default=d.batched_frozen,
+                                 tooltip="Run the two frozen passes as one batch (faster on some GPUs)."),
+                io.Combo.Input("resize_mode", optional=True, options=list(RESIZE_MODES), default=d.resize_mode,
+                               tooltip="center_crop: square crops; buckets: keep each image's aspect ratio "
+                                       "(same-shaped images are batched together)."),
+                io.String.Input("dataset_path", optional=True, default=d.dataset_path,
+                                tooltip="Absolute dataset folder instead of dataset_folder; only if the server owner "
+                                        f"set {files.ALLOW_ANY_DATASET_PATH}=1."),
+            ],
+            outputs=[TRAINING.Output(display_name="training", tooltip="Into the fine-tune's training input.")],
+        )
+
+    @classmethod
+    def execute(cls, **values):
+        return io.NodeOutput(TrainingOptions(**values))
+
+
+class SelfPerceptualLoraOptions(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        d = LoraOptions
+        return io.Schema(
+            node_id="SelfPerceptualLoraOptions", display_name="Self-Perceptual LoRA Options", category=CATEGORY,
+            description="The adapter, and how its file is written, checkpointed and continued.",
+            inputs=[
+                io.Combo.Input("algorithm", optional=True, options=list(ALGORITHMS), default=d.algorithm,
+                               tooltip="The adapter (comfy.weight_adapter, as core Train LoRA): LoRA (fast path: "
+                                       "runs beside each layer), LoHa, LoKr or OFT (exact, a weight-sized product "
+                                       "per layer per pass). Core loaders load each."),
+                io.Float.Input("alpha", optional=True, default=d.alpha, min=0.01, max=1024.0, step=0.01,
+                               tooltip="LoRA alpha; the update is scaled by alpha / rank."),
+                io.Combo.Input("lora_dtype", optional=True, options=list(LORA_DTYPES), default=d.lora_dtype,
+                               tooltip="The adapter's own weights (and the optimizer's moments): fp32, or bf16 for "
+                                       "half their memory. The base model keeps its stored dtype either way."),
+                io.Combo.Input("init_lora", optional=True, options=[NONE] + folder_paths.get_filename_list("loras"),
+                               default=d.init_lora,
+                               tooltip="Start from this LoRA (ComfyUI, kohya, diffusers or peft keys; .safetensors "
+                                       "only): its layers keep its rank and alpha, the others start fresh."),
+                io.Combo.Input("save_format", optional=True, options=list(SAVE_FORMATS), default=d.save_format,
+                               tooltip="comfyui: ComfyUI's own keys; kohya: the layout A1111, Forge and diffusers "
+                                       "load (lora_unet_..., diffusers names for UNets). Core loaders read both."),
+                io.Combo.Input("save_weights", optional=True, options=list(SAVE_WEIGHTS), default=d.save_weights,
+                               tooltip="With EMA on: raw (the trained weights), ema (the EMA in the LoRA file), or "
+                                       "raw+ema (the EMA also as <name>_ema.safetensors)."),
+                io.Int.Input("save_every", optional=True, default=d.save_every, min=0, max=100000,
+                             tooltip="Also save the LoRA and resume state every N steps (0 = only at the end)."),
+                io.Combo.Input("resume_from", optional=True, options=resumable_loras(), default=d.resume_from,
+                               tooltip="Continue a saved run (LoRA + its .selfperc_state: optimizer, step, RNG). "
+                                       "Pickle files are never loaded."),
+                io.Boolean.Input("overwrite", optional=True, default=d.overwrite,
+                                 tooltip="Replace an existing file of lora_name; off adds a counter suffix."),
+            ],
+            outputs=[LORA.Output(display_name="lora", tooltip="Into the fine-tune's lora input.")],
+        )
+
+    @classmethod
+    def execute(cls, **values):
+        return io.NodeOutput(LoraOptions(**values))
+
+
+class SelfPerceptualMonitoring(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        d = Monitoring
+        return io.Schema(
+            node_id="SelfPerceptualMonitoring", display_name="Self-Perceptual Monitoring", category=CATEGORY,
+            description="Previews, sample grids and held-out validation while the fine-tune runs.",
+            inputs=[
+                io.Int.Input("preview_every", optional=True, default=d.preview_every, min=0, max=100000,
+                             tooltip="Show a small no-CFG sample in the node every N steps (0 = off)."),
+                io.String.Input("sample_prompts", optional=True, default=d.sample_prompts, multiline=True,
+                                tooltip=f"Up to {MAX_SAMPLE_PROMPTS} prompts, one per line: every sample_every steps "
+                                        "a no-CFG sample of each (same noise) is saved to output/selfperc_samples and "
+                                        "shown in the node. Needs the fine-tune's CLIP input."),
+                io.Int.Input("sample_every", optional=True, default=d.sample_every, min=0, max=100000,
+                             tooltip="Steps between sample grids of sample_prompts (0 = only at the end)."),
+                io.Float.Input("validation_split", optional=True, default=d.validation_split, min=0.0, max=0.5, step=0.01,
+                               tooltip="Fraction of the images held out (not trained on): their self-perceptual and "
+                                       "MSE losses at fixed noise are plotted with the training loss."),
+                io.Int.Input("validation_every", optional=True, default=d.validation_every, min=0, max=100000,
+                             tooltip="Steps between validation passes (0 = at the start and the end only)."),
+            ],
+            outputs=[MONITORING.Output(display_name="monitoring", tooltip="Into the fine-tune's monitoring input.")],
+        )
+
+    @classmethod
+    def execute(cls, **values):
+        return io.NodeOutput(Monitoring(**values))
+
+
+OPTION_NODES = [SelfPerceptualObjective, SelfPerceptualTrainingOptions, SelfPerceptualLoraOptions,
+                SelfPerceptualMonitoring]

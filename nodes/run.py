@@ -1,0 +1,261 @@
+"""One fine-tune run of the node: the plan (every input resolved and checked before any model or dataset is touched)
+and the run itself (latents, conditionings, the training session, the core's loop with ComfyUI's progress, Cancel,
+previews, validation and samples around it, and the files)."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import comfy.model_management
+import comfy.sd
+import comfy.utils
+import folder_paths
+import torch
+from tqdm.auto import tqdm
+
+from ..selfperc_core.dataset import load_dataset
+from ..selfperc_core.loop import Hooks, NonFiniteLoss, Trainer, TrainSettings, fit
+from . import bridge, data, families, files, inputs, lora, plots, preview, saving
+from .session import SessionSpec, training_session
+from .settings import NONE, FineTuneSettings
+
+log = logging.getLogger("selfperc")
+TORCH_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def training_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on a GPU that supports it, fp32 otherwise (CPU)."""
+    if choice != "auto":
+        return TORCH_DTYPES[choice]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A fine-tune, resolved: the settings and what they point to."""
+    settings: FineTuneSettings
+    train_settings: TrainSettings          # the core's, with the schedule's horizon (a resumed run's steps included)
+    folder: Path                           # the dataset
+    out_file: Path                         # the LoRA file in models/loras
+    dtype: torch.dtype                     # the training compute dtype
+    fallback: list | None                  # conditioning for images without a caption
+    start: dict | None = None              # init_lora's weights in this pack's keys
+    resume_name: str | None = None
+    resume_weights: dict | None = None
+    resume_state: dict | None = None       # the Trainer's state to continue
+
+    @property
+    def start_step(self) -> int:
+        return int(self.resume_state["step"]) if self.resume_state is not None else 0
+
+    def session_spec(self, latent_shape: tuple) -> SessionSpec:
+        s = self.settings
+        return SessionSpec(rank=s.rank, alpha=s.lora.alpha, seed=s.seed, algorithm=s.lora.algorithm,
+                           lora_dtype=TORCH_DTYPES[s.lora.lora_dtype], layer=s.objective.feature_layer,
+                           depth=s.objective.tap_depth, checkpointing=s.training.gradient_checkpointing,
+                           latent_shape=latent_shape, batch=s.batch_size)
+
+
+def plan_run(settings: FineTuneSettings, model, clip, conditioning, dataset_folder: str) -> RunPlan:
+    """Every check before any training work (a refusal may come after the LoRA's folder was created or a resume /
+    init file was read, never after a model or dataset was touched)."""
+    s = settings.validate()
+    families.tap_point(model.model.diffusion_model, s.objective.feature_layer, s.objective.tap_depth)  # supported?
+    if s.monitoring.prompts and clip is None:
+        raise ValueError("sample_prompts need the CLIP input to encode them")
+    fallback = conditioning
+    if fallback is None and clip is None:
+        fallback = families.empty_conditioning(model)  # refuses families that need their text encoder
+    resume = {}
+    if s.lora.resume_from != NONE:
+        with torch.inference_mode(False):  # the optimizer updates these tensors in place
+            weights, state = saving.load_resume(Path(folder_paths.get_full_path_or_raise("loras",
+                                                                                        s.lora.resume_from)))
+        resume = dict(resume_name=s.lora.resume_from, resume_weights=weights, resume_state=state)
+    start = None
+    if s.lora.init_lora != NONE:
+        start = lora.read_any_lora(model, files.read_lora_file(s.lora.init_lora), s.lora.init_lora)
+    first = int(resume["resume_state"]["step"]) if resume else 0
+    return RunPlan(settings=s, train_settings=s.train_settings(total_steps=first + s.steps).validate(),
+                   folder=files.resolve_dataset(dataset_folder, s.training.dataset_path),
+                   out_file=files.lora_path(s.lora_name, s.lora.overwrite),
+                   dtype=training_dtype(s.training.training_dtype, bridge.device()), fallback=fallback, start=start,
+                   **resume)
+
+
+def read_dataset(plan: RunPlan):
+    ds = load_dataset(plan.folder, plan.settings.resolution, plan.settings.training.resize_mode,
+                      max_cache_bytes=data.cache_budget())
+    for s in ds.skipped:
+        log.warning("selfperc: skipped %s: %s", s.path, s.reason)
+    for s in ds.notes:
+        log.warning("selfperc: %s: %s", s.path, s.reason)
+    log.info("selfperc: %d images from %s (%d skipped)", len(ds.images), plan.folder, len(ds.skipped))
+    return ds
+
+
+@dataclass
+class Prepared:
+    """A run's data, ready for its session: latents, per-image prompts (one CONDITIONING object per caption) and
+    the sample prompts' conditionings."""
+    latents: list[torch.Tensor]
+    prompts: list[list]
+    samples: list[tuple[str, list]]
+    held: list[int]
+
+
+def prepare(plan: RunPlan, model, vae, clip, ds) -> Prepared:
+    latents = data.encode_latents(model, vae, ds.images)
+    guidance = plan.settings.objective.guidance
+    guided: dict[int, list] = {}  # one guided conditioning per distinct caption: model inputs are cached by it
+    prompts = [guided.setdefault(id(p), inputs.with_guidance(p, guidance))
+               for p in data.caption_conditionings(clip, ds.captions, plan.fallback)]
+    ds.images = []  # encoded: the decoded images are not needed any more
+    held = data.held_out(len(latents), plan.settings.monitoring.validation_split, plan.settings.seed)
+    if held:
+        log.info("selfperc: %d of %d images held out for validation", len(held), len(latents))
+    samples = [(p, inputs.with_guidance(clip.encode_from_tokens_scheduled(clip.tokenize(p)), guidance))
+               for p in plan.settings.monitoring.prompts]
+    return Prepared(latents, prompts, samples, held)
+
+
+def model_inputs_per_image(ses, prep: Prepared, seed: int) -> list[dict]:
+    """The model's inputs per (prompt, image shape), built once each."""
+    cache, conds = {}, []
+    for p, lat in zip(prep.prompts, prep.latents):
+        key = (id(p), tuple(lat.shape))
+        if key not in cache:
+            cache[key] = inputs.model_inputs(ses.mp, p, tuple(lat.shape), seed)
+        conds.append(cache[key])
+    return conds
+
+
+def make_trainer(plan: RunPlan, ses, prep: Prepared) -> tuple[Trainer, tuple | None]:
+    """The core's Trainer on the training images (and the held-out ones for validation), resumed if asked."""
+    conds = model_inputs_per_image(ses, prep, plan.settings.seed)
+    train_idx = [i for i in range(len(prep.latents)) if i not in prep.held]
+    trainer = Trainer(ses.params, [prep.latents[i] for i in train_idx], [conds[i] for i in train_idx], ses.view,
+                      plan.train_settings, device=bridge.device())
+    if plan.resume_state is not None:
+        try:
+            trainer.load_state_dict(plan.resume_state)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise files.StateFileError(f"the resume state of {plan.resume_name} does not match this run ({e}); "
+                                       "resume with the settings the run was started with") from None
+    validation = ([prep.latents[i] for i in prep.held], [conds[i] for i in prep.held]) if prep.held else None
+    return trainer, validation
+
+
+class FineTuneRun:
+    """The run of one plan inside its session: the core's loop with ComfyUI around it."""
+
+    def __init__(self, plan: RunPlan, model, vae, ses, trainer: Trainer, prep: Prepared, validation, node_id):
+        self.plan, self.model, self.vae, self.ses, self.trainer = plan, model, vae, ses, trainer
+        self.prep, self.validation, self.node_id = prep, validation, node_id
+        self.meta = saving.metadata(model, ses, plan, len(prep.latents))
+        self.history: list[tuple[int, float, float]] = []  # (step, self-perceptual, MSE) on the held-out images
+        self.shown: list[dict] = []                         # sample grids saved, for the node's UI
+        self.total = plan.start_step + plan.settings.steps
+
+    def autocast(self):
+        dtype = self.plan.dtype
+        return torch.autocast(bridge.device().type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def validate(self) -> None:
+        if self.validation is not None:
+            with self.autocast():
+                sp, mse = self.trainer.validate(*self.validation, seed=self.plan.settings.seed + 1)
+            self.history.append((self.trainer.step_count, sp, mse))
+            log.info("selfperc: validation at step %d: self-perceptual %.5f, mse %.5f", *self.history[-1])
+
+    def sample(self) -> None:
+        if self.prep.samples:
+            grid = preview.prompt_grid(self.ses.mp, self.vae, self.prep.latents[0].shape, self.prep.samples,
+                                       self.plan.settings.seed)
+            self.shown.append(saving.save_samples(self.plan, grid, self.trainer.step_count))
+
+    def save(self) -> Path:
+        return saving.save_run(self.plan, self.ses, self.trainer, self.meta)
+
+    def hooks(self, pbar, bar) -> Hooks:
+        m, total = self.plan.settings.monitoring, self.total
+
+        def after_step(step, parts):
+            img = None
+            if m.preview_every and step % m.preview_every == 0:
+                img = preview.preview_image(self.ses.mp, self.vae, self.prep.latents[0].shape, self.prep.prompts[0],
+                                            self.plan.settings.seed)
+            pbar.update_absolute(step, total, img)
+            preview.send_text(f"step {step}/{total}  loss {parts.loss.item():.5f}  (mse {parts.mse.item():.4f})",
+                              self.node_id)
+            bar.set_postfix(loss=f"{parts.loss.item():.5f}")
+            bar.update(1)
+            if m.validation_every and step % m.validation_every == 0 and step < total:
+                self.validate()
+            if m.sample_every and step % m.sample_every == 0 and step < total:
+                self.sample()
+        return Hooks(before_step=comfy.model_management.throw_exception_if_processing_interrupted,
+                     context=self.autocast, after_step=after_step,
+                     save=lambda step: self.save() if step < total else None, on_error=self.error)
+
+    def error(self, e: BaseException, last_saved):
+        if isinstance(e, NonFiniteLoss):
+            where = f"; the last finite checkpoint is {last_saved.name}" if last_saved else ""
+            return FloatingPointError(f"{e}{where}")
+        if isinstance(e, comfy.model_management.OOM_EXCEPTION):
+            return MemoryError(f"out of memory while training ({e}); lower batch_size "
+                               f"({self.plan.settings.batch_size}) or resolution, or turn on gradient_checkpointing")
+        return None
+
+    def train(self) -> None:
+        start = self.trainer.step_count
+        pbar = comfy.utils.ProgressBar(self.total, node_id=self.node_id)
+        pbar.update_absolute(start, self.total)
+        bar = tqdm(total=self.total, initial=start, desc="Self-perceptual fine-tune",
+                   disable=not comfy.utils.PROGRESS_BAR_ENABLED)
+        self.validate()
+        t0 = time.time()
+        try:
+            fit(self.trainer, self.total, self.hooks(pbar, bar), self.plan.settings.lora.save_every)
+        finally:
+            bar.close()
+        log.info("selfperc: %d steps in %.1fs", self.total - start, time.time() - t0)
+        self.validate()
+        self.sample()
+        if self.history:
+            self.meta = dict(self.meta, validation=[{"step": s, "self_perceptual": sp, "mse": m}
+                                                    for s, sp, m in self.history])
+        self.save()
+
+    def outputs(self) -> tuple:
+        """(model with the LoRA, LORA_MODEL, LOSS_MAP, file name, loss curve, UI)."""
+        trainer, plan = self.trainer, self.plan
+        use_ema = plan.settings.lora.save_weights == "ema"
+        lora_sd = lora.lora_state_dict(self.ses.adapters, weights=trainer.ema_params() if use_ema else None)
+        out_model, _ = comfy.sd.load_lora_for_models(self.model, None, lora_sd, 1.0, 0)
+        name = plan.out_file.relative_to(Path(folder_paths.get_folder_paths("loras")[0]).resolve()).as_posix()
+        curve = plots.loss_curve_image(trainer.losses, self.history)
+        text = f"saved {name} ({trainer.step_count} steps, final loss {trainer.losses[-1]:.5f})"
+        if self.history:
+            text += f"; validation self-perceptual {self.history[0][1]:.5f} -> {self.history[-1][1]:.5f}"
+        ui = {"text": [text]}
+        if self.shown:
+            ui["images"] = self.shown
+        return out_model, lora_sd, {"loss": list(trainer.losses)}, name, curve, ui
+
+
+def run_fine_tune(plan: RunPlan, model, vae, clip, node_id) -> tuple:
+    """The whole run of a plan; returns FineTuneRun.outputs()."""
+    ds = read_dataset(plan)
+    with torch.inference_mode(False):
+        prep = prepare(plan, model, vae, clip, ds)
+        spec = plan.session_spec(tuple(prep.latents[0].shape))
+        with training_session(model, spec, plan.resume_weights, plan.start) as ses:
+            trainer, validation = make_trainer(plan, ses, prep)
+            run = FineTuneRun(plan, model, vae, ses, trainer, prep, validation, node_id)
+            run.train()
+            return run.outputs()

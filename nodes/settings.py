@@ -1,0 +1,182 @@
+"""The fine-tune's settings: one object, its defaults written once, every rule in one ``validate``.
+
+The node keeps what a first run needs; the rest comes from four option nodes (options.py), each giving one of the
+frozen dataclasses below. An option node left unconnected is its dataclass's defaults, which are the node's
+defaults of earlier versions. Field names are the inputs' names (saved workflows and the headless flags use them).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from ..selfperc_core.dataset import MAX_CAPTION_CHARS, RESIZE_MODES
+from ..selfperc_core.features import check_depth
+from ..selfperc_core.loop import TrainSettings
+from . import families, inputs
+from .lora import ALGORITHMS
+
+NONE = "[None]"
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+LORA_DTYPES = ("fp32", "bf16")
+SAVE_WEIGHTS = ("raw", "ema", "raw+ema")
+SAVE_FORMATS = ("comfyui", "kohya")
+MAX_SAMPLE_PROMPTS = 4
+# Pixels per step (batch x resolution^2) are bounded before any work: 64 MP is e.g. batch 64 at 1024 px or
+# batch 16 at 2048 px, beyond what any GPU we know trains; past it a run only ends in an out-of-memory.
+MAX_STEP_PIXELS = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What is compared and how (SELFPERC_OBJECTIVE). Defaults: the paper's."""
+    feature_layer: str = families.MID_BLOCK
+    tap_depth: float = families.DEFAULT_DEPTH
+    t_prime: str = "uniform"
+    t_prime_min: float = 0.0
+    t_prime_max: float = 1.0
+    distance: str = "mse"
+    normalize_features: bool = False
+    perceptual_weight: float = 1.0
+    mse_weight: float = 0.0
+    mse_space: str = "native"
+    guidance: float = inputs.DEFAULT_GUIDANCE  # 0: the conditioning's own value, else the model's default
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """How the steps are taken and the data read (SELFPERC_TRAINING)."""
+    optimizer: str = "adamw"
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    gradient_accumulation: int = 1
+    ema_decay: float = 0.0
+    gradient_checkpointing: bool = True
+    training_dtype: str = "auto"
+    batched_frozen: bool = False
+    resize_mode: str = "center_crop"
+    dataset_path: str = ""
+
+
+@dataclass(frozen=True)
+class LoraOptions:
+    """The adapter, and how its file is written and continued (SELFPERC_LORA)."""
+    algorithm: str = "LoRA"
+    alpha: float = 8.0
+    lora_dtype: str = "fp32"
+    init_lora: str = NONE
+    save_format: str = "comfyui"
+    save_weights: str = "raw"
+    save_every: int = 0
+    resume_from: str = NONE
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class Monitoring:
+    """What the run shows while it trains (SELFPERC_MONITORING)."""
+    preview_every: int = 0
+    sample_prompts: str = ""
+    sample_every: int = 0
+    validation_split: float = 0.0
+    validation_every: int = 0
+
+    @property
+    def prompts(self) -> list[str]:
+        return [p.strip() for p in self.sample_prompts.splitlines() if p.strip()]
+
+
+OPTION_GROUPS = {"objective": Objective, "training": TrainingOptions, "lora": LoraOptions, "monitoring": Monitoring}
+
+
+@dataclass(frozen=True)
+class FineTuneSettings:
+    """Every setting of one fine-tune: the node's own inputs and the four option groups."""
+    steps: int = 200
+    learning_rate: float = 1e-4
+    rank: int = 8
+    batch_size: int = 1
+    resolution: int = 512
+    seed: int = 0
+    lora_name: str = "selfperc/selfperc_lora"
+    objective: Objective = field(default_factory=Objective)
+    training: TrainingOptions = field(default_factory=TrainingOptions)
+    lora: LoraOptions = field(default_factory=LoraOptions)
+    monitoring: Monitoring = field(default_factory=Monitoring)
+
+    def train_settings(self, total_steps: int | None = None) -> TrainSettings:
+        """The core's settings of this run (``total_steps``: the schedule's horizon when resuming)."""
+        o, t = self.objective, self.training
+        return TrainSettings(steps=self.steps, learning_rate=self.learning_rate, batch_size=self.batch_size,
+                             seed=self.seed, t_prime=o.t_prime, t_prime_range=(o.t_prime_min, o.t_prime_max),
+                             distance=o.distance, normalize=o.normalize_features, mse_weight=o.mse_weight,
+                             mse_space=o.mse_space, perceptual_weight=o.perceptual_weight,
+                             batched_frozen=t.batched_frozen, optimizer=t.optimizer, lr_schedule=t.lr_schedule,
+                             warmup_steps=t.warmup_steps, total_steps=total_steps, ema_decay=t.ema_decay,
+                             accumulation=t.gradient_accumulation)
+
+    def validate(self) -> "FineTuneSettings":
+        """Every rule on the settings, before any work; raises ValueError naming the setting."""
+        self.train_settings().validate()
+        check_depth(self.objective.tap_depth)
+        check_step_size(self.batch_size, self.resolution)
+        _choose("training_dtype", self.training.training_dtype, DTYPES)
+        _choose("resize_mode", self.training.resize_mode, RESIZE_MODES)
+        lo = self.lora
+        _choose("algorithm", lo.algorithm, ALGORITHMS)
+        _choose("lora_dtype", lo.lora_dtype, LORA_DTYPES)
+        _choose("save_format", lo.save_format, SAVE_FORMATS)
+        _choose("save_weights", lo.save_weights, SAVE_WEIGHTS)
+        if lo.save_weights != "raw" and not self.training.ema_decay:
+            raise ValueError(f"save_weights {lo.save_weights!r} needs an EMA: set ema_decay (e.g. 0.9995)")
+        if lo.init_lora != NONE and lo.resume_from != NONE:
+            raise ValueError("choose resume_from or init_lora, not both")
+        if lo.init_lora != NONE and lo.algorithm != "LoRA":
+            raise ValueError(f"init_lora starts a LoRA; it cannot start a {lo.algorithm}")
+        prompts = self.monitoring.prompts
+        if len(prompts) > MAX_SAMPLE_PROMPTS or any(len(p) > MAX_CAPTION_CHARS for p in prompts):
+            raise ValueError(f"sample_prompts: at most {MAX_SAMPLE_PROMPTS} lines of at most {MAX_CAPTION_CHARS} "
+                             f"characters (got {len(prompts)} lines)")
+        return self
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _choose(name: str, value, options) -> None:
+    if value not in options:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(map(str, options))}")
+
+
+def check_step_size(batch_size: int, resolution: int) -> None:
+    if batch_size * resolution * resolution > MAX_STEP_PIXELS:
+        raise ValueError(f"batch_size {batch_size} x resolution {resolution}^2 is "
+                         f"{batch_size * resolution * resolution / 2**20:.0f} MP per step, over the "
+                         f"{MAX_STEP_PIXELS // 2**20} MP bound: lower batch_size or resolution")
+
+
+def option_of(name: str) -> str | None:
+    """The option group (objective, training, lora, monitoring) an input of earlier versions now belongs to."""
+    for group, cls in OPTION_GROUPS.items():
+        if name in {f.name for f in fields(cls)}:
+            return group
+    return None
+
+
+def split_flat(values: dict) -> tuple[dict, dict[str, dict]]:
+    """(the node's own inputs, {option group: its inputs}) of one flat dict of input names, as the node's inputs
+    were before the option nodes (and as tests and scripts write them). Groups without a value are left out."""
+    groups: dict[str, dict] = {}
+    base = {}
+    for name, value in values.items():
+        group = option_of(name)
+        if group is not None:
+            groups.setdefault(group, {})[name] = value
+        else:
+            base[name] = value
+    return base, groups
+
+
+def from_flat(values: dict) -> FineTuneSettings:
+    """Settings from one flat dict of setting names (``split_flat``); names not given keep their defaults; an
+    unknown name is an error."""
+    base, groups = split_flat(values)
+    return FineTuneSettings(**base, **{g: OPTION_GROUPS[g](**v) for g, v in groups.items()})
