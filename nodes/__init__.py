@@ -3,12 +3,16 @@ from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
 from .distance import PerceptualDistance
+from .edit_guider import SelfPerceptualInversionGuider
 from .evaluate import SelfPerceptualEvaluate
+from .invert import SelfPerceptualInvert
+from .null_text import SelfPerceptualNullTextInversion
 from .options import OPTION_NODES
 from .sample import SelfPerceptualSampler
 from .train import SelfPerceptualFineTune
 
-NODES = [SelfPerceptualFineTune, *OPTION_NODES, SelfPerceptualSampler, PerceptualDistance, SelfPerceptualEvaluate]
+NODES = [SelfPerceptualFineTune, *OPTION_NODES, SelfPerceptualSampler, PerceptualDistance, SelfPerceptualEvaluate,
+         SelfPerceptualInvert, SelfPerceptualNullTextInversion, SelfPerceptualInversionGuider]
 
 
 class SelfPerceptualExtension(ComfyExtension):
