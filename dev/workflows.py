@@ -116,7 +116,65 @@ REAL_IMAGE_AB = {
             (420, 460)),
     },
 }
-SPECS = [FINE_TUNE, DISTANCE, LOAD_LORA, EVALUATE, REAL_IMAGE_AB]
+
+
+def _edit(title: str, note: str, method: str, null_text: bool) -> dict:
+    """Real photo -> inversion (-> Null-text Inversion) -> three replays through core SamplerCustomAdvanced:
+    the reconstruction with the source prompt, the edit on the base model, the edit on base + LoRA."""
+    inv = (9, 0) if null_text else (8, 0)
+    nodes = {
+        1: ("CheckpointLoaderSimple", {"ckpt_name": CKPT}, (40, 120), (320, 100)),
+        2: ("LoraLoaderModelOnly", {"model": (1, 0), "lora_name": "selfperc/selfperc_lora.safetensors",
+                                    "strength_model": 1.0}, (40, 280), (320, 90)),
+        3: ("LoadImage", {"image": "example.png"}, (40, 420), (320, 320)),
+        4: ("VAEEncode", {"pixels": (3, 0), "vae": (1, 2)}, (400, 420), (200, 50)),
+        5: ("CLIPTextEncode", {"clip": (1, 1), "text": "a photo of a cat"}, (400, 520), (320, 100)),
+        6: ("CLIPTextEncode", {"clip": (1, 1), "text": ""}, (400, 660), (320, 100)),
+        7: ("CLIPTextEncode", {"clip": (1, 1), "text": "a photo of a tiger"}, (400, 800), (320, 100)),
+        8: ("SelfPerceptualInvert", {"model": (1, 0), "latent": (4, 0), "positive": (5, 0), "negative": (6, 0),
+                                     "steps": 50}, (760, 120), (320, 200)),
+        10: ("SelfPerceptualInversionGuider", {"model": (1, 0), "inversion": inv, "positive": (5, 0),
+                                               "method": method, "cfg": 7.5}, (1120, 120), (320, 150)),
+        11: ("SelfPerceptualInversionGuider", {"model": (1, 0), "inversion": inv, "positive": (7, 0),
+                                               "method": method, "cfg": 7.5}, (1120, 310), (320, 150)),
+        12: ("SelfPerceptualInversionGuider", {"model": (2, 0), "inversion": inv, "positive": (7, 0),
+                                               "method": method, "cfg": 7.5}, (1120, 500), (320, 150)),
+        13: ("KSamplerSelect", {"sampler_name": "euler"}, (1120, 690), (320, 60)),
+        14: ("DisableNoise", {}, (1120, 790), (320, 40)),
+    }
+    if null_text:
+        nodes[9] = ("SelfPerceptualNullTextInversion", {"model": (1, 0), "inversion": (8, 0), "cfg": 7.5},
+                    (760, 360), (320, 200))
+    for k, g in enumerate((10, 11, 12)):
+        nodes[15 + k] = ("SamplerCustomAdvanced", {"noise": (14, 0), "guider": (g, 0), "sampler": (13, 0),
+                                                   "sigmas": (8, 2), "latent_image": (8, 1)},
+                         (1480, 120 + 220 * k), (300, 180))
+        nodes[18 + k] = ("VAEDecode", {"samples": (15 + k, 0), "vae": (1, 2)}, (1820, 120 + 220 * k), (200, 50))
+    nodes[21] = ("ImageBatch", {"image1": (18, 0), "image2": (19, 0)}, (2060, 120), (200, 50))
+    nodes[22] = ("ImageBatch", {"image1": (21, 0), "image2": (20, 0)}, (2060, 220), (200, 50))
+    nodes[23] = ("SaveImage", {"images": (22, 0), "filename_prefix": f"selfperc/{title}"}, (2300, 120), (420, 460))
+    return {"title": title, "note": note, "nodes": dict(sorted(nodes.items()))}
+
+
+_EDIT_COMMON = ("Pick the checkpoint, your LoRA (for the A/B) and a photo; write what the photo shows as the source "
+                "prompt (the top text box), and the edit as the target prompt (the third). The saved batch is: "
+                "reconstruction (source prompt) | edit with the base model | edit with base + LoRA, all from the "
+                "same inversion. The replays need the Invert node's sigmas and noise latent and KSamplerSelect "
+                "'euler' or 'ddim' (other samplers are refused); DisableNoise is there because SamplerCustomAdvanced "
+                "asks for a NOISE, which the guider does not use.")
+NULL_TEXT_EDIT = _edit(
+    "selfperc_null_text_edit",
+    "Null-text Inversion (Mokady et al.): the photo is DDIM-inverted at cfg 1 (the pivot), then the negative "
+    "prompt's embedding is fitted per step so that sampling at cfg 7.5 retraces it (50 steps x up to 10 Adam "
+    "updates, each one unconditional forward + backward). The node shows the reconstruction error beside plain DDIM "
+    "inversion's at the same cfg.\n\n" + _EDIT_COMMON, "null-text", True)
+DIRECT_EDIT = _edit(
+    "selfperc_direct_inversion_edit",
+    "Direct Inversion (Ju et al., PnP inversion): no optimisation. At every step the source branch's error "
+    "against the inversion is measured and corrected, and the target branch gets the same correction, so the "
+    "source prompt returns the photo exactly at any cfg and a target prompt edits it (two guided evaluations per "
+    "step).\n\n" + _EDIT_COMMON, "direct", False)
+SPECS = [FINE_TUNE, DISTANCE, LOAD_LORA, EVALUATE, REAL_IMAGE_AB, NULL_TEXT_EDIT, DIRECT_EDIT]
 
 
 def _inputs(spec: dict) -> list[tuple[str, str, dict]]:

@@ -12,9 +12,11 @@ pytestmark = pytest.mark.e2e
 NAMES = sorted(p.name for p in workflows.WORKFLOWS.glob("*.json"))
 
 
-def test_five_workflows_ship_with_what_each_is_for():
-    assert NAMES == ["selfperc_evaluate.json", "selfperc_fine_tune_compare.json", "selfperc_load_lora_compare.json",
-                     "selfperc_perceptual_distance.json", "selfperc_real_image_ab.json"]
+def test_seven_workflows_ship_with_what_each_is_for():
+    assert NAMES == ["selfperc_direct_inversion_edit.json", "selfperc_evaluate.json",
+                     "selfperc_fine_tune_compare.json", "selfperc_load_lora_compare.json",
+                     "selfperc_null_text_edit.json", "selfperc_perceptual_distance.json",
+                     "selfperc_real_image_ab.json"]
     kinds = {n: sorted(node["type"] for node in workflows.load(n)["nodes"]) for n in NAMES}
     assert {"SelfPerceptualFineTune", "SelfPerceptualSampler", "LossGraphNode", "SaveImage"} <= set(
         kinds["selfperc_fine_tune_compare.json"])
@@ -23,6 +25,11 @@ def test_five_workflows_ship_with_what_each_is_for():
     assert {"SelfPerceptualEvaluate", "LoraLoaderModelOnly", "SaveImage"} <= set(kinds["selfperc_evaluate.json"])
     assert {"SelfPerceptualSampler", "LoadImage", "VAEEncode", "SaveImage"} <= set(
         kinds["selfperc_real_image_ab.json"])
+    edit = {"LoadImage", "VAEEncode", "SelfPerceptualInvert", "SelfPerceptualInversionGuider", "SamplerCustomAdvanced",
+            "KSamplerSelect", "LoraLoaderModelOnly", "SaveImage"}
+    assert edit | {"SelfPerceptualNullTextInversion"} <= set(kinds["selfperc_null_text_edit.json"])
+    assert edit <= set(kinds["selfperc_direct_inversion_edit.json"])
+    assert "SelfPerceptualNullTextInversion" not in kinds["selfperc_direct_inversion_edit.json"]
 
 
 def test_template_browser_lists_and_serves_them(server):
@@ -139,3 +146,74 @@ def test_real_image_ab_workflow_runs_in_each_mode(server, eval_lora, mode, denoi
     assert execution_error(entry) is None, execution_error(entry)
     columns = 3 if mode != "sample" else 2  # reference/input | base | fine-tuned
     assert saved(server, entry, "6")[0] > columns * 64
+
+
+def _edit_prompt(server, name, lora, steps=3):
+    Image.fromarray(photo("chelsea")).resize((64, 64)).save(server.base / "input" / "wf_edit.png")
+    info = server.get("/object_info")
+    prompt = workflows.set_widgets(workflows.to_api(workflows.load(name), info), ckpt_name="tiny_sd15.safetensors",
+                                   lora_name=lora, image="wf_edit.png", steps=steps)
+    # beside the workflow: the photo through the VAE alone, what a perfect reconstruction decodes to
+    prompt["100"] = {"class_type": "VAEDecode", "inputs": {"samples": ["4", 0], "vae": ["1", 2]}}
+    prompt["101"] = {"class_type": "SaveImage", "inputs": {"images": ["100", 0], "filename_prefix": "wf_vae"}}
+    return prompt
+
+
+def images(server, entry, node):
+    import numpy as np
+
+    out = []
+    for img in entry["outputs"][node]["images"]:
+        with Image.open(server.base / "output" / img["subfolder"] / img["filename"]) as im:
+            out.append(np.asarray(im.convert("RGB"), dtype=np.float32) / 255)
+    return out
+
+
+def test_direct_inversion_workflow_reconstructs_the_photo_and_edits_it(server, eval_lora):
+    import numpy as np
+
+    prompt = _edit_prompt(server, "selfperc_direct_inversion_edit.json", eval_lora[1])
+    entry = server.run(prompt)
+    assert execution_error(entry) is None, execution_error(entry)
+    recon, edit_base, edit_lora = images(server, entry, "23")
+    (vae_only,) = images(server, entry, "101")
+    assert recon.shape == (64, 64, 3)
+    assert np.abs(recon - vae_only).max() <= 2 / 255  # the source prompt at cfg 7.5 returns the photo
+    assert np.abs(edit_base - vae_only).max() > 0.05  # the target prompt edits it
+    assert np.abs(edit_lora - edit_base).max() > 0  # the LoRA changes the edit (same inversion)
+
+
+def test_null_text_workflow_runs_and_beats_plain_inversion_at_its_cfg(server, eval_lora):
+    import re
+
+    prompt = _edit_prompt(server, "selfperc_null_text_edit.json", eval_lora[1])
+    entry = server.run(prompt)
+    assert execution_error(entry) is None, execution_error(entry)
+    assert len(images(server, entry, "23")) == 3
+    text = entry["outputs"]["9"]["text"][0]
+    err, plain = map(float, re.search(r"MSE (\S+) vs plain DDIM inversion (\S+) at cfg 7.5", text).groups())
+    assert err < plain, text
+
+
+def test_edit_workflows_refuse_bad_input_by_name_and_the_server_keeps_working(server, eval_lora):
+    base = _edit_prompt(server, "selfperc_null_text_edit.json", eval_lora[1], steps=2)
+
+    def error_of(change):
+        prompt = json.loads(json.dumps(base))
+        change(prompt)
+        err = execution_error(server.run(prompt))
+        assert err is not None
+        return err["exception_message"]
+
+    def no_negative(p):
+        del p["8"]["inputs"]["negative"]
+    assert "no negative conditioning" in error_of(no_negative)
+    assert "cfg 1.0" in error_of(lambda p: p["9"]["inputs"].update(cfg=1.0))
+    assert "sampler 'euler_ancestral'" in error_of(lambda p: p["13"]["inputs"].update(sampler_name="euler_ancestral"))
+
+    def other_vae(p):
+        p["50"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+        p["8"]["inputs"]["latent"] = ["50", 0]
+    assert "another family's VAE" in error_of(other_vae)
+    entry = server.run(base)
+    assert execution_error(entry) is None, execution_error(entry)
