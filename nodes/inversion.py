@@ -17,7 +17,7 @@ import comfy.utils
 import torch
 
 from ..selfperc_core import inversion as core
-from .session import make_trainable_tensors
+from .session import frozen_weights, make_trainable_tensors
 
 METHODS = ("null-text", "direct", "plain")
 # Samplers whose step is the Euler step the inversion and the corrections are written for (ComfyUI's "ddim" is
@@ -213,8 +213,11 @@ class NullTextSampler(comfy.samplers.Sampler):
 
         def on_step(i, loss, inner):
             progress()
-        init = crossattn_of(neg)
-        self.result = core.null_text(prepare_step, pivots, sig, init, self.settings, on_step)
+        # one embedding per image of the batch (the conds hold one for all; Adam is elementwise, so each image's
+        # embedding follows its own gradient)
+        init = [comfy.utils.repeat_to_batch_size(t, s_in.shape[0]).clone() for t in crossattn_of(neg)]
+        with frozen_weights(guider.model_patcher.model):  # gradients reach the embeddings only
+            self.result = core.null_text(prepare_step, pivots, sig, init, self.settings, on_step)
         with torch.no_grad():  # the baseline: the same cfg with the original negative
             self.plain = core.replay(
                 lambda i, x, s: guider(x, s * s_in, model_options=model_options, seed=seed), pivots[0], sig)

@@ -82,6 +82,21 @@ def make_trainable_tensors(module: torch.nn.Module) -> int:
     return n
 
 
+@contextlib.contextmanager
+def frozen_weights(module: torch.nn.Module):
+    """No gradient buffers for ``module``'s weights while gradients flow through it to something else (ComfyUI
+    leaves loaded weights with requires_grad True); the flags are restored on exit."""
+    params = [p for p in module.parameters() if not p.is_inference()]
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
 def release(mp) -> None:
     """Unload the training clone (ComfyUI restores the shared modules' weights from its patch backups)."""
     mm = comfy.model_management

@@ -11,6 +11,9 @@ from tests.host.models import assert_applied_as_trained, fine_tune_inputs, nonze
 
 pytestmark = pytest.mark.host
 UNETS = ("sd15", "sd20_v", "sdxl")
+# Wan 2.2's gradient is tiny (3e-4): at h 1e-3 its loss difference sits at fp32's resolution, and on some CPUs'
+# kernels the estimate was off by 1.3e-4; at 3e-3 it is 3.18e-4 against 3.07e-4 (measured)
+FD_STEP = {"wan22": 3e-3}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -114,7 +117,7 @@ def test_gradients_through_the_blocks_match_finite_differences(pack, family):
         g = torch.Generator().manual_seed(5)
         dirs = [torch.randn(p.shape, generator=g) * 0.1 for p in ses.params]  # small: the loss is far from linear
         analytic = sum((p.grad * d).sum() for p, d in zip(ses.params, dirs) if p.grad is not None).item()
-        h, vals = 1e-3, []
+        h, vals = FD_STEP.get(family, 1e-3), []
         with torch.no_grad():
             for sign in (1, -1):
                 for p, d in zip(ses.params, dirs):

@@ -159,7 +159,8 @@ def test_bypass_lora_is_the_lora_core_loraloader_applies_and_off_is_the_base(pac
     loaded, _ = comfy.sd.load_lora_for_models(model, None, sd, 1.0, 0)
     ref = output(loaded)
     torch.testing.assert_close(output(model), plain, rtol=0, atol=0)  # the loader's patches were undone
-    assert_applied_as_trained(on, plain, ref)
+    # beside-the-layer vs merged weights round differently: on one CPU's kernels one element of 512 was 1.5e-5 off
+    assert_applied_as_trained(on, plain, ref, atol=3e-5)
 
 
 @pytest.mark.parametrize("kind", PARAMETERIZATIONS)
