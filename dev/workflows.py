@@ -172,7 +172,7 @@ DIRECT_EDIT = _edit(
     "selfperc_direct_inversion_edit",
     "Direct Inversion (Ju et al., PnP inversion): no optimisation. At every step the source branch's error "
     "against the inversion is measured and corrected, and the target branch gets the same correction, so the "
-    "source prompt returns the photo exactly at any cfg and a target prompt edits it (two guided evaluations per "
+    "source prompt returns the photo to float rounding at any cfg and a target prompt edits it (two guided evaluations per "
     "step).\n\n" + _EDIT_COMMON, "direct", False)
 SPECS = [FINE_TUNE, DISTANCE, LOAD_LORA, EVALUATE, REAL_IMAGE_AB, NULL_TEXT_EDIT, DIRECT_EDIT]
 

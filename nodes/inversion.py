@@ -17,6 +17,7 @@ import comfy.utils
 import torch
 
 from ..selfperc_core import inversion as core
+from . import bridge
 from .session import frozen_weights, make_trainable_tensors
 
 METHODS = ("null-text", "direct", "plain")
@@ -44,8 +45,11 @@ class Inversion:
 
 
 def family_of(model) -> str:
+    """What an inversion is tied to: the model class and config (SD1.x and SD2.x share classes but not widths),
+    the latent format and the parameterization (a ModelSamplingDiscrete patch turns eps into v)."""
     m = model.model
-    return f"{type(m).__name__} / {type(m.diffusion_model).__name__} / {type(m.latent_format).__name__}"
+    return (f"{type(m).__name__} ({type(m.model_config).__name__}) / {type(m.diffusion_model).__name__} / "
+            f"{type(m.latent_format).__name__} / {bridge.parameterization(bridge.model_sampling(model))}")
 
 
 def check_latent(model, samples: torch.Tensor, what: str = "latent") -> None:
@@ -96,6 +100,10 @@ def check_sigmas(sigmas: torch.Tensor, inv: Inversion) -> None:
 
 def with_crossattn(conds: list[dict], tensors) -> list[dict]:
     """Processed conds with their cross-attention tensors replaced (Null-text's per-step embeddings)."""
+    if len(conds) != len(tensors):
+        raise ValueError(f"the negative conditioning has {len(conds)} entries here but {len(tensors)} were fitted: an "
+                         "area or mask on the prompt changes how ComfyUI pairs the branches; replay with prompts "
+                         "of the same structure as the inversion's")
     out = []
     for c, t in zip(conds, tensors):
         mc = dict(c["model_conds"])
@@ -216,8 +224,12 @@ class NullTextSampler(comfy.samplers.Sampler):
         # one embedding per image of the batch (the conds hold one for all; Adam is elementwise, so each image's
         # embedding follows its own gradient)
         init = [comfy.utils.repeat_to_batch_size(t, s_in.shape[0]).clone() for t in crossattn_of(neg)]
+        # the paper's loss is in DDPM latents: k-diffusion's x over sqrt(1 + sigma^2) for eps/v (c_in), x for flow
+        ms = guider.inner_model.model_sampling
+        weights = [float(ms.calculate_input(s.reshape(1), torch.ones(1, 1, device=s.device)).square().mean())
+                   for s in sig[1:]]
         with frozen_weights(guider.model_patcher.model):  # gradients reach the embeddings only
-            self.result = core.null_text(prepare_step, pivots, sig, init, self.settings, on_step)
+            self.result = core.null_text(prepare_step, pivots, sig, init, self.settings, on_step, weights)
         with torch.no_grad():  # the baseline: the same cfg with the original negative
             self.plain = core.replay(
                 lambda i, x, s: guider(x, s * s_in, model_options=model_options, seed=seed), pivots[0], sig)
@@ -233,6 +245,15 @@ def null_text_inversion(model, inv: Inversion, cfg: float, settings: core.NullTe
         raise ValueError("Null-text Inversion optimises the negative (unconditional) embedding, and the inversion "
                          "has no negative conditioning: connect one to the Invert node (e.g. CLIPTextEncode with "
                          "an empty text)")
+    for name, conds in (("positive", inv.positive), ("negative", inv.negative)):
+        for entry in conds:
+            extras = sorted(k for k in ("control", "gligen") if k in entry[1])
+            if extras:
+                raise ValueError(f"the {name} conditioning carries {', '.join(extras)} (ControlNet / T2I / GLIGEN): "
+                                 "Null-text Inversion back-propagates through the model only; invert without them")
+    if "sampler_calc_cond_batch_function" in model.model_options:
+        raise ValueError("the model has a sampler_calc_cond_batch_function patch: Null-text Inversion fits the "
+                         "unconditional branch alone, which such a patch would batch otherwise")
     if math.isclose(cfg, 1.0):
         raise ValueError("cfg 1.0: at cfg 1 the unconditional branch is not used, so there is nothing for Null-text "
                          "Inversion to optimise (plain DDIM inversion already reconstructs at cfg 1). Set the cfg "
@@ -309,8 +330,10 @@ class InversionGuider(comfy.samplers.CFGGuider):
         if denoise_mask is not None:
             raise ValueError("the latent has a noise mask: replaying an inversion edits the whole latent")
         self._sigmas = self.inv.sigmas.tolist()
-        return super().sample(noise, torch.zeros_like(latent_image), _StartAt(sampler, self.inv.pivots[0]), sigmas,
-                              None, callback, disable_pbar, seed)
+        # the conds see the inverted image (concat-conditioned models read it); the sampler starts at the noise
+        image = self.model_patcher.model.process_latent_out(self.inv.pivots[-1].clone()).to(latent_image)
+        return super().sample(noise, image, _StartAt(sampler, self.inv.pivots[0]), sigmas, None, callback,
+                              disable_pbar, seed)
 
     def _step(self, timestep) -> int:
         s = float(timestep.flatten()[0])

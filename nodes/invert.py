@@ -2,6 +2,8 @@
 and the noise it maps to. Null-text Inversion refines it; the Inversion Guider replays it with a new prompt."""
 from __future__ import annotations
 
+import math
+
 import comfy.samplers
 from comfy_api.latest import io
 
@@ -54,7 +56,7 @@ class SelfPerceptualInvert(io.ComfyNode):
         if "noise_mask" in latent:
             raise ValueError("the latent has a noise mask: inversion inverts the whole latent (use a plain "
                              "VAEEncode)")
-        if cfg != 1.0 and negative is None:
+        if not math.isclose(cfg, 1.0) and negative is None:
             raise ValueError(f"cfg {cfg} needs a negative conditioning: connect one (e.g. CLIPTextEncode with an "
                              "empty text), or invert at cfg 1.0")
         sigmas = realimage.schedule(model, scheduler, steps)

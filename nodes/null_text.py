@@ -34,7 +34,7 @@ class SelfPerceptualNullTextInversion(io.ComfyNode):
                 io.Float.Input("early_stop", default=d.early_stop, min=0.0, max=0.1, step=1e-6, round=1e-7,
                                tooltip="Stop a step's updates once the latent MSE to the pivot is below this, "
                                        "growing along the steps as in the paper (1e-5 at the first, 1e-5 + 2e-5 i "
-                                       "at 50 steps)."),
+                                       "at 50 steps), in the paper's DDPM-latent units."),
             ],
             outputs=[
                 INVERSION.Output(display_name="inversion", tooltip="The inversion with the per-step null "

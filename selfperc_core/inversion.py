@@ -72,14 +72,15 @@ class NullTextSettings:
 class NullTextResult:
     nulls: list[list[Tensor]]   # per step, the optimised unconditional tensors (as given, detached)
     reconstruction: Tensor      # the end of sampling with them (equals the last pivot point up to the fit)
-    losses: list[float]         # per step, the last inner loss
+    losses: list[float]         # per step, the last inner loss (weighted: the paper's units)
     inner_steps: list[int]      # per step, how many updates ran
 
 
 def null_text(prepare_step: Callable[[int, Tensor, Tensor], Callable[[Sequence[Tensor]], Tensor]],
               pivots: Sequence[Tensor], sigmas: Tensor, null_init: Sequence[Tensor],
               settings: NullTextSettings = NullTextSettings(),
-              on_step: Callable[[int, float, int], None] | None = None) -> NullTextResult:
+              on_step: Callable[[int, float, int], None] | None = None,
+              loss_weights: Sequence[float] | None = None) -> NullTextResult:
     """Null-text Inversion along ``pivots`` (``trajectory``'s output, at ``sigmas`` decreasing to 0).
 
     ``prepare_step(i, x, sigma)`` returns ``guided(nulls) -> D``: the cfg-combined denoiser at (x, sigma) as a
@@ -87,6 +88,11 @@ def null_text(prepare_step: Callable[[int, Tensor, Tensor], Callable[[Sequence[T
     caller evaluates it once per step). Each inner update costs one unconditional forward and backward. Each
     step starts from the previous step's result, as in the paper. Where D does not depend on the nulls (cfg 1)
     the gradient is exactly zero and Adam leaves them bit-identical.
+
+    ``loss_weights[i]`` puts step i's latent MSE in the paper's units, for the early stop and the reported loss
+    (k-diffusion's x is the DDPM latent times sqrt(1 + sigma^2) for eps/v models: weight 1 / (1 + sigma_next^2);
+    default 1). The backward uses the sum of squares, not the mean: Adam does not see a constant factor, and the
+    gradient stays far from fp16's underflow.
     """
     settings.validate()
     n = len(sigmas) - 1
@@ -101,14 +107,15 @@ def null_text(prepare_step: Callable[[int, Tensor, Tensor], Callable[[Sequence[T
         params = [t.detach().clone().requires_grad_(True) for t in nulls]
         opt = torch.optim.Adam(params, lr=settings.lr * (1 - i / (2 * n)))
         threshold = settings.early_stop * (1 + 100 * i / n)
+        weight = 1.0 if loss_weights is None else float(loss_weights[i])
         loss_item, j = float("nan"), 0
         with torch.enable_grad():
             for j in range(1, settings.inner_steps + 1):
-                loss = torch.nn.functional.mse_loss(euler_step(x, guided(params), s, s_next).float(), target.float())
+                sq = (euler_step(x, guided(params), s, s_next).float() - target.float()).square()
                 opt.zero_grad(set_to_none=False)
-                loss.backward()
+                sq.sum().backward()
                 opt.step()
-                loss_item = loss.item()
+                loss_item = weight * sq.mean().item()
                 if loss_item < threshold:
                     break
         nulls = [p.detach() for p in params]

@@ -128,6 +128,10 @@ def test_early_stop_and_the_learning_rate_schedule_follow_the_paper():
     torch.testing.assert_close(torch.tensor(seen), 1e-2 * (1 - torch.arange(n) / 100), rtol=1e-6, atol=0)
     want = [10 if 3e-4 >= 1e-5 + 2e-5 * i else 1 for i in range(n)]
     assert res.inner_steps == want, res.inner_steps
+    # per-step weights (the paper's units) scale what the threshold sees, not the updates' direction
+    part = null_text(prepare, pivots, sig, [torch.zeros(1)], loss_weights=[0.4] * n)
+    assert part.inner_steps == [10 if 1.2e-4 >= 1e-5 + 2e-5 * i else 1 for i in range(n)], part.inner_steps
+    assert part.losses[0] == pytest.approx(0.4 * res.losses[0], rel=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["eps", "flow"])
