@@ -1,0 +1,100 @@
+"""Prompt-to-Prompt's attention edits (Hertz et al. 2022) on plain tensors: token alignment, the edits of the
+target prompt's cross-attention probabilities from the source's, and local blending.
+
+Attention probabilities are (..., Q, K): Q image positions, K text tokens. The host computes them from its own
+q, k, v and puts the edited ones back; nothing here knows a model.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+EDIT_MODES = ("replace", "refine", "reweight")
+
+
+def align(src: Sequence, tgt: Sequence) -> list[int]:
+    """For each target token, the index of the source token it is the same word as, or -1 (a word the target
+    added or changed): a global alignment (Needleman-Wunsch: match +1, mismatch and gap -1) of the two token
+    sequences, so the words shared around an insertion keep their pairing."""
+    n, m = len(src), len(tgt)
+    score = [[0] * (m + 1) for _ in range(n + 1)]
+    for i in range(1, n + 1):
+        score[i][0] = -i
+    for j in range(1, m + 1):
+        score[0][j] = -j
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            diag = score[i - 1][j - 1] + (1 if src[i - 1] == tgt[j - 1] else -1)
+            score[i][j] = max(diag, score[i - 1][j] - 1, score[i][j - 1] - 1)
+    mapper = [-1] * m
+    i, j = n, m
+    while i > 0 and j > 0:
+        same = src[i - 1] == tgt[j - 1]
+        if score[i][j] == score[i - 1][j - 1] + (1 if same else -1):
+            if same:
+                mapper[j - 1] = i - 1
+            i, j = i - 1, j - 1
+        elif score[i][j] == score[i - 1][j] - 1:
+            i -= 1
+        else:
+            j -= 1
+    return mapper
+
+
+def edit_cross_attention(src: Tensor, tgt: Tensor, mode: str, mapper: Sequence[int] | None = None,
+                         weights: Tensor | None = None) -> Tensor:
+    """The target branch's cross-attention probabilities after Prompt-to-Prompt's edit:
+
+    - ``replace`` (word swap, prompts of equal token length): the source's maps, so the layout stays and only the
+      values (the new words' text) change;
+    - ``refine`` (added words): target token j takes the source's map of token ``mapper[j]`` where it has one
+      (``align``), and keeps its own where it is new (-1);
+    - ``reweight``: the target's maps scaled per token by ``weights`` (K,) (1 = unchanged).
+
+    ``weights`` also applies after replace / refine, as in the paper's combined edits.
+    """
+    if mode not in EDIT_MODES:
+        raise ValueError(f"unknown attention edit {mode!r}; choose one of {EDIT_MODES}")
+    if src.shape != tgt.shape:
+        raise ValueError(f"source and target attention maps differ in shape: {tuple(src.shape)} vs "
+                         f"{tuple(tgt.shape)}")
+    if mode == "replace":
+        out = src
+    elif mode == "refine":
+        k = tgt.shape[-1]
+        if mapper is None or len(mapper) != k:
+            raise ValueError(f"refine needs one source index (or -1) per target token: {k} tokens, "
+                             f"{None if mapper is None else len(mapper)} given")
+        idx = torch.tensor([j if j >= 0 else 0 for j in mapper], device=src.device)
+        keep = torch.tensor([j >= 0 for j in mapper], device=src.device)
+        out = torch.where(keep, src.index_select(-1, idx), tgt)
+    else:
+        out = tgt
+    if weights is not None:
+        out = out * weights.to(out)
+    return out
+
+
+def blend_mask(maps: Tensor, tokens: Sequence[int], grid: tuple[int, int], size: tuple[int, int],
+               threshold: float = 0.3) -> Tensor:
+    """Local blending's mask: where the chosen ``tokens`` attend. ``maps`` (B, Q, K) cross-attention
+    probabilities (averaged over heads and layers) at a ``grid`` of Q = h * w positions; the chosen tokens' maps
+    are summed, smoothed (3x3 max-pool), resized to ``size`` (the latent's), divided by their maximum and
+    thresholded: (B, 1, H, W) of 0 / 1."""
+    h, w = grid
+    if maps.shape[-2] != h * w:
+        raise ValueError(f"{maps.shape[-2]} attention positions are not a {h}x{w} grid")
+    if not tokens:
+        raise ValueError("local blending needs at least one token to blend at")
+    m = maps[..., list(tokens)].sum(-1).reshape(-1, 1, h, w).float()
+    m = torch.nn.functional.max_pool2d(m, 3, stride=1, padding=1)
+    m = torch.nn.functional.interpolate(m, size=size, mode="bilinear", align_corners=False)
+    m = m / m.flatten(1).amax(1).clamp_min(1e-12).reshape(-1, 1, 1, 1)
+    return (m > threshold).to(maps.dtype)
+
+
+def local_blend(source: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """The target latent inside ``mask``, the source's outside (exactly: outside it is the source itself)."""
+    return torch.where(mask.to(torch.bool), target, source)

@@ -1,0 +1,67 @@
+"""Prompt-to-Prompt's attention edits (selfperc_core.attention_edit): alignment, the edits' identities and
+formulas, local blending."""
+import pytest
+import torch
+
+from selfperc_core.attention_edit import align, blend_mask, edit_cross_attention, local_blend
+
+
+def probs(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).softmax(-1)
+
+
+def test_alignment_pairs_shared_words_around_insertions_and_swaps():
+    # token ids as a tokenizer gives them; 7 = start, 9 = end
+    src = [7, 11, 12, 13, 9]            # <s> a cat sitting </s>
+    tgt = [7, 11, 40, 12, 13, 9]        # <s> a fluffy cat sitting </s>
+    assert align(src, tgt) == [0, 1, -1, 2, 3, 4]
+    assert align(src, src) == list(range(len(src)))
+    assert align(src, [7, 11, 50, 13, 9]) == [0, 1, -1, 3, 4]  # a word swapped: no source map for it
+    assert align(src, [7, 11, 50, 51, 12, 13, 9]) == [0, 1, -1, -1, 2, 3, 4]  # a two-token word inserted
+    assert align(src, [7, 9]) == [0, 4]
+
+
+def test_identical_prompts_and_unit_weights_are_exact_no_ops():
+    a = probs(2, 16, 6)
+    for mode in ("replace", "refine", "reweight"):
+        out = edit_cross_attention(a, a.clone(), mode, mapper=list(range(6)), weights=torch.ones(6))
+        assert torch.equal(out, a)
+
+
+def test_each_edit_is_its_formula():
+    s, t = probs(2, 16, 6, seed=1), probs(2, 16, 6, seed=2)
+    assert torch.equal(edit_cross_attention(s, t, "replace"), s)
+    mapper = [0, 1, -1, 2, 3, 4]
+    out = edit_cross_attention(s, t, "refine", mapper=mapper)
+    for j, i in enumerate(mapper):
+        assert torch.equal(out[..., j], s[..., i] if i >= 0 else t[..., j])
+    w = torch.tensor([1.0, 1.0, 2.0, 1.0, 0.5, 1.0])
+    torch.testing.assert_close(edit_cross_attention(s, t, "reweight", weights=w), t * w, rtol=0, atol=0)
+    torch.testing.assert_close(edit_cross_attention(s, t, "replace", weights=w), s * w, rtol=0, atol=0)
+
+
+def test_bad_edits_are_refused_by_name():
+    s = probs(1, 4, 5)
+    with pytest.raises(ValueError, match="unknown attention edit"):
+        edit_cross_attention(s, s, "swap")
+    with pytest.raises(ValueError, match="5 tokens, 3 given"):
+        edit_cross_attention(s, s, "refine", mapper=[0, 1, 2])
+    with pytest.raises(ValueError, match="differ in shape"):
+        edit_cross_attention(s, probs(1, 4, 6), "replace")
+    with pytest.raises(ValueError, match="4x4 grid"):
+        blend_mask(s, [1], (4, 4), (8, 8))
+    with pytest.raises(ValueError, match="at least one token"):
+        blend_mask(probs(1, 16, 5), [], (4, 4), (8, 8))
+
+
+def test_local_blend_keeps_the_source_exactly_outside_where_the_word_attends():
+    maps = torch.full((1, 16, 5), 0.01)
+    maps[0, 5, 2] = 1.0  # token 2 attends at grid cell (1, 1) of 4x4
+    mask = blend_mask(maps, [2], (4, 4), (8, 8))
+    assert mask.shape == (1, 1, 8, 8) and 0 < mask.sum() < 64
+    assert mask[0, 0, 2:4, 2:4].eq(1).all() and mask[0, 0, 7, 7] == 0
+    src, tgt = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    out = local_blend(src, tgt, mask)
+    outside = mask.expand_as(src) == 0
+    assert torch.equal(out[outside], src[outside]) and torch.equal(out[~outside], tgt[~outside])
