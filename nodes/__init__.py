@@ -2,17 +2,20 @@
 from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
+from .attention_maps import SelfPerceptualAttentionMaps
 from .distance import PerceptualDistance
 from .edit_guider import SelfPerceptualInversionGuider
 from .evaluate import SelfPerceptualEvaluate
 from .invert import SelfPerceptualInvert
 from .null_text import SelfPerceptualNullTextInversion
 from .options import OPTION_NODES
+from .p2p_guider import SelfPerceptualPromptToPrompt
 from .sample import SelfPerceptualSampler
 from .train import SelfPerceptualFineTune
 
 NODES = [SelfPerceptualFineTune, *OPTION_NODES, SelfPerceptualSampler, PerceptualDistance, SelfPerceptualEvaluate,
-         SelfPerceptualInvert, SelfPerceptualNullTextInversion, SelfPerceptualInversionGuider]
+         SelfPerceptualInvert, SelfPerceptualNullTextInversion, SelfPerceptualInversionGuider,
+         SelfPerceptualPromptToPrompt, SelfPerceptualAttentionMaps]
 
 
 class SelfPerceptualExtension(ComfyExtension):

@@ -98,3 +98,35 @@ def blend_mask(maps: Tensor, tokens: Sequence[int], grid: tuple[int, int], size:
 def local_blend(source: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     """The target latent inside ``mask``, the source's outside (exactly: outside it is the source itself)."""
     return torch.where(mask.to(torch.bool), target, source)
+
+
+def attention_probs(q: Tensor, k: Tensor, heads: int) -> Tensor:
+    """Softmax(q k^T / sqrt(d)) per head, in float32 (the maps the edits act on): q (B, Q, H*D), k (B, K, H*D)
+    -> (B, H, Q, K)."""
+    b, nq, hd = q.shape
+    d = hd // heads
+    qh = q.reshape(b, nq, heads, d).transpose(1, 2).float()
+    kh = k.reshape(b, k.shape[1], heads, d).transpose(1, 2).float()
+    return torch.softmax(qh @ kh.transpose(-1, -2) * d ** -0.5, dim=-1)
+
+
+def attend(probs: Tensor, v: Tensor) -> Tensor:
+    """The attention output for (edited) ``probs`` (B, H, Q, K) and values v (B, K, H*D): (B, Q, H*D) in v's
+    dtype."""
+    b, heads, nq, _ = probs.shape
+    vh = v.reshape(b, v.shape[1], heads, -1).transpose(1, 2).float()
+    return (probs @ vh).transpose(1, 2).reshape(b, nq, -1).to(v.dtype)
+
+
+def pair_rows(chunks: Sequence[bool], pairs: int) -> tuple[list[int], list[int]]:
+    """Batch rows of the source and target images in the edited chunks of a model call. The call's batch is
+    ``len(chunks)`` chunks (ComfyUI batches the conditional and unconditional branches together), each laid out
+    as ``pairs`` source images then their ``pairs`` targets; ``chunks[c]`` says whether chunk c is edited (the
+    conditional branch, as in Prompt-to-Prompt)."""
+    src, tgt = [], []
+    for c, edited in enumerate(chunks):
+        if edited:
+            base = c * 2 * pairs
+            src += range(base, base + pairs)
+            tgt += range(base + pairs, base + 2 * pairs)
+    return src, tgt

@@ -3,7 +3,15 @@ formulas, local blending."""
 import pytest
 import torch
 
-from selfperc_core.attention_edit import align, blend_mask, edit_cross_attention, local_blend
+from selfperc_core.attention_edit import (
+    align,
+    attend,
+    attention_probs,
+    blend_mask,
+    edit_cross_attention,
+    local_blend,
+    pair_rows,
+)
 
 
 def probs(*shape, seed=0):
@@ -65,3 +73,22 @@ def test_local_blend_keeps_the_source_exactly_outside_where_the_word_attends():
     out = local_blend(src, tgt, mask)
     outside = mask.expand_as(src) == 0
     assert torch.equal(out[outside], src[outside]) and torch.equal(out[~outside], tgt[~outside])
+
+
+def test_attention_probs_and_attend_are_scaled_dot_product_attention():
+    torch.manual_seed(0)
+    b, nq, nk, heads, d = 3, 10, 7, 4, 8
+    q, k, v = torch.randn(b, nq, heads * d), torch.randn(b, nk, heads * d), torch.randn(b, nk, heads * d)
+    p = attention_probs(q, k, heads)
+    assert p.shape == (b, heads, nq, nk)
+    torch.testing.assert_close(p.sum(-1), torch.ones(b, heads, nq))
+    split = lambda t: t.reshape(b, -1, heads, d).transpose(1, 2)  # noqa: E731
+    ref = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v))
+    torch.testing.assert_close(attend(p, v), ref.transpose(1, 2).reshape(b, nq, heads * d), rtol=1e-5, atol=1e-5)
+
+
+def test_pair_rows_follow_the_hosts_chunk_layout():
+    # chunks [cond, uncond], 2 pairs each: rows 0-1 sources, 2-3 targets of the conditional chunk; uncond untouched
+    assert pair_rows([True, False], 2) == ([0, 1], [2, 3])
+    assert pair_rows([False, True], 2) == ([4, 5], [6, 7])
+    assert pair_rows([False], 1) == ([], [])
