@@ -174,7 +174,63 @@ DIRECT_EDIT = _edit(
     "against the inversion is measured and corrected, and the target branch gets the same correction, so the "
     "source prompt returns the photo to float rounding at any cfg and a target prompt edits it (two guided evaluations per "
     "step).\n\n" + _EDIT_COMMON, "direct", False)
-SPECS = [FINE_TUNE, DISTANCE, LOAD_LORA, EVALUATE, REAL_IMAGE_AB, NULL_TEXT_EDIT, DIRECT_EDIT]
+
+
+def _p2p(title: str, note: str, photo: bool) -> dict:
+    """Prompt-to-Prompt through core SamplerCustomAdvanced: the saved batch is sources then targets, and the
+    attention-map grid beside it. With a photo: Invert Image's noise, sigmas and the euler sampler."""
+    nodes = {
+        1: ("CheckpointLoaderSimple", {"ckpt_name": CKPT}, (40, 120), (320, 100)),
+        2: ("CLIPTextEncode", {"clip": (1, 1), "text": ""}, (40, 280), (320, 100)),
+        3: ("SelfPerceptualPromptToPrompt", {"model": (1, 0), "clip": (1, 1), "negative": (2, 0)},
+            (400, 120), (360, 520)),
+        5: ("KSamplerSelect", {"sampler_name": "euler"}, (800, 120), (320, 60)),
+        8: ("SamplerCustomAdvanced", {"guider": (3, 0), "sampler": (5, 0)}, (1160, 120), (300, 180)),
+        9: ("VAEDecode", {"samples": (8, 0), "vae": (1, 2)}, (1500, 120), (200, 50)),
+        10: ("SaveImage", {"images": (9, 0), "filename_prefix": f"selfperc/{title}"}, (1740, 120), (420, 460)),
+        11: ("SelfPerceptualAttentionMaps", {"guider": (3, 0), "samples": (8, 0)}, (1160, 360), (300, 80)),
+        12: ("SaveImage", {"images": (11, 0), "filename_prefix": f"selfperc/{title}_maps"}, (1500, 360),
+             (620, 300)),
+    }
+    if photo:
+        nodes[3][1].update(source_prompt="a photo of a cat", target_prompt="a photo of a tiger", inversion=(15, 0))
+        nodes |= {
+            13: ("LoadImage", {"image": "example.png"}, (40, 420), (320, 320)),
+            14: ("VAEEncode", {"pixels": (13, 0), "vae": (1, 2)}, (40, 780), (200, 50)),
+            15: ("SelfPerceptualInvert", {"model": (1, 0), "latent": (14, 0), "positive": (16, 0),
+                                          "negative": (2, 0), "steps": 50}, (800, 420), (320, 200)),
+            16: ("CLIPTextEncode", {"clip": (1, 1), "text": "a photo of a cat"}, (400, 700), (320, 100)),
+            6: ("DisableNoise", {}, (800, 220), (320, 40)),
+        }
+        nodes[8][1].update(noise=(6, 0), sigmas=(15, 2), latent_image=(15, 1))
+    else:
+        nodes |= {
+            4: ("EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}, (800, 420), (320, 110)),
+            6: ("RandomNoise", {"noise_seed": 0}, (800, 220), (320, 80)),
+            7: ("BasicScheduler", {"model": (1, 0), "scheduler": "normal", "steps": 50}, (800, 320), (320, 110)),
+        }
+        nodes[8][1].update(noise=(6, 0), sigmas=(7, 0), latent_image=(4, 0))
+    return {"title": title, "note": note, "nodes": dict(sorted(nodes.items()))}
+
+
+_P2P_COMMON = ("mode replace swaps words of equal token count (cat -> dog), refine adds words ('a cat' -> 'a fluffy "
+               "cat'), reweight scales words ('fluffy:2'). cross_replace / self_replace: the fraction of the first "
+               "steps in which the target takes the source's cross- / self-attention maps (more: closer to the "
+               "source). blend_words ('cat, dog') limits the edit to where those words attend. The saved batch is "
+               "the source image(s) then the edited one(s); the map grid shows where each word attended. Needs a "
+               "UNet model (SD1.x, SD2.x, SDXL) and a deterministic sampler.")
+P2P = _p2p("selfperc_prompt_to_prompt",
+           "Prompt-to-Prompt (Hertz et al.): the source and the target prompt are sampled together from the same "
+           "noise, and the target's attention is edited with the source's maps, so the image keeps its layout and "
+           "only the words that changed change.\n\n" + _P2P_COMMON, False)
+P2P_PHOTO = _p2p("selfperc_prompt_to_prompt_photo",
+                 "Prompt-to-Prompt on a real photo: the photo is inverted (Invert Image, DDIM at cfg 1); the source "
+                 "branch is put back on the inversion every step (Direct Inversion), so it returns the photo, and "
+                 "the target branch edits it with the source's attention maps. Write what the photo shows as the "
+                 "source prompt (in the guider and the Invert node's text box) and the edit as the target. Keep "
+                 "KSamplerSelect 'euler' (or 'ddim') and the Invert node's sigmas and noise latent.\n\n"
+                 + _P2P_COMMON, True)
+SPECS = [FINE_TUNE, DISTANCE, LOAD_LORA, EVALUATE, REAL_IMAGE_AB, NULL_TEXT_EDIT, DIRECT_EDIT, P2P, P2P_PHOTO]
 
 
 def _inputs(spec: dict) -> list[tuple[str, str, dict]]:

@@ -12,10 +12,11 @@ pytestmark = pytest.mark.e2e
 NAMES = sorted(p.name for p in workflows.WORKFLOWS.glob("*.json"))
 
 
-def test_seven_workflows_ship_with_what_each_is_for():
+def test_nine_workflows_ship_with_what_each_is_for():
     assert NAMES == ["selfperc_direct_inversion_edit.json", "selfperc_evaluate.json",
                      "selfperc_fine_tune_compare.json", "selfperc_load_lora_compare.json",
                      "selfperc_null_text_edit.json", "selfperc_perceptual_distance.json",
+                     "selfperc_prompt_to_prompt.json", "selfperc_prompt_to_prompt_photo.json",
                      "selfperc_real_image_ab.json"]
     kinds = {n: sorted(node["type"] for node in workflows.load(n)["nodes"]) for n in NAMES}
     assert {"SelfPerceptualFineTune", "SelfPerceptualSampler", "LossGraphNode", "SaveImage"} <= set(
@@ -30,6 +31,10 @@ def test_seven_workflows_ship_with_what_each_is_for():
     assert edit | {"SelfPerceptualNullTextInversion"} <= set(kinds["selfperc_null_text_edit.json"])
     assert edit <= set(kinds["selfperc_direct_inversion_edit.json"])
     assert "SelfPerceptualNullTextInversion" not in kinds["selfperc_direct_inversion_edit.json"]
+    p2p = {"SelfPerceptualPromptToPrompt", "SelfPerceptualAttentionMaps", "SamplerCustomAdvanced", "SaveImage"}
+    assert p2p | {"EmptyLatentImage", "RandomNoise"} <= set(kinds["selfperc_prompt_to_prompt.json"])
+    assert p2p | {"LoadImage", "SelfPerceptualInvert", "DisableNoise"} <= set(
+        kinds["selfperc_prompt_to_prompt_photo.json"])
 
 
 def test_template_browser_lists_and_serves_them(server):
@@ -215,5 +220,64 @@ def test_edit_workflows_refuse_bad_input_by_name_and_the_server_keeps_working(se
         p["50"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
         p["8"]["inputs"]["latent"] = ["50", 0]
     assert "another family's VAE" in error_of(other_vae)
+    entry = server.run(base)
+    assert execution_error(entry) is None, execution_error(entry)
+
+
+def _p2p_prompt(server, name, steps=3):
+    Image.fromarray(photo("chelsea")).resize((64, 64)).save(server.base / "input" / "wf_p2p.png")
+    info = server.get("/object_info")
+    return workflows.set_widgets(workflows.to_api(workflows.load(name), info), ckpt_name="tiny_sd15.safetensors",
+                                 image="wf_p2p.png", steps=steps, width=64, height=64)
+
+
+def test_prompt_to_prompt_workflow_makes_source_and_edit_and_the_map_grid(server):
+    prompt = _p2p_prompt(server, "selfperc_prompt_to_prompt.json")
+    entry = server.run(prompt)
+    assert execution_error(entry) is None, execution_error(entry)
+    source, target = images(server, entry, "10")
+    assert source.shape == target.shape == (64, 64, 3)
+    assert abs(source - target).max() > 0.01  # cat -> dog changed the target
+    (maps,) = images(server, entry, "12")
+    words = len("a photo of a dog riding a bicycle".split())  # one CLIP token each here
+    assert maps.shape[1] == words * 96 and maps.std() > 0.05
+
+
+def test_prompt_to_prompt_photo_workflow_returns_the_photo_as_source(server):
+    import numpy as np
+
+    prompt = _p2p_prompt(server, "selfperc_prompt_to_prompt_photo.json")
+    prompt["100"] = {"class_type": "VAEDecode", "inputs": {"samples": ["14", 0], "vae": ["1", 2]}}
+    prompt["101"] = {"class_type": "SaveImage", "inputs": {"images": ["100", 0], "filename_prefix": "wf_p2p_vae"}}
+    entry = server.run(prompt)
+    assert execution_error(entry) is None, execution_error(entry)
+    source, target = images(server, entry, "10")
+    (vae_only,) = images(server, entry, "101")
+    assert np.abs(source - vae_only).max() <= 2 / 255  # Direct Inversion: the source branch is the photo
+    assert np.abs(target - vae_only).max() > 0.05  # cat -> tiger edits it
+
+
+def test_prompt_to_prompt_refuses_bad_input_by_name_and_the_server_keeps_working(server):
+    base = _p2p_prompt(server, "selfperc_prompt_to_prompt.json", steps=2)
+
+    def error_of(change):
+        prompt = json.loads(json.dumps(base))
+        change(prompt)
+        err = execution_error(server.run(prompt))
+        assert err is not None
+        return err["exception_message"]
+
+    assert "source prompt has 8 tokens and the target 9" in error_of(
+        lambda p: p["3"]["inputs"].update(target_prompt="a photo of a fluffy dog riding a bicycle"))
+    assert "'zebra' is not in the target prompt" in error_of(
+        lambda p: p["3"]["inputs"].update(mode="reweight", reweight="zebra:2"))
+    assert "'zebra' is in neither" in error_of(lambda p: p["3"]["inputs"].update(blend_words="zebra"))
+    assert "sampler 'euler_ancestral' adds its own noise" in error_of(
+        lambda p: p["5"]["inputs"].update(sampler_name="euler_ancestral"))
+
+    def transformer(p):
+        p["50"] = {"class_type": "SelfPercTestTinyFamily", "inputs": {"family": "sd3", "side": 4}}
+        p["3"]["inputs"]["model"] = ["50", 0]
+    assert "not a UNet" in error_of(transformer)
     entry = server.run(base)
     assert execution_error(entry) is None, execution_error(entry)
