@@ -204,8 +204,13 @@ def paired_conditioning(plan: Plan, pairs: int) -> list:
 def unet_blocks(model):
     """The UNet's block keys and the downsampling levels that have attention; a model without ComfyUI's UNet
     block layout (transformers: Flux, SD3, ...) is refused by name."""
-    from comfy.ldm.modules.attention import SpatialTransformer
-    from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample
+    try:  # host internals, looked up when used (a newer ComfyUI may move them)
+        from comfy.ldm.modules.attention import SpatialTransformer
+        from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample
+    except ImportError as e:
+        raise RuntimeError(f"Prompt-to-Prompt needs ComfyUI's UNet classes (comfy.ldm.modules.attention."
+                           f"SpatialTransformer, ...openaimodel.Downsample), which this ComfyUI lacks: {e}; it was "
+                           "tested with ComfyUI 0.3.75") from e
 
     dm = model.model.diffusion_model
     if not all(hasattr(dm, a) for a in ("input_blocks", "middle_block", "output_blocks")):
@@ -278,7 +283,7 @@ class Run:
 
 
 def _attention(q, k, v, extra):
-    from comfy.ldm.modules import attention
+    from comfy.ldm.modules import attention  # the host's current kernel (chosen at its start-up)
 
     return attention.optimized_attention(q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"),
                                          transformer_options=extra)
@@ -352,6 +357,8 @@ class PromptToPromptGuider(comfy.samplers.CFGGuider):
     def __init__(self, model, plan: Plan, negative, cfg: float, inversion: Inversion | None = None):
         super().__init__(model)
         self.plan, self.inv, self.negative = plan, inversion, negative
+        if inversion is not None:
+            check_same_family(model, inversion, "Prompt-to-Prompt")
         self.keys, self.levels = unet_blocks(model)
         check_free(model.model_options)
         self.set_cfg(cfg)
@@ -368,7 +375,6 @@ class PromptToPromptGuider(comfy.samplers.CFGGuider):
         if self.inv is not None:
             check_sampler(sampler)
             check_sigmas(sigmas, self.inv)
-            check_same_family(self.model_patcher, self.inv, "Prompt-to-Prompt")
             if tuple(latent_image.shape) != tuple(self.inv.pivots[0].shape):
                 raise ValueError(f"the latent given has shape {tuple(latent_image.shape)}, the inversion's is "
                                  f"{tuple(self.inv.pivots[0].shape)}: connect the Invert node's noise latent")

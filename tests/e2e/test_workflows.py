@@ -200,15 +200,20 @@ def test_null_text_workflow_runs_and_beats_plain_inversion_at_its_cfg(server, ev
     assert err < plain, text
 
 
-def test_edit_workflows_refuse_bad_input_by_name_and_the_server_keeps_working(server, eval_lora):
-    base = _edit_prompt(server, "selfperc_null_text_edit.json", eval_lora[1], steps=2)
-
+def _error_of(server, base):
+    """Runs ``base`` changed by a function and returns the execution error's message (there must be one)."""
     def error_of(change):
         prompt = json.loads(json.dumps(base))
         change(prompt)
         err = execution_error(server.run(prompt))
         assert err is not None
         return err["exception_message"]
+    return error_of
+
+
+def test_edit_workflows_refuse_bad_input_by_name_and_the_server_keeps_working(server, eval_lora):
+    base = _edit_prompt(server, "selfperc_null_text_edit.json", eval_lora[1], steps=2)
+    error_of = _error_of(server, base)
 
     def no_negative(p):
         del p["8"]["inputs"]["negative"]
@@ -259,13 +264,7 @@ def test_prompt_to_prompt_photo_workflow_returns_the_photo_as_source(server):
 
 def test_prompt_to_prompt_refuses_bad_input_by_name_and_the_server_keeps_working(server):
     base = _p2p_prompt(server, "selfperc_prompt_to_prompt.json", steps=2)
-
-    def error_of(change):
-        prompt = json.loads(json.dumps(base))
-        change(prompt)
-        err = execution_error(server.run(prompt))
-        assert err is not None
-        return err["exception_message"]
+    error_of = _error_of(server, base)
 
     assert "source prompt has 8 tokens and the target 9" in error_of(
         lambda p: p["3"]["inputs"].update(target_prompt="a photo of a fluffy dog riding a bicycle"))

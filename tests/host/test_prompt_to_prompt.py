@@ -203,6 +203,14 @@ def test_bad_input_is_refused_before_work_naming_it(models, neg, monkeypatch):
     patched.set_model_attn2_replace(lambda q, k, v, e: q, "middle", 0)
     with pytest.raises(ValueError, match="already has attention replace patches"):
         guider(models, neg, model=patched)
+    from tests.host.models import as_parameterization
+
+    model, clip, vae = models
+    pos = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a cat"))
+    inv = node("SelfPerceptualInvert").execute(model=model, latent=encoded(vae, "chelsea", 32), positive=pos,
+                                               negative=neg, steps=2, scheduler="normal", cfg=1.0).args[0]
     monkeypatch.setattr(comfy.samplers.CFGGuider, "outer_sample", no_sampling)
+    with pytest.raises(ValueError, match="Prompt-to-Prompt: the inversion was made with"):
+        guider(models, neg, inversion=inv, model=as_parameterization(model, "flow"))
     with pytest.raises(ValueError, match="sampler 'euler_ancestral' adds its own noise"):
         sample(models[0], guider(models, neg), sampler="euler_ancestral")
