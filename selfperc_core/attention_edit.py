@@ -130,3 +130,26 @@ def pair_rows(chunks: Sequence[bool], pairs: int) -> tuple[list[int], list[int]]
             src += range(base, base + pairs)
             tgt += range(base + pairs, base + 2 * pairs)
     return src, tgt
+
+
+def edit_direction(source: Sequence[Tensor], target: Sequence[Tensor]) -> Tensor:
+    """Pix2Pix-Zero's edit direction (Parmar et al. 2023): the mean of the target sentences' embeddings minus the
+    mean of the source sentences' (each one sentence's text-encoder output, all of one shape). The edit samples
+    with the source prompt's embedding plus this; identical sets give exactly zero. Float32."""
+    if not source or not target:
+        raise ValueError(f"an edit direction needs sentences on both sides: {len(source)} source, "
+                         f"{len(target)} target")
+    shapes = {tuple(t.shape) for t in (*source, *target)}
+    if len(shapes) != 1:
+        raise ValueError(f"the sentence embeddings differ in shape: {sorted(shapes)}")
+    return torch.stack([t.float() for t in target]).mean(0) - torch.stack([t.float() for t in source]).mean(0)
+
+
+def map_guidance_loss(edit: Tensor, reference: Tensor) -> Tensor:
+    """Pix2Pix-Zero's cross-attention guidance loss at one layer: the squared difference of the edited branch's
+    attention probabilities from the reference branch's, both (B, H, Q, K), summed over positions and tokens and
+    averaged over rows and heads (as diffusers' pipeline does); the reference carries no gradient. Float32."""
+    if edit.shape != reference.shape:
+        raise ValueError(f"edited and reference maps differ in shape: {tuple(edit.shape)} vs "
+                         f"{tuple(reference.shape)}")
+    return (edit.float() - reference.detach().float()).square().sum((-2, -1)).mean()

@@ -35,6 +35,16 @@ def denoised_to_reach(x: Tensor, x_next: Tensor, sigma: Tensor, sigma_next: Tens
     return (x_next - r * x) / (1 - r)
 
 
+def denoised_after_shift(denoised: Tensor, x: Tensor, x_shifted: Tensor, sigma: Tensor,
+                         sigma_next: Tensor) -> Tensor:
+    """The D at ``x`` whose Euler step lands where the step from ``x_shifted`` with ``denoised`` (the denoiser's
+    output there) lands: D + r / (1 - r) (x_shifted - x), r = s_next / s. A guidance that moves the latent
+    between a sampler's steps (Pix2Pix-Zero's) hands the sampler this, as the sampler keeps its own x. An unmoved
+    latent gives ``denoised`` exactly."""
+    r = sigma_next / sigma
+    return denoised + (r / (1 - r)) * (x_shifted - x)
+
+
 def trajectory(denoise: Callable[[Tensor, Tensor], Tensor], x0: Tensor, sigmas: Tensor) -> list[Tensor]:
     """DDIM inversion's pivot: the latents at each of ``sigmas`` (decreasing, ending at 0), ``[x_N, ..., x_0]``,
     with ``x_0`` the input itself (realimage.euler_ode integrated upwards)."""

@@ -1,5 +1,5 @@
 """Prompt-to-Prompt's attention edits (selfperc_core.attention_edit): alignment, the edits' identities and
-formulas, local blending."""
+formulas, local blending; Pix2Pix-Zero's edit direction and guidance loss."""
 import pytest
 import torch
 
@@ -9,7 +9,9 @@ from selfperc_core.attention_edit import (
     attention_probs,
     blend_mask,
     edit_cross_attention,
+    edit_direction,
     local_blend,
+    map_guidance_loss,
     pair_rows,
 )
 
@@ -92,3 +94,31 @@ def test_pair_rows_follow_the_hosts_chunk_layout():
     assert pair_rows([True, False], 2) == ([0, 1], [2, 3])
     assert pair_rows([False, True], 2) == ([4, 5], [6, 7])
     assert pair_rows([False], 1) == ([], [])
+
+
+def test_edit_direction_is_the_difference_of_the_sentence_means_and_zero_for_equal_sets():
+    g = torch.Generator().manual_seed(0)
+    src = [torch.randn(1, 6, 4, generator=g) for _ in range(3)]
+    tgt = [torch.randn(1, 6, 4, generator=g) for _ in range(2)]
+    d = edit_direction(src, tgt)
+    torch.testing.assert_close(d, (tgt[0] + tgt[1]) / 2 - (src[0] + src[1] + src[2]) / 3)
+    assert torch.equal(edit_direction(src, list(src)), torch.zeros(1, 6, 4))  # exactly, not nearly
+    with pytest.raises(ValueError, match="differ in shape"):
+        edit_direction(src, [torch.randn(1, 12, 4)])
+    with pytest.raises(ValueError, match="0 target"):
+        edit_direction(src, [])
+
+
+def test_map_guidance_loss_is_the_summed_squared_map_difference_and_its_gradient_vanishes_at_equal_maps():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.rand(2, 3, 5, 4, generator=g)
+    edit = torch.rand(2, 3, 5, 4, generator=g, requires_grad=True)
+    loss = map_guidance_loss(edit, ref)
+    torch.testing.assert_close(loss, ((edit - ref) ** 2).sum((-2, -1)).mean())
+    (grad,) = torch.autograd.grad(loss, edit)
+    torch.testing.assert_close(grad, 2 * (edit - ref).detach() / 6)  # mean over 2 rows x 3 heads
+    same, reference = ref.clone().requires_grad_(True), ref.clone().requires_grad_(True)
+    loss = map_guidance_loss(same, reference)
+    loss.backward()
+    assert loss == 0 and not torch.count_nonzero(same.grad)  # exactly zero at equal maps
+    assert reference.grad is None  # the reference is a target: no gradient reaches it

@@ -6,6 +6,7 @@ import torch
 
 from selfperc_core.inversion import (
     NullTextSettings,
+    denoised_after_shift,
     denoised_to_reach,
     direct_denoised,
     euler_step,
@@ -57,6 +58,16 @@ def test_the_step_solved_for_its_denoiser_lands_where_asked():
     for s, s2 in ((14.0, 9.0), (0.5, 0.1), (0.3, 0.0)):
         s, s2 = torch.tensor(s).double(), torch.tensor(s2).double()
         torch.testing.assert_close(euler_step(x, denoised_to_reach(x, y, s, s2), s, s2), y, rtol=0, atol=1e-12)
+
+
+def test_a_shifted_latents_step_is_handed_to_the_sampler_as_a_denoiser_at_its_own_latent():
+    g = torch.Generator().manual_seed(2)
+    x, moved, d = (torch.randn(3, 5, generator=g).double() for _ in range(3))
+    for s, s2 in ((14.0, 9.0), (0.5, 0.1), (0.3, 0.0)):
+        s, s2 = torch.tensor(s).double(), torch.tensor(s2).double()
+        torch.testing.assert_close(euler_step(x, denoised_after_shift(d, x, moved, s, s2), s, s2),
+                                   euler_step(moved, d, s, s2), rtol=0, atol=1e-12)
+        assert torch.equal(denoised_after_shift(d, x, x.clone(), s, s2), d)  # unmoved: exactly D
 
 
 @pytest.mark.parametrize("kind", ["eps", "flow"])
