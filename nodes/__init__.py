@@ -10,12 +10,13 @@ from .invert import SelfPerceptualInvert
 from .null_text import SelfPerceptualNullTextInversion
 from .options import OPTION_NODES
 from .p2p_guider import SelfPerceptualPromptToPrompt
+from .pix2pix_zero_guider import SelfPerceptualPix2PixZero
 from .sample import SelfPerceptualSampler
 from .train import SelfPerceptualFineTune
 
 NODES = [SelfPerceptualFineTune, *OPTION_NODES, SelfPerceptualSampler, PerceptualDistance, SelfPerceptualEvaluate,
          SelfPerceptualInvert, SelfPerceptualNullTextInversion, SelfPerceptualInversionGuider,
-         SelfPerceptualPromptToPrompt, SelfPerceptualAttentionMaps]
+         SelfPerceptualPromptToPrompt, SelfPerceptualPix2PixZero, SelfPerceptualAttentionMaps]
 
 
 class SelfPerceptualExtension(ComfyExtension):

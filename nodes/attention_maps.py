@@ -1,4 +1,5 @@
-"""Prompt-to-Prompt Attention Maps: which words went where, read off a Prompt-to-Prompt Guider after it sampled."""
+"""Prompt-to-Prompt Attention Maps: which words went where, read off a Prompt-to-Prompt or Pix2Pix-Zero Guider
+after it sampled."""
 from __future__ import annotations
 
 import numpy as np
@@ -47,9 +48,9 @@ class SelfPerceptualAttentionMaps(io.ComfyNode):
             category="selfperc/editing",
             description="The cross-attention map of every word of the source and target prompts (summed over the "
                         "steps and the map-level layers; each tile scaled to its own maximum), and local "
-                        "blending's last mask, from the Prompt-to-Prompt Guider's last sampling.",
+                        "blending's last mask, from the Prompt-to-Prompt (or Pix2Pix-Zero) Guider's last sampling.",
             inputs=[
-                io.Guider.Input("guider", tooltip="The Prompt-to-Prompt Guider that sampled."),
+                io.Guider.Input("guider", tooltip="The Prompt-to-Prompt or Pix2Pix-Zero Guider that sampled."),
                 io.Latent.Input("samples", tooltip="SamplerCustomAdvanced's output of that guider (it makes this "
                                                    "node run after the sampling)."),
             ],
@@ -60,7 +61,7 @@ class SelfPerceptualAttentionMaps(io.ComfyNode):
     @classmethod
     def execute(cls, guider, samples):
         if not isinstance(guider, PromptToPromptGuider):
-            raise ValueError(f"the guider is a {type(guider).__name__}, not a Prompt-to-Prompt Guider")
+            raise ValueError(f"the guider is a {type(guider).__name__}, not a Prompt-to-Prompt or Pix2Pix-Zero Guider")
         run = guider.run
         if run is None or run.maps is None:
             raise ValueError("the Prompt-to-Prompt Guider has not sampled yet (connect its SamplerCustomAdvanced "

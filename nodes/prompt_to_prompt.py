@@ -256,6 +256,7 @@ class Run:
     grid: tuple | None = None
     mask: torch.Tensor | None = None
     calls: list = field(default_factory=list)   # (kind, level, step) of each map computation (memory test)
+    guide: list | None = None                   # Pix2Pix-Zero's guidance pass: its per-layer losses
 
     @property
     def steps(self) -> int:
@@ -297,6 +298,14 @@ def patches(run: Run):
     def cross(q, k, v, extra):
         out = _attention(q, k, v, extra)
         level, grid = run.layer_level(extra)
+        if run.guide is not None:  # Pix2Pix-Zero's guidance pass: every layer's target maps against the source's
+            src, tgt = run.rows(extra, q.shape[0])
+            if src:
+                heads = extra["n_heads"]
+                run.guide.append(core.map_guidance_loss(core.attention_probs(q[tgt], k[tgt], heads),
+                                                        core.attention_probs(q[src], k[src], heads)))
+                run.calls.append(("guide", level, run.step))
+            return out
         edit = run.step < round(plan.cross * run.steps)
         record = level == run.level
         if not (edit or record):

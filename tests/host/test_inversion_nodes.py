@@ -4,16 +4,11 @@ SamplerCustomAdvanced + KSamplerSelect + DisableNoise, as a workflow runs them."
 import pytest
 import torch
 
-from tests.host.models import PARAMETERIZATIONS, as_parameterization, load_checkpoint
+from tests.host.models import PARAMETERIZATIONS, as_parameterization
 from tests.host.test_realimage_eval import encoded, node
 
 pytestmark = pytest.mark.host
 CFG = 7.5
-
-
-@pytest.fixture(scope="module")
-def models(comfy, pack, tiny_models):
-    return load_checkpoint(str(tiny_models["checkpoint"]))
 
 
 def text(clip, t):

@@ -3,23 +3,11 @@ CLIP tokenizer), sampled through core SamplerCustomAdvanced as a workflow runs i
 import pytest
 import torch
 
-from tests.host.models import load_checkpoint
 from tests.host.test_realimage_eval import encoded, node
 
 pytestmark = pytest.mark.host
 SRC = "a photo of a cat riding a bicycle"
 STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def models(comfy, pack, tiny_models):
-    return load_checkpoint(str(tiny_models["checkpoint"]))
-
-
-@pytest.fixture(scope="module")
-def neg(models):
-    clip = models[1]
-    return clip.encode_from_tokens_scheduled(clip.tokenize(""))
 
 
 def guider(models, neg, target=SRC, source=SRC, mode="replace", cfg=7.5, cross=0.8, self_=0.4, reweight="",
