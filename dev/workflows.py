@@ -176,14 +176,13 @@ DIRECT_EDIT = _edit(
     "step).\n\n" + _EDIT_COMMON, "direct", False)
 
 
-def _p2p(title: str, note: str, photo: bool) -> dict:
-    """Prompt-to-Prompt through core SamplerCustomAdvanced: the saved batch is sources then targets, and the
-    attention-map grid beside it. With a photo: Invert Image's noise, sigmas and the euler sampler."""
+def _p2p(title: str, note: str, photo: bool, guider: str = "SelfPerceptualPromptToPrompt") -> dict:
+    """Prompt-to-Prompt or Pix2Pix-Zero through core SamplerCustomAdvanced: the saved batch is sources then
+    edits, and the attention-map grid beside it. With a photo: Invert Image's noise, sigmas and the euler sampler."""
     nodes = {
         1: ("CheckpointLoaderSimple", {"ckpt_name": CKPT}, (40, 120), (320, 100)),
         2: ("CLIPTextEncode", {"clip": (1, 1), "text": ""}, (40, 280), (320, 100)),
-        3: ("SelfPerceptualPromptToPrompt", {"model": (1, 0), "clip": (1, 1), "negative": (2, 0)},
-            (400, 120), (360, 520)),
+        3: (guider, {"model": (1, 0), "clip": (1, 1), "negative": (2, 0)}, (400, 120), (360, 520)),
         5: ("KSamplerSelect", {"sampler_name": "euler"}, (800, 120), (320, 60)),
         8: ("SamplerCustomAdvanced", {"guider": (3, 0), "sampler": (5, 0)}, (1160, 120), (300, 180)),
         9: ("VAEDecode", {"samples": (8, 0), "vae": (1, 2)}, (1500, 120), (200, 50)),
@@ -193,7 +192,9 @@ def _p2p(title: str, note: str, photo: bool) -> dict:
              (620, 300)),
     }
     if photo:
-        nodes[3][1].update(source_prompt="a photo of a cat", target_prompt="a photo of a tiger", inversion=(15, 0))
+        nodes[3][1].update(source_prompt="a photo of a cat", inversion=(15, 0))
+        if guider == "SelfPerceptualPromptToPrompt":
+            nodes[3][1].update(target_prompt="a photo of a tiger")
         nodes |= {
             13: ("LoadImage", {"image": "example.png"}, (40, 420), (320, 320)),
             14: ("VAEEncode", {"pixels": (13, 0), "vae": (1, 2)}, (40, 780), (200, 50)),
@@ -230,7 +231,27 @@ P2P_PHOTO = _p2p("selfperc_prompt_to_prompt_photo",
                  "source prompt (in the guider and the Invert node's text box) and the edit as the target. Keep "
                  "KSamplerSelect 'euler' (or 'ddim') and the Invert node's sigmas and noise latent.\n\n"
                  + _P2P_COMMON, True)
-SPECS = [FINE_TUNE, DISTANCE, LOAD_LORA, EVALUATE, REAL_IMAGE_AB, NULL_TEXT_EDIT, DIRECT_EDIT, P2P, P2P_PHOTO]
+_PIX2PIX_ZERO_COMMON = (
+    "The edit direction is the mean embedding of the target sentences minus that of the source sentences (one "
+    "sentence per line; the same sets on both sides make no edit); strength scales it. guidance moves the edit's "
+    "latent towards the source's cross-attention maps before every step (one extra forward + backward per step; 0: "
+    "the direction alone). The saved batch is the source image(s) then the edited one(s); the map grid shows where "
+    "each word of the source prompt attended in each. The guider's second output is the edited conditioning, for "
+    "any sampler. Needs a UNet model (SD1.x, SD2.x, SDXL) and KSamplerSelect 'euler' or 'ddim'.")
+PIX2PIX_ZERO = _p2p(
+    "selfperc_pix2pix_zero",
+    "Pix2Pix-Zero (Parmar et al.): the source prompt and its edited embedding are sampled together from the same "
+    "noise; cross-attention guidance keeps the edit's layout on the source's.\n\n" + _PIX2PIX_ZERO_COMMON, False,
+    "SelfPerceptualPix2PixZero")
+PIX2PIX_ZERO_PHOTO = _p2p(
+    "selfperc_pix2pix_zero_photo",
+    "Pix2Pix-Zero on a real photo: the photo is inverted (Invert Image, DDIM at cfg 1); the source branch is put "
+    "back on the inversion every step (Direct Inversion), so it returns the photo, and the edit branch follows "
+    "the direction with its maps guided towards the source's. Write what the photo shows as the source prompt (in "
+    "the guider and the Invert node's text box). Keep KSamplerSelect 'euler' (or 'ddim') and the Invert node's "
+    "sigmas and noise latent.\n\n" + _PIX2PIX_ZERO_COMMON, True, "SelfPerceptualPix2PixZero")
+SPECS = [FINE_TUNE, DISTANCE, LOAD_LORA, EVALUATE, REAL_IMAGE_AB, NULL_TEXT_EDIT, DIRECT_EDIT, P2P, P2P_PHOTO,
+         PIX2PIX_ZERO, PIX2PIX_ZERO_PHOTO]
 
 
 def _inputs(spec: dict) -> list[tuple[str, str, dict]]:

@@ -12,10 +12,11 @@ pytestmark = pytest.mark.e2e
 NAMES = sorted(p.name for p in workflows.WORKFLOWS.glob("*.json"))
 
 
-def test_nine_workflows_ship_with_what_each_is_for():
+def test_eleven_workflows_ship_with_what_each_is_for():
     assert NAMES == ["selfperc_direct_inversion_edit.json", "selfperc_evaluate.json",
                      "selfperc_fine_tune_compare.json", "selfperc_load_lora_compare.json",
                      "selfperc_null_text_edit.json", "selfperc_perceptual_distance.json",
+                     "selfperc_pix2pix_zero.json", "selfperc_pix2pix_zero_photo.json",
                      "selfperc_prompt_to_prompt.json", "selfperc_prompt_to_prompt_photo.json",
                      "selfperc_real_image_ab.json"]
     kinds = {n: sorted(node["type"] for node in workflows.load(n)["nodes"]) for n in NAMES}
@@ -35,6 +36,9 @@ def test_nine_workflows_ship_with_what_each_is_for():
     assert p2p | {"EmptyLatentImage", "RandomNoise"} <= set(kinds["selfperc_prompt_to_prompt.json"])
     assert p2p | {"LoadImage", "SelfPerceptualInvert", "DisableNoise"} <= set(
         kinds["selfperc_prompt_to_prompt_photo.json"])
+    p2z = p2p - {"SelfPerceptualPromptToPrompt"} | {"SelfPerceptualPix2PixZero"}
+    assert p2z | {"EmptyLatentImage", "RandomNoise"} <= set(kinds["selfperc_pix2pix_zero.json"])
+    assert p2z | {"LoadImage", "SelfPerceptualInvert", "DisableNoise"} <= set(kinds["selfperc_pix2pix_zero_photo.json"])
 
 
 def test_template_browser_lists_and_serves_them(server):
@@ -280,3 +284,39 @@ def test_prompt_to_prompt_refuses_bad_input_by_name_and_the_server_keeps_working
     assert "not a UNet" in error_of(transformer)
     entry = server.run(base)
     assert execution_error(entry) is None, execution_error(entry)
+
+
+def test_pix2pix_zero_workflow_makes_source_and_edit_and_refuses_bad_input_by_name(server):
+    prompt = _p2p_prompt(server, "selfperc_pix2pix_zero.json")
+    entry = server.run(prompt)
+    assert execution_error(entry) is None, execution_error(entry)
+    source, edit = images(server, entry, "10")
+    assert source.shape == edit.shape == (64, 64, 3)
+    assert abs(source - edit).max() > 0.01  # the cat -> dog direction changed the edit
+    (maps,) = images(server, entry, "12")
+    assert maps.shape[1] == len("a photo of a cat".split()) * 96 and maps.std() > 0.05
+
+    error_of = _error_of(server, prompt)
+    assert "target_sentences is empty" in error_of(lambda p: p["3"]["inputs"].update(target_sentences=" \n"))
+    assert "sampler 'dpmpp_2m'" in error_of(lambda p: p["5"]["inputs"].update(sampler_name="dpmpp_2m"))
+
+    def transformer(p):
+        p["50"] = {"class_type": "SelfPercTestTinyFamily", "inputs": {"family": "sd3", "side": 4}}
+        p["3"]["inputs"]["model"] = ["50", 0]
+    assert "not a UNet" in error_of(transformer)
+    entry = server.run(prompt)
+    assert execution_error(entry) is None, execution_error(entry)
+
+
+def test_pix2pix_zero_photo_workflow_returns_the_photo_as_source_and_edits_it(server):
+    import numpy as np
+
+    prompt = _p2p_prompt(server, "selfperc_pix2pix_zero_photo.json")
+    prompt["100"] = {"class_type": "VAEDecode", "inputs": {"samples": ["14", 0], "vae": ["1", 2]}}
+    prompt["101"] = {"class_type": "SaveImage", "inputs": {"images": ["100", 0], "filename_prefix": "wf_p2z_vae"}}
+    entry = server.run(prompt)
+    assert execution_error(entry) is None, execution_error(entry)
+    source, edit = images(server, entry, "10")
+    (vae_only,) = images(server, entry, "101")
+    assert np.abs(source - vae_only).max() <= 2 / 255  # Direct Inversion: the source branch is the photo
+    assert np.abs(edit - vae_only).max() > 0.05  # the direction edits it
