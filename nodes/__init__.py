@@ -8,6 +8,7 @@ from .edit_guider import SelfPerceptualInversionGuider
 from .evaluate import SelfPerceptualEvaluate
 from .invert import SelfPerceptualInvert
 from .null_text import SelfPerceptualNullTextInversion
+from .optimize_embedding import SelfPerceptualOptimizeEmbedding
 from .options import OPTION_NODES
 from .p2p_guider import SelfPerceptualPromptToPrompt
 from .pix2pix_zero_guider import SelfPerceptualPix2PixZero
@@ -16,7 +17,8 @@ from .train import SelfPerceptualFineTune
 
 NODES = [SelfPerceptualFineTune, *OPTION_NODES, SelfPerceptualSampler, PerceptualDistance, SelfPerceptualEvaluate,
          SelfPerceptualInvert, SelfPerceptualNullTextInversion, SelfPerceptualInversionGuider,
-         SelfPerceptualPromptToPrompt, SelfPerceptualPix2PixZero, SelfPerceptualAttentionMaps]
+         SelfPerceptualPromptToPrompt, SelfPerceptualPix2PixZero, SelfPerceptualAttentionMaps,
+         SelfPerceptualOptimizeEmbedding]
 
 
 class SelfPerceptualExtension(ComfyExtension):

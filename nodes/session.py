@@ -37,6 +37,7 @@ class SessionSpec:
     checkpointing: bool = True
     latent_shape: tuple | None = None  # (C, ...) of one image: with it, ComfyUI loads the model with room for a step
     batch: int = 1
+    adapter: bool = True  # False: no LoRA, the whole model frozen (something else trains, e.g. an embedding)
 
 
 @dataclass
@@ -134,8 +135,9 @@ def training_session(model, spec: SessionSpec = SessionSpec(), existing: dict | 
     try:
         dm = mp.model.diffusion_model
         tap = families.tap_point(dm, spec.layer, spec.depth, spec.early_exit)  # unsupported: refused before work
-        lora_ = lora.add_lora(mp.model, spec.rank, spec.alpha, switch, spec.seed, mp.load_device, existing, start,
-                              spec.algorithm, spec.lora_dtype)
+        if spec.adapter:
+            lora_ = lora.add_lora(mp.model, spec.rank, spec.alpha, switch, spec.seed, mp.load_device, existing,
+                                  start, spec.algorithm, spec.lora_dtype)
         mp.model.requires_grad_(False)  # only the adapter trains; no gradient buffers for the base weights
         # ComfyUI decides how much of the model fits the device (partial loading/offload, weights kept as
         # stored, e.g. fp8), from its own estimate of what a step needs beside the weights.
@@ -149,8 +151,8 @@ def training_session(model, spec: SessionSpec = SessionSpec(), existing: dict | 
         if spec.checkpointing:
             for b in blocks:
                 checkpoint_forward(b, switch)
-        yield Session(mp, switch, lora_.adapters, lora_.params(), tap, _model_view(mp, dm, tap, switch),
-                      bridge.model_sampling(mp))
+        yield Session(mp, switch, lora_.adapters if lora_ else {}, lora_.params() if lora_ else [], tap,
+                      _model_view(mp, dm, tap, switch), bridge.model_sampling(mp))
     finally:
         if tap is not None:
             tap.remove()
