@@ -250,8 +250,43 @@ PIX2PIX_ZERO_PHOTO = _p2p(
     "the direction with its maps guided towards the source's. Write what the photo shows as the source prompt (in "
     "the guider and the Invert node's text box). Keep KSamplerSelect 'euler' (or 'ddim') and the Invert node's "
     "sigmas and noise latent.\n\n" + _PIX2PIX_ZERO_COMMON, True, "SelfPerceptualPix2PixZero")
+IMAGIC = {
+    "title": "selfperc_imagic",
+    "note": ("Imagic (Kawar et al.): edit one photo by fine-tuning.\n\n"
+             "1. Put the photo into a folder of ComfyUI/input/ (e.g. input/imagic_photo/photo.png) and pick that "
+             "folder in the fine-tune node's dataset_folder; load the same photo in LoadImage.\n"
+             "2. Write the edit as the target prompt (the top text box): what the photo should become.\n"
+             "3. Optimize Embedding trains the target prompt's embedding, the model frozen, until the model "
+             "reconstructs the photo from it; the fine-tune node then trains a LoRA on the photo with that "
+             "embedding (the Objective node here: mse_weight 1, perceptual_weight 0 = the paper's denoising loss; "
+             "perceptual_weight 1, mse_weight 0 = the self-perceptual loss); ConditioningAverage moves from the "
+             "optimised embedding (strength 0) towards the target (strength 1; the paper's 0.7).\n"
+             "The grid: the base model | base + the LoRA, from identical noise with the interpolated prompt."),
+    "nodes": {
+        1: ("CheckpointLoaderSimple", {"ckpt_name": CKPT}, (40, 120), (320, 100)),
+        2: ("LoadImage", {"image": "example.png"}, (40, 280), (320, 320)),
+        3: ("VAEEncode", {"pixels": (2, 0), "vae": (1, 2)}, (40, 640), (200, 50)),
+        4: ("CLIPTextEncode", {"clip": (1, 1), "text": "a photo of a cat wearing a red hat"}, (400, 120),
+            (320, 100)),
+        5: ("CLIPTextEncode", {"clip": (1, 1), "text": ""}, (400, 260), (320, 100)),
+        6: ("SelfPerceptualOptimizeEmbedding", {"model": (1, 0), "latent": (3, 0), "conditioning": (4, 0)},
+            (400, 400), (340, 230)),
+        7: ("PreviewImage", {"images": (6, 2)}, (400, 680), (340, 220)),
+        8: ("SelfPerceptualFineTune", {"model": (1, 0), "vae": (1, 2), "conditioning": (6, 0), "steps": 300,
+                                       "dataset_folder": "imagic_photo", "resolution": 512, "objective": (9, 0),
+                                       "lora_name": "selfperc/imagic_lora"}, (800, 120), (360, 420)),
+        9: ("SelfPerceptualObjective", {"perceptual_weight": 0.0, "mse_weight": 1.0}, (800, 580), (320, 380)),
+        10: ("ConditioningAverage", {"conditioning_to": (4, 0), "conditioning_from": (6, 0),
+                                     "conditioning_to_strength": 0.7}, (1200, 120), (320, 100)),
+        11: ("EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}, (1200, 260), (320, 110)),
+        12: ("SelfPerceptualSampler", {"model": (8, 0), "base_model": (1, 0), "latent": (11, 0), "positive": (10, 0),
+                                       "negative": (5, 0), "vae": (1, 2), "cfg": 7.5, "steps": 30},
+             (1560, 120), (340, 380)),
+        13: ("SaveImage", {"images": (12, 1), "filename_prefix": "selfperc/imagic"}, (1940, 120), (420, 460)),
+    },
+}
 SPECS = [FINE_TUNE, DISTANCE, LOAD_LORA, EVALUATE, REAL_IMAGE_AB, NULL_TEXT_EDIT, DIRECT_EDIT, P2P, P2P_PHOTO,
-         PIX2PIX_ZERO, PIX2PIX_ZERO_PHOTO]
+         PIX2PIX_ZERO, PIX2PIX_ZERO_PHOTO, IMAGIC]
 
 
 def _inputs(spec: dict) -> list[tuple[str, str, dict]]:

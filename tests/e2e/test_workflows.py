@@ -12,9 +12,9 @@ pytestmark = pytest.mark.e2e
 NAMES = sorted(p.name for p in workflows.WORKFLOWS.glob("*.json"))
 
 
-def test_eleven_workflows_ship_with_what_each_is_for():
+def test_twelve_workflows_ship_with_what_each_is_for():
     assert NAMES == ["selfperc_direct_inversion_edit.json", "selfperc_evaluate.json",
-                     "selfperc_fine_tune_compare.json", "selfperc_load_lora_compare.json",
+                     "selfperc_fine_tune_compare.json", "selfperc_imagic.json", "selfperc_load_lora_compare.json",
                      "selfperc_null_text_edit.json", "selfperc_perceptual_distance.json",
                      "selfperc_pix2pix_zero.json", "selfperc_pix2pix_zero_photo.json",
                      "selfperc_prompt_to_prompt.json", "selfperc_prompt_to_prompt_photo.json",
@@ -39,6 +39,8 @@ def test_eleven_workflows_ship_with_what_each_is_for():
     p2z = p2p - {"SelfPerceptualPromptToPrompt"} | {"SelfPerceptualPix2PixZero"}
     assert p2z | {"EmptyLatentImage", "RandomNoise"} <= set(kinds["selfperc_pix2pix_zero.json"])
     assert p2z | {"LoadImage", "SelfPerceptualInvert", "DisableNoise"} <= set(kinds["selfperc_pix2pix_zero_photo.json"])
+    assert {"LoadImage", "SelfPerceptualOptimizeEmbedding", "SelfPerceptualFineTune", "ConditioningAverage",
+            "SelfPerceptualSampler", "SaveImage"} <= set(kinds["selfperc_imagic.json"])
 
 
 def test_template_browser_lists_and_serves_them(server):
@@ -320,3 +322,28 @@ def test_pix2pix_zero_photo_workflow_returns_the_photo_as_source_and_edits_it(se
     (vae_only,) = images(server, entry, "101")
     assert np.abs(source - vae_only).max() <= 2 / 255  # Direct Inversion: the source branch is the photo
     assert np.abs(edit - vae_only).max() > 0.05  # the direction edits it
+
+
+def test_imagic_workflow_optimises_fine_tunes_and_samples_and_refuses_a_batch(server):
+    import re
+
+    Image.fromarray(photo("chelsea")).resize((64, 64)).save(server.base / "input" / "wf_imagic.png")
+    folder = make_dataset(server.base / "input" / "wf_imagic", names=["chelsea"], captions=False).name
+    prompt = workflows.set_widgets(workflows.to_api(workflows.load("selfperc_imagic.json"), server.get("/object_info")),
+                                   ckpt_name="tiny_sd15.safetensors", image="wf_imagic.png", dataset_folder=folder,
+                                   resolution=64, width=64, height=64, lora_name="selfperc/wf_imagic", steps=3)
+    entry = server.run(prompt)
+    assert execution_error(entry) is None, execution_error(entry)
+    before, after = map(float, re.search(r"fixed draws (\S+) \(input embedding\) -> (\S+) \(optimised\)",
+                                         entry["outputs"]["6"]["text"][0]).groups())
+    assert after != before  # the embedding was trained (same draws before and after)
+    assert (server.base / "models" / "loras" / "selfperc" / "wf_imagic.safetensors").is_file()
+    (grid,) = images(server, entry, "13")
+    assert grid.shape[1] >= 2 * 64  # base | fine-tuned
+
+    error_of = _error_of(server, prompt)
+
+    def batch_of_two(p):
+        p["50"] = {"class_type": "RepeatLatentBatch", "inputs": {"samples": ["3", 0], "amount": 2}}
+        p["6"]["inputs"]["latent"] = ["50", 0]
+    assert "the latent holds 2 images" in error_of(batch_of_two)
