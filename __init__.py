@@ -8,5 +8,8 @@ WEB_DIRECTORY = "./web"
 
 async def comfy_entrypoint():
     from .nodes import SelfPerceptualExtension
+    from .nodes.host_compat import warn_if_untested
+
+    warn_if_untested()
 
     return SelfPerceptualExtension()

@@ -17,6 +17,7 @@ import torch
 from ..selfperc_core.loop import Hooks, NonFiniteLoss, Trainer, TrainSettings, fit
 from ..selfperc_core.model_view import ModelView
 from . import bridge, families, inputs
+from .host_compat import is_oom
 from .session import SessionSpec, training_session
 
 OBJECTIVES = ("denoising", "self-perceptual")
@@ -106,26 +107,30 @@ def optimize_embedding(model, latent: dict, conditioning: list, steps: int, lear
         raise ValueError("the conditioning's embedding has NaN or Inf values")
     if steps == 0:  # nothing to optimise: the input, untouched
         return Optimized(conditioning, [], float("nan"), float("nan"))
-    with torch.inference_mode(False):
-        spec = SessionSpec(adapter=False, latent_shape=tuple(x0.shape),
-                           early_exit=True, checkpointing=True)
-        with training_session(model, spec) as ses:
-            base = text_inputs(ses.mp, conditioning, tuple(x0.shape))
-            emb = torch.nn.Parameter(emb_in.detach().clone().float().to(bridge.device()))
-            view = embedding_view(ses.view, base, emb, families.is_unet(ses.mp.model.diffusion_model))
-            trainer = Trainer([emb], [x0], [base], view, settings, device=bridge.device())
-            before = denoising_loss(trainer, x0, base, seed + 1)
-            pbar = comfy.utils.ProgressBar(steps, node_id=node_id)
+    try:
+        with torch.inference_mode(False):
+            out, losses, before, after = _run(model, x0, conditioning, emb_in, settings, node_id)
+    except Exception as e:
+        if is_oom(e):  # anywhere in the run: the checks before and after too
+            raise MemoryError(f"out of memory while optimising the embedding ({e}); use a smaller image") from None
+        raise
+    return Optimized([[out, dict(extras)]], losses, before, after)
 
-            def on_error(e, _):
-                if isinstance(e, NonFiniteLoss):
-                    return FloatingPointError(str(e))
-                if isinstance(e, comfy.model_management.OOM_EXCEPTION):
-                    return MemoryError(f"out of memory while optimising the embedding ({e}); use a smaller image")
-                return None
-            fit(trainer, steps, Hooks(before_step=comfy.model_management.throw_exception_if_processing_interrupted,
-                                      after_step=lambda step, _: pbar.update_absolute(step, steps),
-                                      on_error=on_error))
-            after = denoising_loss(trainer, x0, base, seed + 1)
-            out = emb.detach().to(device=emb_in.device, dtype=emb_in.dtype)
-    return Optimized([[out, dict(extras)]], list(trainer.losses), before, after)
+
+def _run(model, x0, conditioning, emb_in, settings: TrainSettings, node_id):
+    steps, seed = settings.steps, settings.seed
+    spec = SessionSpec(adapter=False, latent_shape=tuple(x0.shape), early_exit=True, checkpointing=True)
+    with training_session(model, spec) as ses:
+        base = text_inputs(ses.mp, conditioning, tuple(x0.shape))
+        emb = torch.nn.Parameter(emb_in.detach().clone().float().to(bridge.device()))
+        view = embedding_view(ses.view, base, emb, families.is_unet(ses.mp.model.diffusion_model))
+        trainer = Trainer([emb], [x0], [base], view, settings, device=bridge.device())
+        before = denoising_loss(trainer, x0, base, seed + 1)
+        pbar = comfy.utils.ProgressBar(steps, node_id=node_id)
+        fit(trainer, steps, Hooks(before_step=comfy.model_management.throw_exception_if_processing_interrupted,
+                                  after_step=lambda step, _: pbar.update_absolute(step, steps),
+                                  on_error=lambda e, _: FloatingPointError(str(e)) if isinstance(e, NonFiniteLoss)
+                                  else None))
+        after = denoising_loss(trainer, x0, base, seed + 1)
+        out = emb.detach().to(device=emb_in.device, dtype=emb_in.dtype)
+    return out, list(trainer.losses), before, after

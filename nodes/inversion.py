@@ -18,6 +18,7 @@ import torch
 
 from ..selfperc_core import inversion as core
 from . import bridge
+from .host_compat import training_mode
 from .session import frozen_weights, make_trainable_tensors
 
 METHODS = ("null-text", "direct", "plain")
@@ -269,7 +270,7 @@ def null_text_inversion(model, inv: Inversion, cfg: float, settings: core.NullTe
     guider.set_conds(inv.positive, inv.negative)
     guider.set_cfg(cfg)
     sampler = NullTextSampler(inv, settings)
-    with torch.inference_mode(False):
+    with torch.inference_mode(False), training_mode():  # the null embeddings are trained (gradients)
         latent = model.model.process_latent_out(inv.pivots[-1].clone())  # what a sampler would be given
         guider.sample(torch.zeros_like(latent), latent, sampler, inv.sigmas.clone(), seed=seed, disable_pbar=True)
     res = sampler.result

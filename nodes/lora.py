@@ -13,15 +13,26 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from comfy.weight_adapter import adapter_maps
-from comfy.weight_adapter.lora import LoRAAdapter, LoraDiff
 
 from ..selfperc_core import AdapterSwitch
+from .host_compat import MissingHostFeature, host_symbol
 
 log = logging.getLogger("selfperc")
 
 LORA_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
-ALGORITHMS = tuple(adapter_maps)  # what core Train LoRA offers: LoRA, LoHa, LoKr, OFT
+
+
+def _weight_adapter(name: str, module: str = "comfy.weight_adapter"):
+    return host_symbol(module, name, "training or reading a LoRA")
+
+
+def algorithms() -> tuple[str, ...]:
+    """What core Train LoRA offers (LoRA, LoHa, LoKr, OFT); just LoRA where the host has no comfy.weight_adapter
+    (the fine-tune then names what is missing when it runs, and the other nodes still load)."""
+    try:
+        return tuple(_weight_adapter("adapter_maps"))
+    except MissingHostFeature:
+        return ("LoRA",)
 _CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 
 
@@ -71,11 +82,13 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float, switch: AdapterSwi
     The LoRA acts only while ``switch`` is on. ``existing`` (a saved state dict in this pack's key format)
     resumes those weights instead of a fresh init; ``start`` (from ``read_any_lora``) starts from another LoRA:
     its layers take that LoRA's weights, rank and alpha, the others a fresh init. Call ``remove()`` on the
-    result to take the hooks off. ``algorithm``: any of ALGORITHMS (comfy.weight_adapter's trainable adapters);
+    result to take the hooks off. ``algorithm``: any of algorithms() (comfy.weight_adapter's trainable adapters);
     ``dtype``: the adapter's own weights (float32, or bfloat16 to halve their and the optimizer's memory).
     """
+    adapter_maps = _weight_adapter("adapter_maps")
+    LoRAAdapter = _weight_adapter("LoRAAdapter", "comfy.weight_adapter.lora")  # noqa: N806 (the host's class)
     if algorithm not in adapter_maps:
-        raise ValueError(f"unknown adapter {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+        raise ValueError(f"unknown adapter {algorithm!r}; choose one of {', '.join(adapter_maps)}")
     lora = Lora({})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # create_train draws its init from the global generator
@@ -151,6 +164,7 @@ def read_any_lora(model_patcher, sd: dict[str, torch.Tensor], name: str) -> dict
     Raises ValueError naming the file when nothing maps to this model or it holds another adapter kind; tensors that
     map to no layer are logged (named), as core LoraLoader does.
     """
+    LoRAAdapter = _weight_adapter("LoRAAdapter", "comfy.weight_adapter.lora")  # noqa: N806 (the host's class)
     loaded = _load_mapped(sd, lora_key_map(model_patcher), name)
     out = {}
     for weight_key, patch in loaded.items():
@@ -212,7 +226,7 @@ def _load_trainable(train: torch.nn.Module, saved: dict[str, torch.Tensor], name
 
 
 def _hook(train: torch.nn.Module, switch: AdapterSwitch):
-    delta = lora_delta if isinstance(train, LoraDiff) else weight_delta
+    delta = lora_delta if isinstance(train, _weight_adapter("LoraDiff", "comfy.weight_adapter.lora")) else weight_delta
 
     def hook(layer, args, kwargs, out):
         if not switch.enabled:

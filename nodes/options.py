@@ -13,7 +13,7 @@ from ..selfperc_core.dataset import RESIZE_MODES
 from ..selfperc_core.loop import LR_SCHEDULES, OPTIMIZERS
 from ..selfperc_core.objective import DISTANCES, MSE_SPACES
 from . import families, files
-from .lora import ALGORITHMS
+from .lora import algorithms
 from .settings import (
     DTYPES,
     LORA_DTYPES,
@@ -141,7 +141,7 @@ class SelfPerceptualLoraOptions(io.ComfyNode):
             node_id="SelfPerceptualLoraOptions", display_name="Self-Perceptual LoRA Options", category=CATEGORY,
             description="The adapter, and how its file is written, checkpointed and continued.",
             inputs=[
-                io.Combo.Input("algorithm", optional=True, options=list(ALGORITHMS), default=d.algorithm,
+                io.Combo.Input("algorithm", optional=True, options=list(algorithms()), default=d.algorithm,
                                tooltip="The adapter (comfy.weight_adapter, as core Train LoRA): LoRA (fast path: "
                                        "runs beside each layer), LoHa, LoKr or OFT (exact, a weight-sized product "
                                        "per layer per pass). Core loaders load each."),

@@ -15,6 +15,7 @@ import torch
 
 from ..selfperc_core import attention_edit as core
 from ..selfperc_core import inversion as inv_core
+from .host_compat import training_mode
 from .inversion import EULER_FUNCTIONS, sampler_name
 from .prompt_to_prompt import Plan, Prompt, PromptToPromptGuider, encode, special_ids
 from .session import frozen_weights, make_trainable_tensors
@@ -98,7 +99,7 @@ class Pix2PixZeroGuider(PromptToPromptGuider):
     def map_gradient(self, x: torch.Tensor, timestep: torch.Tensor, model_options: dict) -> torch.Tensor:
         """d(map distance) / d(edited latent): one conditional forward + backward of [sources, edits]."""
         run, n = self.run, self.run.pairs
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), training_mode():
             make_trainable_tensors(self.model_patcher.model.diffusion_model)  # loaded under inference_mode
             edit = x[n:].detach().clone().requires_grad_(True)
             xin = torch.cat([x[:n].detach().clone(), edit])

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from ..selfperc_core.dataset import load_dataset
 from ..selfperc_core.loop import Hooks, NonFiniteLoss, Trainer, TrainSettings, fit
 from . import bridge, data, families, files, inputs, lora, plots, preview, saving
+from .host_compat import is_oom
 from .session import SessionSpec, training_session
 from .settings import NONE, FineTuneSettings
 
@@ -206,7 +207,7 @@ class FineTuneRun:
         if isinstance(e, NonFiniteLoss):
             where = f"; the last finite checkpoint is {last_saved.name}" if last_saved else ""
             return FloatingPointError(f"{e}{where}")
-        if isinstance(e, comfy.model_management.OOM_EXCEPTION):
+        if is_oom(e):
             return MemoryError(f"out of memory while training ({e}); lower batch_size "
                                f"({self.plan.settings.batch_size}) or resolution, or turn on gradient_checkpointing")
         return None

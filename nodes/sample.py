@@ -13,11 +13,11 @@ import latent_preview
 import numpy as np
 import torch
 from comfy_api.latest import io, ui
-from comfy_extras.nodes_model_advanced import RescaleCFG
 from PIL import Image, ImageDraw, ImageFont
 
 from . import realimage
 from .families import empty_conditioning
+from .host_compat import host_symbol
 
 
 def latent_to_rgb(model, samples: torch.Tensor) -> torch.Tensor:
@@ -77,7 +77,8 @@ class Sampling:
 def sample_model(model, latent: dict, noise, seed: int, how: Sampling):
     """``model``'s samples from ``noise`` (+ ``latent``, for SDEdit) through ComfyUI's own sampling."""
     if how.cfg_rescale > 0:
-        model = RescaleCFG().patch(model, how.cfg_rescale)[0]
+        rescale = host_symbol("comfy_extras.nodes_model_advanced", "RescaleCFG", "cfg_rescale")
+        model = rescale().patch(model, how.cfg_rescale)[0]
     latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     callback = latent_preview.prepare_callback(model, how.steps)
     return comfy.sample.sample(model, noise, how.steps, how.cfg, how.sampler_name, how.scheduler, how.positive,

@@ -19,6 +19,7 @@ from ..selfperc_core.adapter import AdapterSwitch, checkpoint_forward, out_of_pl
 from ..selfperc_core.features import FeatureTap
 from ..selfperc_core.model_view import ModelView, frozen_features_fn
 from . import bridge, families, inputs, lora
+from .host_compat import clone_for_training, training_mode
 
 log = logging.getLogger("selfperc")
 
@@ -126,8 +127,15 @@ def _model_view(mp, dm, tap: FeatureTap, switch: AdapterSwitch) -> ModelView:
 def training_session(model, spec: SessionSpec = SessionSpec(), existing: dict | None = None,
                      start: dict | None = None):
     """A training clone of ``model`` with the adapter on (``existing``: resumed weights; ``start``: init_lora's),
-    the tap, checkpointing; everything is taken off again on exit, whatever happened."""
-    mp = model.clone()
+    the tap, checkpointing, the host's training flag; everything is taken off again on exit, whatever happened."""
+    with training_mode():
+        with _session(model, spec, existing, start) as ses:
+            yield ses
+
+
+@contextlib.contextmanager
+def _session(model, spec: SessionSpec, existing: dict | None, start: dict | None):
+    mp = clone_for_training(model)
     base_params = list(mp.model.parameters())
     grad_flags = [p.requires_grad for p in base_params]
     switch = AdapterSwitch()

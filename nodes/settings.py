@@ -12,7 +12,7 @@ from ..selfperc_core.dataset import MAX_CAPTION_CHARS, RESIZE_MODES
 from ..selfperc_core.features import check_depth
 from ..selfperc_core.loop import TrainSettings
 from . import families, inputs
-from .lora import ALGORITHMS
+from .lora import algorithms
 
 NONE = "[None]"
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -121,7 +121,7 @@ class FineTuneSettings:
         _choose("training_dtype", self.training.training_dtype, DTYPES)
         _choose("resize_mode", self.training.resize_mode, RESIZE_MODES)
         lo = self.lora
-        _choose("algorithm", lo.algorithm, ALGORITHMS)
+        _choose("algorithm", lo.algorithm, algorithms())
         _choose("lora_dtype", lo.lora_dtype, LORA_DTYPES)
         _choose("save_format", lo.save_format, SAVE_FORMATS)
         _choose("save_weights", lo.save_weights, SAVE_WEIGHTS)
