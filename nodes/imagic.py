@@ -54,8 +54,8 @@ def text_inputs(mp, conditioning: list, shape: tuple) -> dict:
                                                                                   emb.float().cpu()):
         raise ValueError(f"{type(mp.model).__name__} does not read the conditioning's embedding as it is (its "
                          f"extra_conds builds '{TEXT_INPUT}' from it), so Optimize Embedding cannot train it; "
-                         "supported: families whose text input is the encoder's embedding (SD1.x, SD2.x, SDXL, "
-                         "SD3, Flux, ...)")
+                         "supported: families whose text input is the encoder's embedding (tested: SD1.x as eps, v "
+                         "and flow)")
     return base
 
 
@@ -118,19 +118,20 @@ def optimize_embedding(model, latent: dict, conditioning: list, steps: int, lear
 
 
 def _run(model, x0, conditioning, emb_in, settings: TrainSettings, node_id):
-    steps, seed = settings.steps, settings.seed
+    steps = settings.steps
+    check_seed = (settings.seed + 1) % 2 ** 64  # the before / after draws: not the training's, and within torch's range
     spec = SessionSpec(adapter=False, latent_shape=tuple(x0.shape), early_exit=True, checkpointing=True)
     with training_session(model, spec) as ses:
         base = text_inputs(ses.mp, conditioning, tuple(x0.shape))
         emb = torch.nn.Parameter(emb_in.detach().clone().float().to(bridge.device()))
         view = embedding_view(ses.view, base, emb, families.is_unet(ses.mp.model.diffusion_model))
         trainer = Trainer([emb], [x0], [base], view, settings, device=bridge.device())
-        before = denoising_loss(trainer, x0, base, seed + 1)
+        before = denoising_loss(trainer, x0, base, check_seed)
         pbar = comfy.utils.ProgressBar(steps, node_id=node_id)
         fit(trainer, steps, Hooks(before_step=comfy.model_management.throw_exception_if_processing_interrupted,
                                   after_step=lambda step, _: pbar.update_absolute(step, steps),
                                   on_error=lambda e, _: FloatingPointError(str(e)) if isinstance(e, NonFiniteLoss)
                                   else None))
-        after = denoising_loss(trainer, x0, base, seed + 1)
+        after = denoising_loss(trainer, x0, base, check_seed)
         out = emb.detach().to(device=emb_in.device, dtype=emb_in.dtype)
     return out, list(trainer.losses), before, after

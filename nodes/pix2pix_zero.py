@@ -15,7 +15,7 @@ import torch
 
 from ..selfperc_core import attention_edit as core
 from ..selfperc_core import inversion as inv_core
-from .host_compat import training_mode
+from .host_compat import is_oom, training_mode
 from .inversion import EULER_FUNCTIONS, sampler_name
 from .prompt_to_prompt import Plan, Prompt, PromptToPromptGuider, encode, special_ids
 from .session import frozen_weights, make_trainable_tensors
@@ -112,6 +112,11 @@ class Pix2PixZeroGuider(PromptToPromptGuider):
                         raise RuntimeError("Pix2Pix-Zero's guidance pass reached no cross-attention layer")
                     loss = torch.stack(run.guide).sum()
                     (grad,) = torch.autograd.grad(loss, edit)
+            except Exception as e:
+                if is_oom(e):  # the backward keeps a whole conditional forward's activations
+                    raise MemoryError(f"out of memory in Pix2Pix-Zero's guidance pass ({e}); lower the resolution "
+                                      "or the batch, or set guidance 0 (the direction alone)") from None
+                raise
             finally:
                 run.guide = None
         self.losses.append(float(loss))
@@ -129,6 +134,7 @@ class Pix2PixZeroGuider(PromptToPromptGuider):
         moved = x[n:] - (self.guidance / float(c_in.flatten()[0]) ** 2) * grad.to(x)
         xm = torch.cat([x[:n], moved])
         d = super().predict_noise(xm, timestep, model_options, seed)
-        s = torch.tensor(run.sigmas, dtype=torch.float64)
-        shifted = inv_core.denoised_after_shift(d[n:].double(), x[n:].double(), moved.double(), s[i], s[i + 1])
-        return torch.cat([d[:n], shifted.to(d)])
+        # the step ratio as a Python float: no float64 tensors on the device (Apple's MPS has none)
+        shifted = inv_core.denoised_after_shift(d[n:], x[n:].to(d), moved.to(d), float(run.sigmas[i]),
+                                                float(run.sigmas[i + 1]))
+        return torch.cat([d[:n], shifted])

@@ -70,8 +70,9 @@ class SelfPerceptualPix2PixZero(io.ComfyNode):
         if clip is None:
             raise ValueError("clip is not connected (a checkpoint without a text encoder?): Pix2Pix-Zero encodes "
                              "the prompt and the sentences with it")
-        if not 0.0 <= strength <= 5.0:
-            raise ValueError(f"strength {strength:g} is outside 0..5")
+        for name, value, hi in (("cfg", cfg, 100.0), ("strength", strength, 5.0), ("guidance", guidance, 100.0)):
+            if not 0.0 <= value <= hi:  # NaN fails this too (the API skips the widget's bounds for NaN)
+                raise ValueError(f"{name} {value:g} is outside 0..{hi:g}")
         plan = edit_plan(clip, source_prompt, source_sentences, target_sentences, strength)
         guider = Pix2PixZeroGuider(model, plan, negative, cfg, guidance, inversion)
         return io.NodeOutput(guider, [[plan.target.cond, dict(plan.target.extras)]])

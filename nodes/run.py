@@ -169,7 +169,7 @@ class FineTuneRun:
     def validate(self) -> None:
         if self.validation is not None:
             with self.autocast():
-                sp, mse = self.trainer.validate(*self.validation, seed=self.plan.settings.seed + 1)
+                sp, mse = self.trainer.validate(*self.validation, seed=(self.plan.settings.seed + 1) % 2 ** 64)
             self.history.append((self.trainer.step_count, sp, mse))
             log.info("selfperc: validation at step %d: self-perceptual %.5f, mse %.5f", *self.history[-1])
 

@@ -66,7 +66,7 @@ def test_the_optimised_embedding_reconstructs_the_image_better(models, kind):
 def test_the_self_perceptual_objective_trains_the_embedding_against_a_fixed_target(models):
     model, clip, vae = models
     lat, cond = encoded(vae, "chelsea"), text(clip, PROMPT)
-    out = optimize(model, lat, cond, steps=20, objective="self-perceptual")
+    out = optimize(model, lat, cond, steps=20, objective="self-perceptual", seed=0xFFFFFFFFFFFFFFFF)  # the widget's max
     losses = out.args[1]["loss"]
     assert len(losses) == 20 and all(v == v for v in losses)
     assert not torch.equal(out.args[0][0][0], cond[0][0])
