@@ -3,6 +3,7 @@ from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
 from .attention_maps import SelfPerceptualAttentionMaps
+from .direction import SelfPerceptualDirection
 from .distance import PerceptualDistance
 from .edit_guider import SelfPerceptualInversionGuider
 from .evaluate import SelfPerceptualEvaluate
@@ -18,7 +19,7 @@ from .train import SelfPerceptualFineTune
 NODES = [SelfPerceptualFineTune, *OPTION_NODES, SelfPerceptualSampler, PerceptualDistance, SelfPerceptualEvaluate,
          SelfPerceptualInvert, SelfPerceptualNullTextInversion, SelfPerceptualInversionGuider,
          SelfPerceptualPromptToPrompt, SelfPerceptualPix2PixZero, SelfPerceptualAttentionMaps,
-         SelfPerceptualOptimizeEmbedding]
+         SelfPerceptualOptimizeEmbedding, SelfPerceptualDirection]
 
 
 class SelfPerceptualExtension(ComfyExtension):

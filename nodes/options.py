@@ -83,6 +83,12 @@ class SelfPerceptualObjective(io.ComfyNode):
                                tooltip="Distilled guidance for guidance-distilled models (Flux-dev, Flux.2, Chroma, "
                                        "HunyuanImage) while training, as FluxGuidance sets it. 0 = leave the "
                                        "conditioning's own value or the model's default."),
+                io.Custom("SELFPERC_DIRECTION").Input(
+                    "direction", optional=True,
+                    tooltip="Self-Perceptual Direction (DiffusionCLIP): the fine-tune becomes a directional one "
+                            "(each image moved from its source text towards the target text); perceptual_weight "
+                            "then weighs its identity term, the self-perceptual distance to the image. Not "
+                            "connected: the self-perceptual fine-tune."),
             ],
             outputs=[OBJECTIVE.Output(display_name="objective", tooltip="Into the fine-tune's objective input.")],
         )

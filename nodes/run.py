@@ -3,6 +3,7 @@ and the run itself (latents, conditionings, the training session, the core's loo
 previews, validation and samples around it, and the files)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..selfperc_core.dataset import load_dataset
 from ..selfperc_core.loop import Hooks, NonFiniteLoss, Trainer, TrainSettings, fit
-from . import bridge, data, families, files, inputs, lora, plots, preview, saving
+from . import bridge, data, diffusion_clip, families, files, inputs, lora, plots, preview, saving
 from .host_compat import is_oom
 from .session import SessionSpec, training_session
 from .settings import NONE, FineTuneSettings
@@ -68,7 +69,10 @@ def plan_run(settings: FineTuneSettings, model, clip, conditioning, dataset_fold
     families.tap_point(model.model.diffusion_model, s.objective.feature_layer, s.objective.tap_depth)  # supported?
     if s.monitoring.prompts and clip is None:
         raise ValueError("sample_prompts need the CLIP input to encode them")
-    fallback = conditioning
+    direction = s.objective.direction
+    if direction is not None:
+        diffusion_clip.check(direction, model)
+    fallback = conditioning if direction is None else direction.source  # directional: every image at the source
     if fallback is None and clip is None:
         fallback = families.empty_conditioning(model)  # refuses families that need their text encoder
     resume = {}
@@ -113,8 +117,9 @@ def prepare(plan: RunPlan, model, vae, clip, ds) -> Prepared:
     latents = data.encode_latents(model, vae, ds.images)
     guidance = plan.settings.objective.guidance
     guided: dict[int, list] = {}  # one guided conditioning per distinct caption: model inputs are cached by it
+    captions = ds.captions if plan.settings.objective.direction is None else [None] * len(ds.captions)
     prompts = [guided.setdefault(id(p), inputs.with_guidance(p, guidance))
-               for p in data.caption_conditionings(clip, ds.captions, plan.fallback)]
+               for p in data.caption_conditionings(clip, captions, plan.fallback)]
     ds.images = []  # encoded: the decoded images are not needed any more
     held = data.held_out(len(latents), plan.settings.monitoring.validation_split, plan.settings.seed)
     if held:
@@ -135,12 +140,32 @@ def model_inputs_per_image(ses, prep: Prepared, seed: int) -> list[dict]:
     return conds
 
 
-def make_trainer(plan: RunPlan, ses, prep: Prepared) -> tuple[Trainer, tuple | None]:
-    """The core's Trainer on the training images (and the held-out ones for validation), resumed if asked."""
-    conds = model_inputs_per_image(ses, prep, plan.settings.seed)
+def autocast(dtype: torch.dtype):
+    return torch.autocast(bridge.device().type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+@contextlib.contextmanager
+def objective_mode(plan: RunPlan, ses, prep: Prepared, vae):
+    """None for the self-perceptual fine-tune; for a directional one (DiffusionCLIP), its (objective, view, per-image
+    inputs), ready for the whole run."""
+    o = plan.settings.objective
+    if o.direction is None:
+        yield None
+        return
+    with diffusion_clip.prepared(o.direction, ses, prep.latents, vae, diffusion_clip.config_of(o, o.direction),
+                                 plan.settings.seed, o.mse_space == "native", lambda: autocast(plan.dtype),
+                                 o.guidance) as mode:
+        yield mode
+
+
+def make_trainer(plan: RunPlan, ses, prep: Prepared, mode=None) -> tuple[Trainer, tuple | None]:
+    """The core's Trainer on the training images (and the held-out ones for validation), resumed if asked; ``mode``
+    (objective_mode's) replaces the objective, the view and the per-image inputs."""
+    objective, view, conds = mode if mode is not None else (None, ses.view, model_inputs_per_image(
+        ses, prep, plan.settings.seed))
     train_idx = [i for i in range(len(prep.latents)) if i not in prep.held]
-    trainer = Trainer(ses.params, [prep.latents[i] for i in train_idx], [conds[i] for i in train_idx], ses.view,
-                      plan.train_settings, device=bridge.device())
+    trainer = Trainer(ses.params, [prep.latents[i] for i in train_idx], [conds[i] for i in train_idx], view,
+                      plan.train_settings, device=bridge.device(), objective=objective)
     if plan.resume_state is not None:
         try:
             trainer.load_state_dict(plan.resume_state)
@@ -158,13 +183,14 @@ class FineTuneRun:
         self.plan, self.model, self.vae, self.ses, self.trainer = plan, model, vae, ses, trainer
         self.prep, self.validation, self.node_id = prep, validation, node_id
         self.meta = saving.metadata(model, ses, plan, len(prep.latents))
+        if plan.settings.objective.direction is not None:
+            self.meta.update(diffusion_clip.metadata(plan.settings.objective.direction))
         self.history: list[tuple[int, float, float]] = []  # (step, self-perceptual, MSE) on the held-out images
         self.shown: list[dict] = []                         # sample grids saved, for the node's UI
         self.total = plan.start_step + plan.settings.steps
 
     def autocast(self):
-        dtype = self.plan.dtype
-        return torch.autocast(bridge.device().type, dtype=dtype, enabled=dtype != torch.float32)
+        return autocast(self.plan.dtype)
 
     def validate(self) -> None:
         if self.validation is not None:
@@ -255,8 +281,9 @@ def run_fine_tune(plan: RunPlan, model, vae, clip, node_id) -> tuple:
     with torch.inference_mode(False):
         prep = prepare(plan, model, vae, clip, ds)
         spec = plan.session_spec(tuple(prep.latents[0].shape))
-        with training_session(model, spec, plan.resume_weights, plan.start) as ses:
-            trainer, validation = make_trainer(plan, ses, prep)
+        with training_session(model, spec, plan.resume_weights, plan.start) as ses, \
+                objective_mode(plan, ses, prep, vae) as mode:
+            trainer, validation = make_trainer(plan, ses, prep, mode)
             run = FineTuneRun(plan, model, vae, ses, trainer, prep, validation, node_id)
             run.train()
             return run.outputs()

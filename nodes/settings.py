@@ -39,6 +39,7 @@ class Objective:
     mse_weight: float = 0.0
     mse_space: str = "native"
     guidance: float = inputs.DEFAULT_GUIDANCE  # 0: the conditioning's own value, else the model's default
+    direction: object = None  # a diffusion_clip.Direction: the DiffusionCLIP directional fine-tune instead
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,12 @@ class FineTuneSettings:
 
     def validate(self) -> "FineTuneSettings":
         """Every rule on the settings, before any work; raises ValueError naming the setting."""
+        o = self.objective
+        if o.direction is not None:
+            o.direction.validate()
+            if not o.perceptual_weight and not o.mse_weight:
+                raise ValueError("the directional fine-tune needs an identity term: perceptual_weight (the "
+                                 "self-perceptual distance to each image) or mse_weight above 0")
         self.train_settings().validate()
         check_depth(self.objective.tap_depth)
         check_step_size(self.batch_size, self.resolution)

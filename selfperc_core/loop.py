@@ -117,6 +117,10 @@ def lr_factor(step: int, schedule: str, warmup: int, total: int) -> float:
     return 1.0
 
 
+# A replacement of the self-perceptual loss: (x0, eps, sigma, sigma', cond batch) -> LossParts.
+Objective = Callable[[Tensor, Tensor, Tensor, Tensor, Any], LossParts]
+
+
 class NonFiniteLoss(FloatingPointError):
     def __init__(self, step: int, value: float):
         super().__init__(f"loss became {value} at step {step}: training stopped before the update; "
@@ -136,11 +140,13 @@ class Trainer:
         settings: the run's settings (checked here).
         dist: data parallel processes (default: one).
         optimizer: an optimizer over ``params`` made elsewhere (e.g. prepared by accelerate); default: the settings'.
+        objective: (x0, eps, sigma, sigma', cond batch) -> LossParts, in place of the self-perceptual loss (e.g.
+            directional.py's DiffusionCLIP loss); the draws, batching, optimizer and state stay the loop's.
     """
 
     def __init__(self, params: list[Tensor], latents: list[Tensor], conds: list, view: ModelView,
                  settings: TrainSettings, device=None, dist: Distributed = Distributed(),
-                 optimizer: torch.optim.Optimizer | None = None):
+                 optimizer: torch.optim.Optimizer | None = None, objective: Objective | None = None):
         if len(latents) != len(conds):
             raise ValueError(f"{len(latents)} latents but {len(conds)} conditionings")
         self.s = settings.validate()
@@ -148,6 +154,7 @@ class Trainer:
             raise ValueError("mse_space 'native' needs the model's output_scale (how its raw output enters x0_hat)")
         self.params = list(params)
         self.latents, self.conds, self.view, self.dist = latents, conds, view, dist
+        self.objective = objective
         self.t_range = settings.t_range or view.t_range
         self.device = device or latents[0].device
         self.optimizer = optimizer or make_optimizer(settings.optimizer, self.params, settings.learning_rate)
@@ -196,11 +203,14 @@ class Trainer:
         v, s = self.view, self.s
         sigma = v.sigma_of_t(t).to(self.device)
         sigma_p = v.sigma_of_t(tp).to(self.device)
+        eps = eps.to(device=self.device, dtype=x0.dtype)
+        if self.objective is not None:
+            return self.objective(x0, eps, sigma, sigma_p, cond)
         scale = v.output_scale(sigma) if s.mse_space == "native" else None
         config = s.loss if training else LossConfig(s.distance, s.normalize)
         return self_perceptual_loss(
             lambda x, sg: v.predict_x0(x, sg, cond), lambda x, sg: v.frozen_features(x, sg, cond),
-            v.noise_scaling, x0, eps.to(device=self.device, dtype=x0.dtype), sigma, sigma_p, config, scale)
+            v.noise_scaling, x0, eps, sigma, sigma_p, config, scale)
 
     def _micro_batch(self, draw: tuple, j: int) -> LossParts:
         """Micro-batch ``j`` of this process from the step's global draw: k micro-batches of B are exactly one
@@ -233,7 +243,7 @@ class Trainer:
         """One optimizer step (over ``accumulation`` micro-batches). Raises NonFiniteLoss before updating if
         the loss is NaN/Inf. The returned loss is this process's mean over its micro-batches."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss = perceptual = mse = 0.0
+        loss = perceptual = mse = direction = 0.0
         draw = self._draw()
         n = self.s.accumulation
         for j in range(n):
@@ -243,6 +253,8 @@ class Trainer:
                 raise NonFiniteLoss(self.step_count + 1, value)
             (parts.loss / n).backward()
             loss, perceptual, mse = loss + value, perceptual + parts.perceptual, mse + parts.mse
+            if parts.direction is not None:
+                direction = direction + parts.direction
         if self.dist.grad_sync is not None:
             self.dist.grad_sync(self.params)
         factor = lr_factor(self.step_count, self.s.lr_schedule, self.s.warmup_steps, self.s.total_steps or self.s.steps)
@@ -253,7 +265,8 @@ class Trainer:
             self.ema.update_parameters(self._trained)
         self.step_count += 1
         self.losses.append(loss / n)
-        return LossParts(loss=torch.tensor(loss / n), perceptual=perceptual / n, mse=mse / n)
+        return LossParts(loss=torch.tensor(loss / n), perceptual=perceptual / n, mse=mse / n,
+                         direction=direction / n if self.objective is not None else None)
 
     def state_dict(self) -> dict:
         """Everything but the adapter weights needed to continue exactly: optimizer, step, RNG, loss curve."""
