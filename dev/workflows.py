@@ -285,8 +285,42 @@ IMAGIC = {
         13: ("SaveImage", {"images": (12, 1), "filename_prefix": "selfperc/imagic"}, (1940, 120), (420, 460)),
     },
 }
+DIFFUSION_CLIP = {
+    "title": "selfperc_diffusion_clip",
+    "note": ("DiffusionCLIP (Kim et al.): fine-tune a LoRA that moves images from the source text towards the "
+             "target text, then edit a photo with it.\n\n"
+             "1. Put the images to learn the edit on into a folder of ComfyUI/input/ (e.g. input/diffusionclip_photos/, "
+             "a few of one kind: faces, cats, ...) and pick it in dataset_folder.\n"
+             "2. Write what they are (source) and what they should become (target).\n"
+             "3. Each step inverts an image to t0 with the frozen model, rolls the LoRA model back out in "
+             "rollout_steps, and scores every step: 1 - cos(image change, text change), plus the identity term "
+             "(the Objective's perceptual_weight: the self-perceptual distance to the image). space 'denoiser' needs "
+             "nothing more; 'clip' needs Load CLIP Vision (ViT-L/14 for SD1.x) into the Direction node.\n"
+             "4. The sampler inverts the photo to the same level (denoise = t0) with the base model and generates "
+             "from there with each model: input | base | base + the LoRA."),
+    "nodes": {
+        1: ("CheckpointLoaderSimple", {"ckpt_name": CKPT}, (40, 120), (320, 100)),
+        2: ("CLIPTextEncode", {"clip": (1, 1), "text": "a photo of a cat"}, (40, 280), (320, 100)),
+        3: ("CLIPTextEncode", {"clip": (1, 1), "text": "a photo of a tiger"}, (40, 420), (320, 100)),
+        4: ("SelfPerceptualDirection", {"source": (2, 0), "target": (3, 0), "t0": 0.5, "rollout_steps": 6},
+            (400, 120), (340, 230)),
+        5: ("SelfPerceptualObjective", {"direction": (4, 0)}, (400, 390), (320, 380)),
+        6: ("SelfPerceptualFineTune", {"model": (1, 0), "vae": (1, 2), "steps": 200,
+                                       "dataset_folder": "diffusionclip_photos", "resolution": 512,
+                                       "objective": (5, 0), "lora_name": "selfperc/diffusionclip_lora"},
+            (780, 120), (360, 420)),
+        7: ("PreviewImage", {"images": (6, 4)}, (780, 580), (360, 260)),
+        8: ("LoadImage", {"image": "example.png"}, (1180, 420), (320, 320)),
+        9: ("VAEEncode", {"pixels": (8, 0), "vae": (1, 2)}, (1180, 780), (200, 50)),
+        10: ("SelfPerceptualSampler", {"model": (6, 0), "base_model": (1, 0), "latent": (9, 0), "positive": (2, 0),
+                                       "vae": (1, 2), "steps": 20, "denoise": 0.5, "mode": "invert"},
+             (1180, 120), (340, 280)),
+        11: ("SaveImage", {"images": (10, 1), "filename_prefix": "selfperc/diffusion_clip"}, (1560, 120),
+             (420, 460)),
+    },
+}
 SPECS = [FINE_TUNE, DISTANCE, LOAD_LORA, EVALUATE, REAL_IMAGE_AB, NULL_TEXT_EDIT, DIRECT_EDIT, P2P, P2P_PHOTO,
-         PIX2PIX_ZERO, PIX2PIX_ZERO_PHOTO, IMAGIC]
+         PIX2PIX_ZERO, PIX2PIX_ZERO_PHOTO, IMAGIC, DIFFUSION_CLIP]
 
 
 def _inputs(spec: dict) -> list[tuple[str, str, dict]]:

@@ -37,9 +37,15 @@ class ODESampler(comfy.samplers.Sampler):
         return False
 
 
-def schedule(model, scheduler: str, steps: int) -> torch.Tensor:
-    """The model's decreasing sigmas (ending at 0) for ``scheduler`` and ``steps``."""
-    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
+def schedule(model, scheduler: str, steps: int, denoise: float = 1.0) -> torch.Tensor:
+    """The model's decreasing sigmas (ending at 0) for ``scheduler`` and ``steps``; ``denoise`` < 1: the last
+    ``steps`` of a schedule of steps / denoise, as core KSampler takes them (a partial inversion's levels)."""
+    ms = model.get_model_object("model_sampling")
+    if denoise >= 1.0:
+        return comfy.samplers.calculate_sigmas(ms, scheduler, steps).cpu()
+    if not denoise > 0.0:
+        raise ValueError(f"denoise {denoise} must be above 0")
+    return comfy.samplers.calculate_sigmas(ms, scheduler, int(steps / denoise)).cpu()[-(steps + 1):]
 
 
 def run_ode(model, latent: torch.Tensor, sigmas: torch.Tensor, positive, negative, cfg: float, seed: int):

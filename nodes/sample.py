@@ -126,8 +126,9 @@ class SelfPerceptualSampler(io.ComfyNode):
                                        "from noise (with denoise < 1: SDEdit from the reference, guided). "
                                        "invert: the latent is a real image, inverted to noise with the base model "
                                        "(or the model) by the deterministic ODE (Euler = DDIM), then reconstructed by "
-                                       "each model on the same schedule; sampler_name, denoise and cfg_rescale are "
-                                       "not used."),
+                                       "each model on the same schedule (denoise < 1: inverted only that far, "
+                                       "e.g. a DiffusionCLIP LoRA's t0, and each model generates from there); "
+                                       "sampler_name and cfg_rescale are not used."),
                 io.Float.Input("ilvr_weight", default=1.0, min=0.0, max=1.0, step=0.05, optional=True,
                                tooltip="ilvr: how much of the reference's low frequencies replace the model's at "
                                        "each step (0 = plain sampling)."),
@@ -164,7 +165,7 @@ class SelfPerceptualSampler(io.ComfyNode):
         columns = []
         if mode == "invert":
             inverter = base_model if base_model is not None else model
-            ode = (realimage.schedule(inverter, scheduler, steps), positive, negative, cfg, seed)
+            ode = (realimage.schedule(inverter, scheduler, steps, denoise), positive, negative, cfg, seed)
             noise = realimage.invert(inverter, latent["samples"], *ode)
             tuned = realimage.reconstruct(model, noise, *ode)
             columns.append(("input", decode(latent["samples"])))

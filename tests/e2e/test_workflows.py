@@ -12,8 +12,8 @@ pytestmark = pytest.mark.e2e
 NAMES = sorted(p.name for p in workflows.WORKFLOWS.glob("*.json"))
 
 
-def test_twelve_workflows_ship_with_what_each_is_for():
-    assert NAMES == ["selfperc_direct_inversion_edit.json", "selfperc_evaluate.json",
+def test_thirteen_workflows_ship_with_what_each_is_for():
+    assert NAMES == ["selfperc_diffusion_clip.json", "selfperc_direct_inversion_edit.json", "selfperc_evaluate.json",
                      "selfperc_fine_tune_compare.json", "selfperc_imagic.json", "selfperc_load_lora_compare.json",
                      "selfperc_null_text_edit.json", "selfperc_perceptual_distance.json",
                      "selfperc_pix2pix_zero.json", "selfperc_pix2pix_zero_photo.json",
@@ -41,6 +41,8 @@ def test_twelve_workflows_ship_with_what_each_is_for():
     assert p2z | {"LoadImage", "SelfPerceptualInvert", "DisableNoise"} <= set(kinds["selfperc_pix2pix_zero_photo.json"])
     assert {"LoadImage", "SelfPerceptualOptimizeEmbedding", "SelfPerceptualFineTune", "ConditioningAverage",
             "SelfPerceptualSampler", "SaveImage"} <= set(kinds["selfperc_imagic.json"])
+    assert {"SelfPerceptualDirection", "SelfPerceptualObjective", "SelfPerceptualFineTune", "LoadImage",
+            "SelfPerceptualSampler", "SaveImage"} <= set(kinds["selfperc_diffusion_clip.json"])
 
 
 def test_template_browser_lists_and_serves_them(server):
@@ -347,3 +349,37 @@ def test_imagic_workflow_optimises_fine_tunes_and_samples_and_refuses_a_batch(se
         p["50"] = {"class_type": "RepeatLatentBatch", "inputs": {"samples": ["3", 0], "amount": 2}}
         p["6"]["inputs"]["latent"] = ["50", 0]
     assert "the latent holds 2 images" in error_of(batch_of_two)
+
+
+def test_diffusion_clip_workflow_fine_tunes_along_the_direction_and_edits_the_photo_and_refuses_bad_input(server):
+    Image.fromarray(photo("chelsea")).resize((64, 64)).save(server.base / "input" / "wf_dclip.png")
+    folder = make_dataset(server.base / "input" / "wf_dclip", names=["chelsea", "coffee"], captions=False).name
+    prompt = workflows.set_widgets(
+        workflows.to_api(workflows.load("selfperc_diffusion_clip.json"), server.get("/object_info")),
+        ckpt_name="tiny_sd15.safetensors", image="wf_dclip.png", dataset_folder=folder, resolution=64,
+        lora_name="selfperc/wf_dclip", rollout_steps=2)
+    prompt["6"]["inputs"]["steps"] = 3
+    prompt["10"]["inputs"]["steps"] = 4
+    entry = server.run(prompt)
+    assert execution_error(entry) is None, execution_error(entry)
+    lora = server.base / "models" / "loras" / "selfperc" / "wf_dclip.safetensors"
+    from safetensors import safe_open
+    with safe_open(str(lora), "pt") as f:
+        assert f.metadata()["direction_space"] == "denoiser" and f.metadata()["steps"] == "3"
+    (grid,) = images(server, entry, "11")
+    assert grid.shape[1] >= 3 * 64  # input | base | fine-tuned
+
+    error_of = _error_of(server, prompt)
+
+    def t0_past_the_schedule(p):
+        p["4"]["inputs"]["t0"] = 0.95
+    assert "t0 0.95 is outside the schedule" in error_of(t0_past_the_schedule)
+
+    def clip_without_vision(p):
+        p["4"]["inputs"]["space"] = "clip"
+    assert "'clip' needs a CLIP_VISION" in error_of(clip_without_vision)
+
+    def same_texts(p):
+        p["4"]["inputs"]["target"] = ["2", 0]
+    assert "identical: there is no direction" in error_of(same_texts)
+    assert execution_error(server.run(prompt)) is None  # the server keeps working

@@ -121,6 +121,26 @@ def test_inversion_reconstructs_with_another_model_on_the_inverting_schedule(pac
     assert grid.shape[2] > 3 * 64  # input | base | fine-tuned
 
 
+def test_a_partial_inversion_stops_where_ksampler_starts_that_denoise_and_returns_the_image(pack, models):
+    """mode invert with denoise < 1 (a DiffusionCLIP LoRA's t0): the levels are core KSampler's for that denoise, and
+    with an exact denoiser the shorter round trip returns the latent, closer than the full one at equal steps."""
+    import comfy.samplers
+    from selfperc_pack.nodes import realimage
+
+    model, _, vae = models
+    expected = comfy.samplers.KSampler(model, steps=10, device="cpu", sampler="euler", scheduler="normal",
+                                       denoise=0.5).sigmas
+    torch.testing.assert_close(realimage.schedule(model, "normal", 10, 0.5), expected.cpu())
+    lat = encoded(vae)
+    smp = node("SelfPerceptualSampler")
+    errs = {}
+    for denoise in (0.5, 1.0):
+        out = smp.execute(model=exact_gaussian(model), latent=lat, mode="invert",
+                          **dict(SAMPLE, steps=10, denoise=denoise)).args[0]
+        errs[denoise] = float((out["samples"] - lat["samples"]).norm() / lat["samples"].norm())
+    assert errs[0.5] < errs[1.0], errs
+
+
 def test_real_image_modes_refuse_an_empty_latent(pack, models):
     model, _, _ = models
     with pytest.raises(ValueError, match="needs a real image"):
