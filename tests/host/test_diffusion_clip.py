@@ -167,3 +167,44 @@ def test_bad_directions_are_refused_before_work_naming_them(models, one_photo, t
     with pytest.raises(ValueError, match="needs an identity term"):
         fine_tune(model, vae, one_photo, direction(clip), perceptual_weight=0.0, lora_name="dclip/refused")
     assert not list((comfy / "models" / "loras" / "dclip").glob("refused*"))
+
+
+TRANSFORMERS = ("sdxl", "sd3", "flux", "qwen_image", "wan21")
+
+
+@pytest.mark.parametrize("family", TRANSFORMERS)
+def test_the_denoiser_direction_trains_on_other_families_and_clip_is_refused_where_the_space_differs(pack, comfy,
+                                                                                                    family, tmp_path):
+    """The 'denoiser' space needs nothing but the model: on tiny SDXL and transformer families the directional loss
+    falls on a fixed image; the 'clip' space passes SDXL with a CLIP_VISION of its pooled width and refuses the
+    others by name (their pooled output is not a CLIP text embedding)."""
+    import contextlib
+
+    from selfperc_pack.nodes.diffusion_clip import Direction, check, prepared
+    from selfperc_pack.selfperc_core.directional import DirectionalConfig
+    from selfperc_pack.selfperc_core.loop import Trainer, TrainSettings
+
+    from dev.tiny_families import latent_shape, tiny_conditioning, tiny_model
+    from tests.host.models import session
+
+    mp, src, tgt = tiny_model(family), tiny_conditioning(family, seed=0), tiny_conditioning(family, seed=7)
+    shape = latent_shape(family, None, side=4)[1:]
+    d = Direction(src, tgt, t0=0.5, rollout_steps=2)
+    check(d, mp)
+    latents = [torch.randn(shape, generator=torch.Generator().manual_seed(1))]
+    with torch.inference_mode(False), session(pack, mp, checkpointing=True, latent_shape=shape) as ses, \
+            prepared(d, ses, latents, None, DirectionalConfig(identity_weight=0.1), 0, True,
+                     contextlib.nullcontext) as (objective, view, items):
+        tr = Trainer(ses.params, latents, items, view, TrainSettings(learning_rate=1e-2, seed=0), objective=objective)
+        losses = [tr.step().loss.item() for _ in range(8)]
+    assert all(v == v for v in losses) and min(losses[-3:]) < 0.95 * losses[0], losses
+
+    pooled = src[0][1].get("pooled_output")
+    width = pooled.shape[-1] if pooled is not None else 64
+    clip_direction = Direction(src, tgt, "clip", clip_vision=tiny_clip_vision(tmp_path, width))
+    if family == "sdxl":
+        check(clip_direction, mp)
+    else:
+        with pytest.raises(ValueError, match=f"'clip' is not available for {type(mp.model.model_config).__name__}: "
+                                             "its pooled text output is not a CLIP embedding"):
+            check(clip_direction, mp)
