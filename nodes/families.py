@@ -11,6 +11,8 @@ distance and the heatmap work as for UNets.
 """
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -18,6 +20,7 @@ import torch
 
 from ..selfperc_core.features import DEFAULT_DEPTH, FeatureTap, block_at_depth, to_grid
 
+log = logging.getLogger("selfperc")
 MID_BLOCK = "mid_block"
 # Model inputs that add reference-image tokens beside the image's (Flux Kontext, Qwen-Image edit, ... any family's
 # edit models): the tap reads the image's own tokens by position, which these shift, so they are refused for now.
@@ -93,13 +96,56 @@ FAMILIES: dict[str, ModelFamily] = {
 }
 
 
+REPORT = ("please report the class name with your ComfyUI version so that it can be added to the pack's table "
+          "(nodes/families.py)")
+_warned: set[str] = set()
+
+
+def count_picker(name: str) -> Callable:
+    """The generic tap's picker: the one tensor of the block's output (itself, or an element of its tuple) holding
+    exactly the latent grid's n image tokens, as (B, n, C) or channels-last (B, *grid, C); anything else is refused,
+    naming what was found (e.g. a joint text + image sequence, whose image tokens cannot be told apart by count)."""
+    def pick(out, n, dm):
+        parts = list(out) if isinstance(out, (tuple, list)) else [out]
+        counts = [math.prod(t.shape[1:-1]) if isinstance(t, torch.Tensor) and t.ndim >= 3 else None for t in parts]
+        hits = [t for t, c in zip(parts, counts) if c == n]
+        if len(hits) != 1:
+            raise ValueError(f"{type(dm).__name__} is not in the pack's table and the generic tap cannot read it: the "
+                             f"output of its block list '{name}' holds {len(hits)} tensors of the latent's {n} image "
+                             f"tokens (token counts {counts}; a joint text + image sequence cannot be split by count); "
+                             + REPORT)
+        return hits[0]
+    return pick
+
+
+def generic_family(dm) -> ModelFamily:
+    """A family not in the table, read by guesswork (logged): its block stack is the longest ModuleList among the
+    model's own children whose blocks are all of one class (ties: the last, as stacks follow their refiners), its
+    image tokens the output tensor whose token count is the latent grid's (``count_picker``), every block run out
+    of place (identical results, for blocks that add in place)."""
+    lists = [(n, m) for n, m in dm.named_children()
+             if isinstance(m, torch.nn.ModuleList) and len(m) and len({type(b) for b in m}) == 1]
+    if not lists:
+        raise ValueError(f"{type(dm).__name__} is not supported yet: it is not in the pack's table (UNets and "
+                         f"{', '.join(sorted(k for k in FAMILIES if k != 'UNetModel'))}) and has no list of blocks of "
+                         "one class to read features from; " + REPORT)
+    name, stack = max(reversed(lists), key=lambda nm: len(nm[1]))
+    key = type(dm).__name__
+    if key not in _warned:
+        _warned.add(key)
+        log.warning("selfperc: %s is not in the pack's table: guessing its block stack '%s' (%d x %s), its image "
+                    "tokens by count, and out-of-place blocks; %s", key, name, len(stack), type(stack[0]).__name__,
+                    REPORT)
+    return ModelFamily(((name, count_picker(name)),), inplace=True)
+
+
 def family_of(dm) -> ModelFamily:
-    """The table's entry for a diffusion model (its class or the nearest base class listed)."""
+    """The table's entry for a diffusion model (its class or the nearest base class listed); a transformer not in
+    the table gets the generic guess (``generic_family``)."""
     for cls in type(dm).__mro__:
         if cls.__name__ in FAMILIES:
             return FAMILIES[cls.__name__]
-    raise ValueError(f"{type(dm).__name__} is not supported yet: the pack knows where to read features in UNets "
-                     f"(SD1.x, SD2.x, SDXL) and in {', '.join(sorted(k for k in FAMILIES if k != 'UNetModel'))}")
+    return generic_family(dm)
 
 
 def is_unet(dm) -> bool:
