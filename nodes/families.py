@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from ..selfperc_core.block_probe import ProbedTap
 from ..selfperc_core.features import DEFAULT_DEPTH, FeatureTap, block_at_depth, to_grid
 
 log = logging.getLogger("selfperc")
@@ -73,6 +74,7 @@ class ModelFamily:
     inplace: bool = False
     # keyword inputs a training forward adds to apply_model
     call_inputs: Callable[[torch.nn.Module], dict] = field(default=_no_inputs)
+    generic: bool = False  # not in the table: the stack and tokens are found at run time (generic_family)
 
     @property
     def unet(self) -> bool:
@@ -101,42 +103,37 @@ REPORT = ("please report the class name with your ComfyUI version so that it can
 _warned: set[str] = set()
 
 
-def count_picker(name: str) -> Callable:
-    """The generic tap's picker: the one tensor of the block's output (itself, or an element of its tuple) holding
-    exactly the latent grid's n image tokens, as (B, n, C) or channels-last (B, *grid, C); anything else is refused,
-    naming what was found (e.g. a joint text + image sequence, whose image tokens cannot be told apart by count)."""
-    def pick(out, n, dm):
-        parts = list(out) if isinstance(out, (tuple, list)) else [out]
-        counts = [math.prod(t.shape[1:-1]) if isinstance(t, torch.Tensor) and t.ndim >= 3 else None for t in parts]
-        hits = [t for t, c in zip(parts, counts) if c == n]
-        if len(hits) != 1:
-            raise ValueError(f"{type(dm).__name__} is not in the pack's table and the generic tap cannot read it: the "
-                             f"output of its block list '{name}' holds {len(hits)} tensors of the latent's {n} image "
-                             f"tokens (token counts {counts}; a joint text + image sequence cannot be split by count); "
-                             + REPORT)
-        return hits[0]
-    return pick
+def candidate_lists(dm) -> dict[str, torch.nn.ModuleList]:
+    """The model's own lists of blocks of one class, in registration order: where a generic tap looks."""
+    return {n: m for n, m in dm.named_children()
+            if isinstance(m, torch.nn.ModuleList) and len(m) and len({type(b) for b in m}) == 1}
 
 
 def generic_family(dm) -> ModelFamily:
-    """A family not in the table, read by guesswork (logged): its block stack is the longest ModuleList among the
-    model's own children whose blocks are all of one class (ties: the last, as stacks follow their refiners), its
-    image tokens the output tensor whose token count is the latent grid's (``count_picker``), every block run out
-    of place (identical results, for blocks that add in place)."""
-    lists = [(n, m) for n, m in dm.named_children()
-             if isinstance(m, torch.nn.ModuleList) and len(m) and len({type(b) for b in m}) == 1]
+    """A family not in the table: every candidate list is checkpointed and run out of place (identical values; needed
+    for blocks that add in place); the tap is found by a probe forward (``block_probe``: ``tap_point``)."""
+    lists = candidate_lists(dm)
     if not lists:
         raise ValueError(f"{type(dm).__name__} is not supported yet: it is not in the pack's table (UNets and "
                          f"{', '.join(sorted(k for k in FAMILIES if k != 'UNetModel'))}) and has no list of blocks of "
                          "one class to read features from; " + REPORT)
-    name, stack = max(reversed(lists), key=lambda nm: len(nm[1]))
+    return ModelFamily(tuple((name, None) for name in lists), inplace=True, generic=True)
+
+
+def generic_tap(dm, depth: float, early_exit: bool) -> FeatureTap:
     key = type(dm).__name__
-    if key not in _warned:
-        _warned.add(key)
-        log.warning("selfperc: %s is not in the pack's table: guessing its block stack '%s' (%d x %s), its image "
-                    "tokens by count, and out-of-place blocks; %s", key, name, len(stack), type(stack[0]).__name__,
-                    REPORT)
-    return ModelFamily(((name, count_picker(name)),), inplace=True)
+
+    def found(description: str) -> None:
+        if key not in _warned:
+            _warned.add(key)
+            log.warning("selfperc: %s is not in the pack's table: the generic tap found %s; %s", key, description,
+                        REPORT)
+
+    def n_tokens(shape: tuple) -> int:
+        return math.prod(token_grid(dm, shape))
+
+    return ProbedTap(candidate_lists(dm), depth, n_tokens, lambda t, shape: to_grid(t, token_grid(dm, shape)),
+                     f"{key} is not in the pack's table and the generic tap cannot read it", REPORT, early_exit, found)
 
 
 def family_of(dm) -> ModelFamily:
@@ -203,6 +200,8 @@ def tap_point(dm, layer: str = MID_BLOCK, depth: float = DEFAULT_DEPTH, early_ex
     if layer != MID_BLOCK:
         raise ValueError(f"feature layer {layer!r} is a UNet block; {type(dm).__name__} is a transformer: use "
                          f"{MID_BLOCK} with tap_depth (0..1 of its {len(stack)} blocks)")
+    if family_of(dm).generic:
+        return generic_tap(dm, depth, early_exit)
     i = block_at_depth(len(stack), depth)
     module, pick = stack[i]
 
