@@ -295,9 +295,10 @@ DIFFUSION_CLIP = {
              "3. Each step inverts an image to t0 with the frozen model, rolls the LoRA model back out in "
              "rollout_steps, and scores every step: 1 - cos(image change, text change), plus the identity term "
              "(the Objective's perceptual_weight: the self-perceptual distance to the image). space 'denoiser' needs "
-             "nothing more; 'clip' needs Load CLIP Vision (ViT-L/14 for SD1.x) into the Direction node.\n"
-             "4. The sampler inverts the photo to the same level (denoise = t0) with the base model and generates "
-             "from there with each model: input | base | base + the LoRA."),
+             "nothing more; 'clip' (SD2.x, SDXL) needs Load CLIP Vision (ViT-H/14, ViT-bigG/14) into the Direction "
+             "node.\n"
+             "4. The sampler inverts the photo to the same level (denoise = t0, scheduler normal) with the base model "
+             "and generates from there with each model: input | base | base + the LoRA."),
     "nodes": {
         1: ("CheckpointLoaderSimple", {"ckpt_name": CKPT}, (40, 120), (320, 100)),
         2: ("CLIPTextEncode", {"clip": (1, 1), "text": "a photo of a cat"}, (40, 280), (320, 100)),

@@ -32,11 +32,14 @@ from ..selfperc_core.model_view import default_t_range
 from . import bridge, inputs
 
 # The families whose CONDITIONING's pooled_output is the text encoder's projected embedding (sd1_clip's
-# return_projected_pooled), i.e. in the joint space of the CLIP that encoder belongs to; that CLIP's vision tower
-# is the CLIP_VISION to connect. Flux, SD3, HiDream, Hunyuan: an unprojected or concatenated pooled vector.
-CLIP_SPACES = {"SD15": "CLIP ViT-L/14 (image_embeds 768, e.g. clip_vision_l)",
-               "SD20": "OpenCLIP ViT-H/14 (image_embeds 1024, e.g. clip_vision_h)",
+# return_projected_pooled) with the projection in the checkpoint, i.e. in the joint space of the CLIP that encoder
+# belongs to; that CLIP's vision tower is the CLIP_VISION to connect. Flux, SD3, HiDream, Hunyuan: an unprojected
+# or concatenated pooled vector.
+CLIP_SPACES = {"SD20": "OpenCLIP ViT-H/14 (image_embeds 1024, e.g. clip_vision_h)",
                "SDXL": "OpenCLIP ViT-bigG/14 (image_embeds 1280, e.g. clip_vision_g)"}
+# SD1.x checkpoints carry no text_projection for CLIP-L (the UNet never reads the pooled output); ComfyUI leaves that
+# layer as allocated, so the pooled output is not a CLIP embedding.
+NO_PROJECTION = {"SD15"}
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,11 +52,13 @@ class Direction:
     rollout_steps: int = 6
     direction_weight: float = 1.0
     clip_vision: object = None
+    inversion_steps: int = 40  # DiffusionCLIP's: a finer inversion than the rollout, so the start is the image's
 
     def validate(self) -> "Direction":
         if self.space not in DIRECTION_SPACES:
             raise ValueError(f"unknown direction space {self.space!r}; choose one of {DIRECTION_SPACES}")
         check_rollout(self.t0, self.rollout_steps)
+        check_rollout(self.t0, self.inversion_steps, what="inversion_steps")
         DirectionalConfig(direction_weight=self.direction_weight).validate()
         for name in ("source", "target"):
             cond = getattr(self, name)
@@ -92,10 +97,9 @@ def clip_width(clip_vision) -> int:
     import comfy.clip_model
 
     model = getattr(clip_vision, "model", None)
-    if not isinstance(model, comfy.clip_model.CLIPVisionModelProjection) or getattr(
-            clip_vision, "return_all_hidden_states", False):
-        kind = "SigLIP" if model is not None and getattr(clip_vision, "return_all_hidden_states", False) else \
-            type(model).__name__
+    siglip = getattr(clip_vision, "return_all_hidden_states", False)  # how ComfyUI marks its SigLIP towers
+    if not isinstance(model, comfy.clip_model.CLIPVisionModelProjection) or siglip:
+        kind = "SigLIP" if siglip else type(model).__name__
         raise ValueError(f"the CLIP_VISION is a {kind} model, not a CLIP vision tower: its embeddings are not in a "
                          "CLIP text encoder's space")
     projection = getattr(model, "visual_projection", None)
@@ -114,6 +118,10 @@ def check(direction: Direction, model) -> None:
         return
     family = clip_family(model)
     name = type(model.model.model_config).__name__
+    if any(c.__name__ in NO_PROJECTION for c in type(model.model.model_config).__mro__):
+        raise ValueError(f"direction space 'clip' is not available for {name}: SD1.x checkpoints carry no text "
+                         "projection for CLIP-L, so the conditioning's pooled output is not a CLIP embedding; use the "
+                         "'denoiser' space")
     if family is None:
         raise ValueError(f"direction space 'clip' is not available for {name}: its pooled text output is not a CLIP "
                          f"embedding (supported: {', '.join(f'{k} with {v}' for k, v in CLIP_SPACES.items())}); use "
@@ -150,7 +158,27 @@ class Batch:
 def metadata(direction: Direction) -> dict:
     return {"selfperc_objective": "directional (DiffusionCLIP, Kim et al. 2022) with the self-perceptual distance "
                                   "as its identity term", "direction_space": direction.space, "t0": direction.t0,
-            "rollout_steps": direction.rollout_steps, "direction_weight": direction.direction_weight}
+            "rollout_steps": direction.rollout_steps, "inversion_steps": direction.inversion_steps,
+            "direction_weight": direction.direction_weight}
+
+
+RESUMED_KEYS = ("direction_space", "t0", "rollout_steps", "inversion_steps", "direction_weight")
+
+
+def check_resume(meta: dict, direction: Direction | None, name: str) -> None:
+    """A run resumes only in the mode it was started in: a directional LoRA directionally, with the same space, t0,
+    steps and weight (read from the LoRA's metadata), a self-perceptual one without a direction."""
+    was = str(meta.get("selfperc_objective", "")).startswith("directional")
+    if was != (direction is not None):
+        raise ValueError(f"{name} was trained {'with' if was else 'without'} a direction (DiffusionCLIP); resume it "
+                         f"{'with the same' if was else 'without a'} Self-Perceptual Direction")
+    if direction is None:
+        return
+    now = metadata(direction)
+    changed = [f"{k} {meta.get(k)} -> {now[k]}" for k in RESUMED_KEYS if str(meta.get(k)) != str(now[k])]
+    if changed:
+        raise ValueError(f"{name} was trained with another direction ({', '.join(changed)}); resume it with the "
+                         "settings it was started with")
 
 
 class ImageEmbedder:
@@ -164,7 +192,9 @@ class ImageEmbedder:
         vae, cv = self.vae, self.cv
         z = self.mp.model.process_latent_out(x0_hat)
         first = next(vae.first_stage_model.parameters())
-        with OutOfPlace():  # ComfyUI's CLIP layers add in place, which backward cannot go through
+        # in the VAE's own dtype, not the run's autocast (SDXL's VAE overflows in fp16); ComfyUI's CLIP layers add in
+        # place, which backward cannot go through
+        with torch.autocast(first.device.type, enabled=False), OutOfPlace():
             images = vae.process_output(vae.first_stage_model.decode(z.to(device=first.device, dtype=vae.vae_dtype)))
             pixels = clip_input(images.float(), cv.image_size, cv.image_mean, cv.image_std)
             out = cv.model(pixel_values=pixels.to(cv.load_device), intermediate_output=-2)[2]
@@ -173,8 +203,8 @@ class ImageEmbedder:
 
 def inverted_items(ses, latents: list[torch.Tensor], source: list, target: list, sigmas: torch.Tensor, embed,
                    seed: int, autocast) -> list[Item]:
-    """One Item per latent: the two texts' model inputs (built once per shape) and the image inverted to sigmas[0]
-    with the frozen model at the source text (and its CLIP embedding, with ``embed``)."""
+    """One Item per latent: the two texts' model inputs (built once per shape) and the image inverted along
+    ``sigmas`` (to sigmas[0]) with the frozen model at the source text (and its CLIP embedding, with ``embed``)."""
     view, dev = ses.view, bridge.device()
     per_shape: dict[tuple, tuple[dict, dict]] = {}
     items = []
@@ -207,7 +237,7 @@ def make_objective(ses, sigmas: torch.Tensor, config: DirectionalConfig, native_
     space without ``embed``, else the CLIP space with the fixed text change ``text``."""
     view = ses.view
 
-    def objective(x0, eps, sigma, sigma_p, b: Batch):
+    def objective(x0, eps, sigma, sigma_p, b: Batch, backward=None):
         if embed is None:
             def text_direction(x, s):
                 with ses.switch.off():
@@ -224,7 +254,8 @@ def make_objective(ses, sigmas: torch.Tensor, config: DirectionalConfig, native_
         rollout = Rollout(b.start.to(x0), sigmas.to(x0.device), image_change, text_direction)
         return directional_loss_parts(
             lambda x, s: view.predict_x0(x, s, b.source), lambda x, s: view.frozen_features(x, s, b.source),
-            view.noise_scaling, x0, eps, sigma_p, rollout, config, view.output_scale if native_mse else None)
+            view.noise_scaling, x0, eps, sigma_p, rollout, config, view.output_scale if native_mse else None,
+            backward)
     return objective
 
 
@@ -248,7 +279,8 @@ def prepared(direction: Direction, ses, latents: list[torch.Tensor], vae, config
             embed = ImageEmbedder(ses.mp, vae, cv)
             pooled = [c[0][1]["pooled_output"].float().reshape(1, -1).to(bridge.device()) for c in (source, target)]
             text = normalized(pooled[1]) - normalized(pooled[0])
-        items = inverted_items(ses, latents, source, target, sigmas, embed, seed, autocast)
+        inversion = rollout_sigmas(ses.view.sigma_of_t, direction.t0, direction.inversion_steps)
+        items = inverted_items(ses, latents, source, target, inversion, embed, seed, autocast)
         yield (make_objective(ses, sigmas, config, native_mse, embed, text),
                dataclasses.replace(ses.view, collate=collate_fn(ses.view)), items)
 

@@ -7,8 +7,7 @@ from comfy_api.latest import io
 
 from ..selfperc_core.directional import DIRECTION_SPACES, MAX_ROLLOUT_STEPS
 from .diffusion_clip import CLIP_SPACES, Direction
-
-DIRECTION = io.Custom("SELFPERC_DIRECTION")
+from .options import DIRECTION
 
 
 class SelfPerceptualDirection(io.ComfyNode):
@@ -38,9 +37,12 @@ class SelfPerceptualDirection(io.ComfyNode):
                                        "(DiffusionCLIP: 0.4-0.6). Higher: bigger edits, less of the image kept. "
                                        "eps models stop at 0.9."),
                 io.Int.Input("rollout_steps", default=d.rollout_steps, min=1, max=MAX_ROLLOUT_STEPS,
-                             tooltip="Deterministic steps of the inversion and of the rollout back to the image "
-                                     "(DiffusionCLIP: 6 for the rollout); each step's estimate is scored, so a "
-                                     "training step runs about 3x this many model passes."),
+                             tooltip="Deterministic steps of the rollout back to the image (DiffusionCLIP: 6); each "
+                                     "step's estimate is scored and backpropagated, so a training step runs about "
+                                     "4x this many model passes (denoiser space) for the memory of one."),
+                io.Int.Input("inversion_steps", default=d.inversion_steps, min=1, max=MAX_ROLLOUT_STEPS,
+                             tooltip="Steps of each image's inversion to t0, once per run (DiffusionCLIP: 40): finer "
+                                     "than the rollout, so the rollout starts from the image's own inversion."),
                 io.Float.Input("direction_weight", default=d.direction_weight, min=0.01, max=100.0, step=0.01,
                                tooltip="Weight of the directional loss (1 - cosine, 0..2) against the identity "
                                        "term (Objective's perceptual_weight) and the MSE term (mse_weight)."),
@@ -53,6 +55,6 @@ class SelfPerceptualDirection(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, source, target, space, t0, rollout_steps, direction_weight, clip_vision=None):
-        return io.NodeOutput(Direction(source, target, space, t0, rollout_steps, direction_weight,
-                                       clip_vision).validate())
+    def execute(cls, source, target, space, t0, rollout_steps, inversion_steps, direction_weight, clip_vision=None):
+        return io.NodeOutput(Direction(source, target, space, t0, rollout_steps, direction_weight, clip_vision,
+                                       inversion_steps).validate())

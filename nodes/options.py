@@ -28,6 +28,7 @@ from .settings import (
 )
 
 OBJECTIVE = io.Custom("SELFPERC_OBJECTIVE")
+DIRECTION = io.Custom("SELFPERC_DIRECTION")  # from Self-Perceptual Direction (direction.py)
 TRAINING = io.Custom("SELFPERC_TRAINING")
 LORA = io.Custom("SELFPERC_LORA")
 MONITORING = io.Custom("SELFPERC_MONITORING")
@@ -83,7 +84,7 @@ class SelfPerceptualObjective(io.ComfyNode):
                                tooltip="Distilled guidance for guidance-distilled models (Flux-dev, Flux.2, Chroma, "
                                        "HunyuanImage) while training, as FluxGuidance sets it. 0 = leave the "
                                        "conditioning's own value or the model's default."),
-                io.Custom("SELFPERC_DIRECTION").Input(
+                DIRECTION.Input(
                     "direction", optional=True,
                     tooltip="Self-Perceptual Direction (DiffusionCLIP): the fine-tune becomes a directional one "
                             "(each image moved from its source text towards the target text); perceptual_weight "

@@ -72,14 +72,18 @@ def plan_run(settings: FineTuneSettings, model, clip, conditioning, dataset_fold
     direction = s.objective.direction
     if direction is not None:
         diffusion_clip.check(direction, model)
+        if conditioning is not None:
+            log.warning("selfperc: a direction is connected: the conditioning input is not used (every image is at "
+                        "the direction's source text)")
     fallback = conditioning if direction is None else direction.source  # directional: every image at the source
     if fallback is None and clip is None:
         fallback = families.empty_conditioning(model)  # refuses families that need their text encoder
     resume = {}
     if s.lora.resume_from != NONE:
+        path = Path(folder_paths.get_full_path_or_raise("loras", s.lora.resume_from))
         with torch.inference_mode(False):  # the optimizer updates these tensors in place
-            weights, state = saving.load_resume(Path(folder_paths.get_full_path_or_raise("loras",
-                                                                                        s.lora.resume_from)))
+            weights, state = saving.load_resume(path)
+        diffusion_clip.check_resume(saving.lora_metadata(path), direction, s.lora.resume_from)
         resume = dict(resume_name=s.lora.resume_from, resume_weights=weights, resume_state=state)
     start = None
     if s.lora.init_lora != NONE:
@@ -117,7 +121,12 @@ def prepare(plan: RunPlan, model, vae, clip, ds) -> Prepared:
     latents = data.encode_latents(model, vae, ds.images)
     guidance = plan.settings.objective.guidance
     guided: dict[int, list] = {}  # one guided conditioning per distinct caption: model inputs are cached by it
-    captions = ds.captions if plan.settings.objective.direction is None else [None] * len(ds.captions)
+    captions = ds.captions
+    if plan.settings.objective.direction is not None:
+        if any(c for c in captions):
+            log.warning("selfperc: a direction is connected: the captions of %d images are not used (every image is "
+                        "at the direction's source text)", sum(1 for c in captions if c))
+        captions = [None] * len(captions)
     prompts = [guided.setdefault(id(p), inputs.with_guidance(p, guidance))
                for p in data.caption_conditionings(clip, captions, plan.fallback)]
     ds.images = []  # encoded: the decoded images are not needed any more

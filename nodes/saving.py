@@ -60,13 +60,20 @@ def save_run(plan, session, trainer, meta: dict) -> Path:
     return path
 
 
+def lora_metadata(lora_file: Path) -> dict:
+    """A .safetensors LoRA's metadata (its header only)."""
+    from safetensors import safe_open
+
+    with safe_open(str(lora_file), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
 def load_resume(lora_file: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(the trained weights, the Trainer's state) of an earlier run, read without unpickling anything.
 
     The state's size is bounded by the LoRA's before it is read (AdamW keeps two moments per weight).
     Raises StateFileError naming the file for a missing, oversized, foreign or out-of-step state file.
     """
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
     if lora_file.suffix != ".safetensors":
@@ -80,8 +87,7 @@ def load_resume(lora_file: Path) -> tuple[dict[str, torch.Tensor], dict]:
                                  f"{files.STATE_SUFFIX} files)")
         raise StateFileError(f"no resume state {state_file.name} beside {lora_file.name}")
     trainer, weights, _ = load_run_state(state_file, max_bytes=4 * lora_file.stat().st_size + (16 << 20))
-    with safe_open(str(lora_file), framework="pt") as f:
-        lora_steps = (f.metadata() or {}).get("steps")
+    lora_steps = lora_metadata(lora_file).get("steps")
     if lora_steps is not None and str(lora_steps) != str(trainer["step"]):
         raise StateFileError(f"{state_file.name} is at step {trainer['step']} but {lora_file.name} at "
                              f"step {lora_steps}: the pair is out of step (a run stopped while saving?)")

@@ -117,8 +117,8 @@ def lr_factor(step: int, schedule: str, warmup: int, total: int) -> float:
     return 1.0
 
 
-# A replacement of the self-perceptual loss: (x0, eps, sigma, sigma', cond batch) -> LossParts.
-Objective = Callable[[Tensor, Tensor, Tensor, Tensor, Any], LossParts]
+# A replacement of the self-perceptual loss: (x0, eps, sigma, sigma', cond batch, backward or None) -> LossParts.
+Objective = Callable[[Tensor, Tensor, Tensor, Tensor, Any, Any], LossParts]
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -140,8 +140,10 @@ class Trainer:
         settings: the run's settings (checked here).
         dist: data parallel processes (default: one).
         optimizer: an optimizer over ``params`` made elsewhere (e.g. prepared by accelerate); default: the settings'.
-        objective: (x0, eps, sigma, sigma', cond batch) -> LossParts, in place of the self-perceptual loss (e.g.
-            directional.py's DiffusionCLIP loss); the draws, batching, optimizer and state stay the loop's.
+        objective: (x0, eps, sigma, sigma', cond batch, backward) -> LossParts, in place of the self-perceptual
+            loss (e.g. directional.py's DiffusionCLIP loss); the draws, batching, optimizer and state stay the
+            loop's. ``backward(loss)`` (None when no gradient is wanted) lets it backpropagate parts of its loss as
+            it goes, scaled for accumulation, to free their graphs early; it then returns ``backward_done``.
     """
 
     def __init__(self, params: list[Tensor], latents: list[Tensor], conds: list, view: ModelView,
@@ -205,7 +207,9 @@ class Trainer:
         sigma_p = v.sigma_of_t(tp).to(self.device)
         eps = eps.to(device=self.device, dtype=x0.dtype)
         if self.objective is not None:
-            return self.objective(x0, eps, sigma, sigma_p, cond)
+            n = self.s.accumulation
+            backward = (lambda loss: (loss / n).backward()) if training and torch.is_grad_enabled() else None
+            return self.objective(x0, eps, sigma, sigma_p, cond, backward)
         scale = v.output_scale(sigma) if s.mse_space == "native" else None
         config = s.loss if training else LossConfig(s.distance, s.normalize)
         return self_perceptual_loss(
@@ -251,7 +255,8 @@ class Trainer:
             value = parts.loss.item()
             if not math.isfinite(value):
                 raise NonFiniteLoss(self.step_count + 1, value)
-            (parts.loss / n).backward()
+            if not parts.backward_done:
+                (parts.loss / n).backward()
             loss, perceptual, mse = loss + value, perceptual + parts.perceptual, mse + parts.mse
             if parts.direction is not None:
                 direction = direction + parts.direction

@@ -62,6 +62,7 @@ class LossParts:
     perceptual: Tensor    # L_sp, detached
     mse: Tensor           # MSE of the online prediction (native or x0 space), detached (logged even at weight 0)
     direction: Tensor | None = None  # the directional fine-tune's 1 - cos term, detached (directional.py)
+    backward_done: bool = False      # the objective ran backward itself (``loss`` is then detached)
 
 
 def feature_distance(pred: Tensor, target: Tensor, distance: str = "mse", normalize: bool = False) -> Tensor:

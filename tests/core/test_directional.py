@@ -43,7 +43,7 @@ def test_the_rollout_runs_from_t0_to_clean_in_equal_steps_and_refuses_t0_outside
             check_rollout(t0, 4)
     with pytest.raises(ValueError, match=r"t0 0.95 is outside the schedule: it must be in \(0, 0.9\]"):
         check_rollout(0.95, 4, t_max=0.9)
-    for steps in (0, 51):
+    for steps in (0, 201):
         with pytest.raises(ValueError, match="rollout_steps"):
             check_rollout(0.5, steps)
     with pytest.raises(ValueError, match="direction_weight is 0"):
@@ -66,13 +66,20 @@ def test_each_rollout_step_is_scored_and_its_graph_ends_at_its_own_model_call():
     x0, start, eps, sigmas, sigma_p, d_text = _linear_case()
     cfg = DirectionalConfig(direction_weight=1.0, identity_weight=0.5, mse_weight=0.25)
 
-    def run(w):
+    def run(w, backward=None):
         return directional_loss_parts(lambda x, s: w * x, lambda x, s: 2.0 * x, EPS.noise_scaling, x0, eps, sigma_p,
-                                      Rollout(start, sigmas, lambda x0_hat: x0_hat - x0, lambda x, s: d_text), cfg)
+                                      Rollout(start, sigmas, lambda x0_hat: x0_hat - x0, lambda x, s: d_text), cfg,
+                                      backward=backward)
 
     w = torch.tensor(0.8, requires_grad=True)
     parts = run(w)
+    assert not parts.backward_done
     parts.loss.backward()
+    w_steps = torch.tensor(0.8, requires_grad=True)
+    per_step = run(w_steps, backward=lambda loss: loss.backward())  # each step's graph freed before the next
+    assert per_step.backward_done and not per_step.loss.requires_grad
+    torch.testing.assert_close(per_step.loss, parts.loss.detach())
+    torch.testing.assert_close(w_steps.grad, w.grad)
 
     def by_hand(w, detach):
         x, total = start, 0.0
@@ -133,11 +140,11 @@ def test_the_frozen_rollout_from_its_inversion_returns_near_the_image_and_traini
 
     d_text = torch.randn(1, 4, 8, 8, generator=g)
 
-    def objective(x0_b, eps, sigma, sigma_p, cond):
+    def objective(x0_b, eps, sigma, sigma_p, cond, backward):
         return directional_loss_parts(lambda x, s: view.predict_x0(x, s, None), lambda x, s: view.frozen_features(
             x, s, None), view.noise_scaling, x0_b, eps, sigma_p,
             Rollout(start.expand_as(x0_b), sigmas.to(x0_b), lambda h: h - x0_b, lambda x, s: d_text),
-            DirectionalConfig(identity_weight=0.1))
+            DirectionalConfig(identity_weight=0.1), backward=backward)
 
     params = [p for p in net.parameters() if p.requires_grad]
     tr = Trainer(params, [x0[0]], [None], view, TrainSettings(learning_rate=3e-3, seed=0, mse_space="x0"),

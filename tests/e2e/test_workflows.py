@@ -357,7 +357,7 @@ def test_diffusion_clip_workflow_fine_tunes_along_the_direction_and_edits_the_ph
     prompt = workflows.set_widgets(
         workflows.to_api(workflows.load("selfperc_diffusion_clip.json"), server.get("/object_info")),
         ckpt_name="tiny_sd15.safetensors", image="wf_dclip.png", dataset_folder=folder, resolution=64,
-        lora_name="selfperc/wf_dclip", rollout_steps=2)
+        lora_name="selfperc/wf_dclip", rollout_steps=2, inversion_steps=2)
     prompt["6"]["inputs"]["steps"] = 3
     prompt["10"]["inputs"]["steps"] = 4
     entry = server.run(prompt)

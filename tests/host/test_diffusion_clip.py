@@ -28,7 +28,8 @@ def text(clip, t):
 def direction(clip, space="denoiser", source="a photo of a cat", target="a photo of a dog", **kw):
     from selfperc_pack.nodes.diffusion_clip import Direction
 
-    return Direction(text(clip, source), text(clip, target), space, **{"t0": 0.4, "rollout_steps": 3, **kw})
+    return Direction(text(clip, source), text(clip, target), space, **{"t0": 0.4, "rollout_steps": 3, "inversion_steps": 8,
+                                                                      **kw})
 
 
 def fine_tune(model, vae, folder, d, **kw):
@@ -109,19 +110,43 @@ def test_the_directional_fine_tune_resumes_exactly(models, one_photo):
         torch.testing.assert_close(resumed[1][k], straight[1][k], rtol=1e-5, atol=1e-7)
 
 
-def test_the_clip_space_trains_through_the_decoded_image_with_a_matching_clip_vision(models, one_photo, tmp_path):
-    model, clip, vae = models
-    pooled = text(clip, "x")[0][1]["pooled_output"].shape[-1]
-    cv = tiny_clip_vision(tmp_path, pooled)
-    vae_params = list(vae.first_stage_model.parameters())
-    out = fine_tune(model, vae, one_photo, direction(clip, "clip", clip_vision=cv), steps=3, lora_name="dclip/clip")
-    losses = out.args[2]["loss"]
-    assert len(losses) == 3 and all(v == v for v in losses)
-    ups = [v for k, v in out.args[1].items() if k.endswith(".lora_up.weight")]
-    assert any(u.abs().sum() > 0 for u in ups), "no gradient reached the LoRA through the VAE and CLIP"
-    assert all(p.grad is None for p in vae.first_stage_model.parameters())
-    assert all(p.grad is None for p in cv.model.parameters())
-    assert len(vae_params) == len(list(vae.first_stage_model.parameters()))
+def test_the_clip_space_trains_the_lora_through_the_decoded_image_alone(models, pack, tmp_path):
+    """On a tiny SDXL (a family whose pooled output is a CLIP embedding) with a CLIP_VISION of its pooled width: with
+    no identity or MSE term the only path from the loss to the LoRA is VAE decode -> CLIP vision; the LoRA gets a
+    gradient there, and the VAE and CLIP weights none."""
+    import contextlib
+
+    from selfperc_pack.nodes.diffusion_clip import Direction, check, prepared
+    from selfperc_pack.selfperc_core.directional import DirectionalConfig
+    from selfperc_pack.selfperc_core.loop import Trainer, TrainSettings
+
+    from dev.tiny_families import latent_shape, tiny_conditioning, tiny_model
+    from tests.host.models import session
+
+    _, _, vae = models
+    mp, src, tgt = tiny_model("sdxl"), tiny_conditioning("sdxl", seed=0), tiny_conditioning("sdxl", seed=7)
+    cv = tiny_clip_vision(tmp_path, src[0][1]["pooled_output"].shape[-1])
+    d = Direction(src, tgt, "clip", t0=0.5, rollout_steps=2, clip_vision=cv, inversion_steps=4)
+    check(d, mp)
+    shape = latent_shape("sdxl", None, side=4)[1:]
+    latents = [torch.randn(shape, generator=torch.Generator().manual_seed(1))]
+    config = DirectionalConfig(identity_weight=0.0)
+    with torch.inference_mode(False), session(pack, mp, checkpointing=True, latent_shape=shape) as ses, \
+            prepared(d, ses, latents, vae, config, 0, True, contextlib.nullcontext) as (objective, view, items):
+        assert items[0].ref is not None and items[0].ref.shape == (src[0][1]["pooled_output"].shape[-1],)
+        tr = Trainer(ses.params, latents, items, view, TrainSettings(learning_rate=1e-2, seed=0), objective=objective)
+        tr.optimizer.zero_grad()
+        b = view.collate(items)
+        x0 = latents[0][None]
+        eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
+        parts = objective(x0, eps, torch.tensor([1.0]), torch.tensor([1.0]), b, lambda loss: loss.backward())
+        assert parts.backward_done and 0 < float(parts.direction) < 2 and float(parts.perceptual) == 0
+        grads = [p.grad for p in ses.params if p.grad is not None]
+        assert grads and any(float(g.abs().sum()) > 0 for g in grads), "no gradient through the VAE and CLIP"
+        assert all(p.grad is None for p in vae.first_stage_model.parameters())
+        assert all(p.grad is None for p in cv.model.parameters())
+        losses = [tr.step().loss.item() for _ in range(2)]
+        assert all(v == v for v in losses)
 
 
 def test_the_image_embedding_is_comfyuis_and_differentiable(models, tmp_path):
@@ -156,9 +181,9 @@ def test_bad_directions_are_refused_before_work_naming_them(models, one_photo, t
         (Direction(cat, [[cat[0][0].clone(), dict(cat[0][1])]]), "identical: there is no direction"),
         (Direction(cat, cat + dog), "the target conditioning has 2 entries"),
         (Direction(cat, dog, "clip"), "'clip' needs a CLIP_VISION"),
-        (Direction(cat, dog, "clip", clip_vision=tiny_clip_vision(tmp_path, 64)),
-         "CLIP_VISION's space does not match .* image_embeds are 64 wide, the source conditioning's pooled output 768; "
-         "SD15 needs CLIP ViT-L/14"),
+        (Direction(cat, dog, "clip", clip_vision=tiny_clip_vision(tmp_path, 768)),
+         "'clip' is not available for SD15: SD1.x checkpoints carry no text projection"),
+        (direction(clip, inversion_steps=201), "inversion_steps 201"),
         (Direction(cat, dog, "sideways"), "unknown direction space 'sideways'"),
     ]
     for d, message in cases:
@@ -167,6 +192,16 @@ def test_bad_directions_are_refused_before_work_naming_them(models, one_photo, t
     with pytest.raises(ValueError, match="needs an identity term"):
         fine_tune(model, vae, one_photo, direction(clip), perceptual_weight=0.0, lora_name="dclip/refused")
     assert not list((comfy / "models" / "loras" / "dclip").glob("refused*"))
+
+
+def test_a_run_resumes_only_in_the_mode_and_direction_it_was_started_in(models, one_photo):
+    model, clip, vae = models
+    fine_tune(model, vae, one_photo, direction(clip), steps=1, lora_name="dclip/mode")
+    resume = dict(steps=1, lora_name="dclip/mode", overwrite=True, resume_from="dclip/mode.safetensors")
+    with pytest.raises(ValueError, match="dclip/mode.safetensors was trained with a direction"):
+        fine_tune(model, vae, one_photo, None, **resume)
+    with pytest.raises(ValueError, match=r"trained with another direction \(t0 0.4 -> 0.3\)"):
+        fine_tune(model, vae, one_photo, direction(clip, t0=0.3), **resume)
 
 
 TRANSFORMERS = ("sdxl", "sd3", "flux", "qwen_image", "wan21")
@@ -189,21 +224,26 @@ def test_the_denoiser_direction_trains_on_other_families_and_clip_is_refused_whe
 
     mp, src, tgt = tiny_model(family), tiny_conditioning(family, seed=0), tiny_conditioning(family, seed=7)
     shape = latent_shape(family, None, side=4)[1:]
-    d = Direction(src, tgt, t0=0.5, rollout_steps=2)
+    d = Direction(src, tgt, t0=0.5, rollout_steps=2, inversion_steps=4)
     check(d, mp)
     latents = [torch.randn(shape, generator=torch.Generator().manual_seed(1))]
     with torch.inference_mode(False), session(pack, mp, checkpointing=True, latent_shape=shape) as ses, \
             prepared(d, ses, latents, None, DirectionalConfig(identity_weight=0.1), 0, True,
                      contextlib.nullcontext) as (objective, view, items):
         tr = Trainer(ses.params, latents, items, view, TrainSettings(learning_rate=1e-2, seed=0), objective=objective)
-        losses = [tr.step().loss.item() for _ in range(8)]
-    assert all(v == v for v in losses) and min(losses[-3:]) < 0.95 * losses[0], losses
+        losses = [float(tr.step().direction) for _ in range(8)]
+    assert all(v == v for v in losses) and min(losses[-3:]) < 0.95 * losses[0], losses  # the directional term
 
     pooled = src[0][1].get("pooled_output")
     width = pooled.shape[-1] if pooled is not None else 64
     clip_direction = Direction(src, tgt, "clip", clip_vision=tiny_clip_vision(tmp_path, width))
     if family == "sdxl":
         check(clip_direction, mp)
+        other = Direction(src, tgt, "clip", clip_vision=tiny_clip_vision(tmp_path, width + 8))
+        with pytest.raises(ValueError, match=f"CLIP_VISION's space does not match the text encoder's: its image_embeds "
+                                             f"are {width + 8} wide, the source conditioning's pooled output {width}; "
+                                             "SDXL needs OpenCLIP ViT-bigG/14"):
+            check(other, mp)
     else:
         with pytest.raises(ValueError, match=f"'clip' is not available for {type(mp.model.model_config).__name__}: "
                                              "its pooled text output is not a CLIP embedding"):
