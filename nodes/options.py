@@ -12,6 +12,7 @@ from ..selfperc_core import T_PRIME_STRATEGIES
 from ..selfperc_core.dataset import RESIZE_MODES
 from ..selfperc_core.loop import LR_SCHEDULES, OPTIMIZERS
 from ..selfperc_core.objective import DISTANCES, MSE_SPACES
+from ..selfperc_core.timesteps import T_LAWS
 from . import families, files
 from .lora import algorithms
 from .settings import (
@@ -84,6 +85,20 @@ class SelfPerceptualObjective(io.ComfyNode):
                                tooltip="Distilled guidance for guidance-distilled models (Flux-dev, Flux.2, Chroma, "
                                        "HunyuanImage) while training, as FluxGuidance sets it. 0 = leave the "
                                        "conditioning's own value or the model's default."),
+                io.Combo.Input("t_law", optional=True, options=list(T_LAWS), default=d.t_law,
+                               tooltip="How the online noise level t is drawn: uniform (the paper's) or "
+                                       "logit_normal (SD3's, mid-noise heavy; t_law_mean / t_law_std)."),
+                io.Float.Input("t_law_mean", optional=True, default=d.t_law_mean, min=-5.0, max=5.0, step=0.01,
+                               tooltip="logit_normal: the mean of the normal before the sigmoid (0: centred)."),
+                io.Float.Input("t_law_std", optional=True, default=d.t_law_std, min=0.01, max=5.0, step=0.01,
+                               tooltip="logit_normal: the normal's standard deviation (1: SD3's)."),
+                io.Float.Input("t_shift", optional=True, default=d.t_shift, min=0.05, max=20.0, step=0.05,
+                               tooltip="Static shift of the drawn t, s t / (1 + (s - 1) t), as flow trainers use "
+                                       "(> 1: towards noise). 1: none. The model's own shift (ModelSamplingSD3 / "
+                                       "Flux) already maps t to sigma; this moves the draws on top of it."),
+                io.Float.Input("min_snr_gamma", optional=True, default=d.min_snr_gamma, min=0.0, max=100.0, step=0.1,
+                               tooltip="Min-SNR-gamma weights of the MSE term (eps and v models, mse_space native; "
+                                       "Hang et al.: 5). 0: none. The self-perceptual term is not weighted."),
                 DIRECTION.Input(
                     "direction", optional=True,
                     tooltip="Self-Perceptual Direction (DiffusionCLIP): the fine-tune becomes a directional one "
@@ -108,7 +123,8 @@ class SelfPerceptualTrainingOptions(io.ComfyNode):
             category=CATEGORY, description="Optimizer, schedule, memory and data-loading options of the fine-tune.",
             inputs=[
                 io.Combo.Input("optimizer", optional=True, options=list(OPTIMIZERS), default=d.optimizer,
-                               tooltip="adamw (no weight decay), adam, sgd or rmsprop, with torch's defaults."),
+                               tooltip="adamw, adam, sgd, rmsprop or adafactor (torch's own), with torch's defaults "
+                                       "but weight_decay."),
                 io.Combo.Input("lr_schedule", optional=True, options=list(LR_SCHEDULES), default=d.lr_schedule,
                                tooltip="Learning rate after the warm-up: constant, cosine (to 0 at the last step) "
                                        "or linear (to 0)."),
@@ -131,6 +147,19 @@ class SelfPerceptualTrainingOptions(io.ComfyNode):
                 io.String.Input("dataset_path", optional=True, default=d.dataset_path,
                                 tooltip="Absolute dataset folder instead of dataset_folder; only if the server owner "
                                         f"set {files.ALLOW_ANY_DATASET_PATH}=1."),
+                io.Float.Input("weight_decay", optional=True, default=d.weight_decay, min=0.0, max=1.0, step=0.001,
+                               tooltip="Decoupled weight decay (adamw, adafactor); 0: none (the LoRA starts at zero "
+                                       "and decay pulls it back there)."),
+                io.Float.Input("max_grad_norm", optional=True, default=d.max_grad_norm, min=0.0, max=1000.0,
+                               step=0.01, tooltip="Clip the gradients' total norm to this before each update (1.0 is "
+                                                  "the usual); 0: no clipping."),
+                io.String.Input("caption_prefix", optional=True, default=d.caption_prefix,
+                                tooltip="Put before every caption, e.g. a trigger word ('sks, '): images without a "
+                                        "caption get it alone. Needs the CLIP input."),
+                io.Float.Input("caption_dropout", optional=True, default=d.caption_dropout, min=0.0, max=0.99,
+                               step=0.01, tooltip="Fraction of samples trained on the empty caption instead of their "
+                                                  "own (e.g. 0.1), so the LoRA also works without its prompt. Needs "
+                                                  "the CLIP input."),
             ],
             outputs=[TRAINING.Output(display_name="training", tooltip="Into the fine-tune's training input.")],
         )

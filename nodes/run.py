@@ -69,6 +69,12 @@ def plan_run(settings: FineTuneSettings, model, clip, conditioning, dataset_fold
     families.tap_point(model.model.diffusion_model, s.objective.feature_layer, s.objective.tap_depth)  # supported?
     if s.monitoring.prompts and clip is None:
         raise ValueError("sample_prompts need the CLIP input to encode them")
+    kind = bridge.parameterization(bridge.model_sampling(model))
+    if s.objective.min_snr_gamma and kind not in ("eps", "v"):
+        raise ValueError(f"min_snr_gamma is for eps and v models; this model is {kind!r} (use t_law / t_shift)")
+    for name in ("caption_prefix", "caption_dropout"):
+        if getattr(s.training, name) and clip is None:
+            raise ValueError(f"{name} needs the CLIP input (it changes the captions the text encoder encodes)")
     direction = s.objective.direction
     if direction is not None:
         diffusion_clip.check(direction, model)
@@ -115,13 +121,14 @@ class Prepared:
     prompts: list[list]
     samples: list[tuple[str, list]]
     held: list[int]
+    empty: list | None = None  # the empty caption's conditioning, for caption_dropout
 
 
 def prepare(plan: RunPlan, model, vae, clip, ds) -> Prepared:
     latents = data.encode_latents(model, vae, ds.images)
     guidance = plan.settings.objective.guidance
     guided: dict[int, list] = {}  # one guided conditioning per distinct caption: model inputs are cached by it
-    captions = ds.captions
+    captions = with_prefix(ds.captions, plan.settings.training.caption_prefix)
     if plan.settings.objective.direction is not None:
         if any(c for c in captions):
             log.warning("selfperc: a direction is connected: the captions of %d images are not used (every image is "
@@ -135,13 +142,24 @@ def prepare(plan: RunPlan, model, vae, clip, ds) -> Prepared:
         log.info("selfperc: %d of %d images held out for validation", len(held), len(latents))
     samples = [(p, inputs.with_guidance(clip.encode_from_tokens_scheduled(clip.tokenize(p)), guidance))
                for p in plan.settings.monitoring.prompts]
-    return Prepared(latents, prompts, samples, held)
+    empty = None
+    if plan.settings.training.caption_dropout:
+        empty = inputs.with_guidance(clip.encode_from_tokens_scheduled(clip.tokenize("")), guidance)
+    return Prepared(latents, prompts, samples, held, empty)
 
 
-def model_inputs_per_image(ses, prep: Prepared, seed: int) -> list[dict]:
-    """The model's inputs per (prompt, image shape), built once each."""
+def with_prefix(captions: list[str | None], prefix: str) -> list[str | None]:
+    """``prefix`` (e.g. a trigger word with its separator, 'sks, ') put before every caption, as typed; an image
+    without a caption gets the prefix alone (its separator stripped)."""
+    if not prefix:
+        return captions
+    return [prefix + c if c else prefix.strip(" ,;") for c in captions]
+
+
+def model_inputs_per_image(ses, prep: Prepared, seed: int, prompts: list | None = None) -> list[dict]:
+    """The model's inputs per (prompt, image shape), built once each (``prompts``: instead of each image's own)."""
     cache, conds = {}, []
-    for p, lat in zip(prep.prompts, prep.latents):
+    for p, lat in zip(prompts or prep.prompts, prep.latents):
         key = (id(p), tuple(lat.shape))
         if key not in cache:
             cache[key] = inputs.model_inputs(ses.mp, p, tuple(lat.shape), seed)
@@ -173,8 +191,12 @@ def make_trainer(plan: RunPlan, ses, prep: Prepared, mode=None) -> tuple[Trainer
     objective, view, conds = mode if mode is not None else (None, ses.view, model_inputs_per_image(
         ses, prep, plan.settings.seed))
     train_idx = [i for i in range(len(prep.latents)) if i not in prep.held]
+    empty = None
+    if prep.empty is not None:
+        empty = model_inputs_per_image(ses, prep, plan.settings.seed, [prep.empty] * len(prep.latents))
+        empty = [empty[i] for i in train_idx]
     trainer = Trainer(ses.params, [prep.latents[i] for i in train_idx], [conds[i] for i in train_idx], view,
-                      plan.train_settings, device=bridge.device(), objective=objective)
+                      plan.train_settings, device=bridge.device(), objective=objective, empty_conds=empty)
     if plan.resume_state is not None:
         try:
             trainer.load_state_dict(plan.resume_state)

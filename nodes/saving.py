@@ -35,7 +35,7 @@ def metadata(model, session, plan, n_images: int) -> dict:
             "alpha": s.lora.alpha, "training_dtype": str(plan.dtype).replace("torch.", ""),
             "dataset": plan.folder.name, "dataset_images": n_images, "guidance": s.objective.guidance,
             "gradient_accumulation": s.training.gradient_accumulation, "algorithm": s.lora.algorithm,
-            "lora_dtype": s.lora.lora_dtype,
+            "lora_dtype": s.lora.lora_dtype, "caption_prefix": s.training.caption_prefix,
             "settings": plan.train_settings.as_dict() | {"t_range": session.view.t_range}}
 
 

@@ -39,6 +39,11 @@ class Objective:
     mse_weight: float = 0.0
     mse_space: str = "native"
     guidance: float = inputs.DEFAULT_GUIDANCE  # 0: the conditioning's own value, else the model's default
+    t_law: str = "uniform"  # the online level t's law (timesteps.TLaw); the paper's: uniform
+    t_law_mean: float = 0.0
+    t_law_std: float = 1.0
+    t_shift: float = 1.0
+    min_snr_gamma: float = 0.0
     direction: object = None  # a diffusion_clip.Direction: the DiffusionCLIP directional fine-tune instead
 
 
@@ -55,6 +60,10 @@ class TrainingOptions:
     batched_frozen: bool = False
     resize_mode: str = "center_crop"
     dataset_path: str = ""
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.0
+    caption_prefix: str = ""  # e.g. a trigger word, before every caption
+    caption_dropout: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -112,13 +121,19 @@ class FineTuneSettings:
                              mse_space=o.mse_space, perceptual_weight=o.perceptual_weight,
                              batched_frozen=t.batched_frozen, optimizer=t.optimizer, lr_schedule=t.lr_schedule,
                              warmup_steps=t.warmup_steps, total_steps=total_steps, ema_decay=t.ema_decay,
-                             accumulation=t.gradient_accumulation)
+                             accumulation=t.gradient_accumulation, t_law=o.t_law, t_law_mean=o.t_law_mean,
+                             t_law_std=o.t_law_std, t_shift=o.t_shift, min_snr_gamma=o.min_snr_gamma,
+                             weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+                             caption_dropout=t.caption_dropout)
 
     def validate(self) -> "FineTuneSettings":
         """Every rule on the settings, before any work; raises ValueError naming the setting."""
         o = self.objective
         if o.direction is not None:
             o.direction.validate()
+            if self.training.caption_prefix or self.training.caption_dropout:
+                raise ValueError("caption_prefix and caption_dropout do not apply with a direction (DiffusionCLIP "
+                                 "trains every image at the direction's source text)")
             if not o.perceptual_weight and not o.mse_weight:
                 raise ValueError("the directional fine-tune needs an identity term: perceptual_weight (the "
                                  "self-perceptual distance to each image) or mse_weight above 0")
@@ -138,6 +153,9 @@ class FineTuneSettings:
             raise ValueError("choose resume_from or init_lora, not both")
         if lo.init_lora != NONE and lo.algorithm != "LoRA":
             raise ValueError(f"init_lora starts a LoRA; it cannot start a {lo.algorithm}")
+        if len(self.training.caption_prefix) > MAX_CAPTION_CHARS // 4:
+            raise ValueError(f"caption_prefix is {len(self.training.caption_prefix)} characters; at most "
+                             f"{MAX_CAPTION_CHARS // 4} (it goes before every caption)")
         prompts = self.monitoring.prompts
         if len(prompts) > MAX_SAMPLE_PROMPTS or any(len(p) > MAX_CAPTION_CHARS for p in prompts):
             raise ValueError(f"sample_prompts: at most {MAX_SAMPLE_PROMPTS} lines of at most {MAX_CAPTION_CHARS} "

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from .model_view import ModelView
-from .objective import MSE_SPACES, LossConfig, LossParts, self_perceptual_loss
-from .timesteps import T_PRIME_STRATEGIES, check_t_prime_range, draw_t, draw_t_prime
+from .objective import MSE_SPACES, LossConfig, LossParts, min_snr_weight, self_perceptual_loss
+from .timesteps import T_PRIME_STRATEGIES, TLaw, check_t_prime_range, draw_t, draw_t_prime
 
 
 @dataclass
@@ -41,9 +41,21 @@ class TrainSettings:
     total_steps: int | None = None  # the schedule's horizon (final step count); None: steps
     ema_decay: float = 0.0  # 0: no EMA of the trained weights (the paper: 0.9995)
     accumulation: int = 1  # micro-batches per optimizer step
+    t_law: str = "uniform"  # the online level's law (timesteps.TLaw): uniform (the paper's) or logit_normal
+    t_law_mean: float = 0.0
+    t_law_std: float = 1.0
+    t_shift: float = 1.0  # static shift of the drawn t (1: none)
+    min_snr_gamma: float = 0.0  # Min-SNR-gamma weights of the MSE term (eps / v models, native space); 0: none
+    weight_decay: float = 0.0  # decoupled (adamw, adafactor); 0: none, as the LoRA starts at zero
+    max_grad_norm: float = 0.0  # clip the gradients' total norm to this before each update; 0: no clipping
+    caption_dropout: float = 0.0  # fraction of samples trained on the empty caption instead of their own
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def t_law_spec(self) -> TLaw:
+        return TLaw(self.t_law, self.t_law_mean, self.t_law_std, self.t_shift)
 
     @property
     def loss(self) -> LossConfig:
@@ -66,6 +78,18 @@ class TrainSettings:
         for name in ("batch_size", "accumulation"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} {getattr(self, name)} must be at least 1")
+        self.t_law_spec.validate()
+        for name in ("min_snr_gamma", "weight_decay", "max_grad_norm"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} {v} must be a finite number >= 0 (0: off)")
+        if self.min_snr_gamma and self.mse_space != "native":
+            raise ValueError("min_snr_gamma weighs the MSE in the model's own output space: set mse_space 'native'")
+        if self.weight_decay and self.optimizer not in DECOUPLED:
+            raise ValueError(f"weight_decay is decoupled weight decay, for {' or '.join(DECOUPLED)}; the optimizer "
+                             f"{self.optimizer!r} would add it to the gradient instead")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout {self.caption_dropout} must be within [0, 1)")
         if self.steps < 0 or self.warmup_steps < 0 or self.learning_rate < 0:
             raise ValueError(f"steps {self.steps}, warmup_steps {self.warmup_steps} and learning_rate "
                              f"{self.learning_rate} must not be negative")
@@ -81,15 +105,18 @@ class Distributed:
     grad_sync: Callable[[list[Tensor]], None] | None = None
 
 
-OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")
+OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop", "adafactor")
+DECOUPLED = ("adamw", "adafactor")  # the optimizers whose weight_decay is decoupled from the gradient
 LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
-def make_optimizer(name: str, params: list[Tensor], lr: float) -> torch.optim.Optimizer:
-    """The optimizers core Train LoRA offers, with torch's defaults (AdamW without weight decay: the LoRA starts
-    at zero, and decay would pull it back there)."""
+def make_optimizer(name: str, params: list[Tensor], lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """The optimizers core Train LoRA offers, and torch's Adafactor, with torch's defaults but for weight decay: 0
+    unless asked (the LoRA starts at zero, and decay pulls it back there), decoupled where given."""
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "adafactor":
+        return torch.optim.Adafactor(params, lr=lr, weight_decay=weight_decay)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)
     if name == "sgd":
@@ -140,6 +167,7 @@ class Trainer:
         settings: the run's settings (checked here).
         dist: data parallel processes (default: one).
         optimizer: an optimizer over ``params`` made elsewhere (e.g. prepared by accelerate); default: the settings'.
+        empty_conds: per image, its conditioning with the empty caption, for ``caption_dropout``.
         objective: (x0, eps, sigma, sigma', cond batch, backward) -> LossParts, in place of the self-perceptual
             loss (e.g. directional.py's DiffusionCLIP loss); the draws, batching, optimizer and state stay the
             loop's. ``backward(loss)`` (None when no gradient is wanted) lets it backpropagate parts of its loss as
@@ -148,7 +176,8 @@ class Trainer:
 
     def __init__(self, params: list[Tensor], latents: list[Tensor], conds: list, view: ModelView,
                  settings: TrainSettings, device=None, dist: Distributed = Distributed(),
-                 optimizer: torch.optim.Optimizer | None = None, objective: Objective | None = None):
+                 optimizer: torch.optim.Optimizer | None = None, objective: Objective | None = None,
+                 empty_conds: list | None = None):
         if len(latents) != len(conds):
             raise ValueError(f"{len(latents)} latents but {len(conds)} conditionings")
         self.s = settings.validate()
@@ -159,7 +188,11 @@ class Trainer:
         self.objective = objective
         self.t_range = settings.t_range or view.t_range
         self.device = device or latents[0].device
-        self.optimizer = optimizer or make_optimizer(settings.optimizer, self.params, settings.learning_rate)
+        self.optimizer = optimizer or make_optimizer(settings.optimizer, self.params, settings.learning_rate,
+                                                     settings.weight_decay)
+        if settings.min_snr_gamma and view.parameterization not in ("eps", "v"):
+            raise ValueError(f"min_snr_gamma is for eps and v models; this model is {view.parameterization!r}")
+        self.empty_conds = empty_conds
         self.generator = torch.Generator().manual_seed(settings.seed)
         self.step_count = 0
         self.losses: list[float] = []
@@ -194,10 +227,13 @@ class Trainer:
         """Everything random for one optimizer step: the GLOBAL batch (batch_size x processes x accumulation)."""
         g, s = self.generator, self.s
         idx = self._indices(s.batch_size * self.dist.world_size * s.accumulation)
-        t = draw_t(len(idx), g, self.t_range)
+        t = draw_t(len(idx), g, self.t_range, law=s.t_law_spec)
         tp = draw_t_prime(t, s.t_prime, g, s.t_prime_range)
         eps = torch.randn((len(idx),) + tuple(self.latents[idx[0]].shape), generator=g)
-        return idx, t, tp, eps
+        # drawn last and only when used, so that runs without dropout draw what they always drew
+        drop = (torch.rand(len(idx), generator=g) < s.caption_dropout) if s.caption_dropout else \
+            torch.zeros(len(idx), dtype=torch.bool)
+        return idx, t, tp, eps, drop
 
     def _loss(self, x0: Tensor, eps: Tensor, t: Tensor, tp: Tensor, cond, training: bool = True) -> LossParts:
         """The objective on one batch at online levels t and perceptual levels t' (fractions of the schedule);
@@ -212,18 +248,21 @@ class Trainer:
             return self.objective(x0, eps, sigma, sigma_p, cond, backward)
         scale = v.output_scale(sigma) if s.mse_space == "native" else None
         config = s.loss if training else LossConfig(s.distance, s.normalize)
+        weights = min_snr_weight(sigma, s.min_snr_gamma, v.parameterization) if s.min_snr_gamma else None
         return self_perceptual_loss(
             lambda x, sg: v.predict_x0(x, sg, cond), lambda x, sg: v.frozen_features(x, sg, cond),
-            v.noise_scaling, x0, eps, sigma, sigma_p, config, scale)
+            v.noise_scaling, x0, eps, sigma, sigma_p, config, scale, weights)
 
     def _micro_batch(self, draw: tuple, j: int) -> LossParts:
         """Micro-batch ``j`` of this process from the step's global draw: k micro-batches of B are exactly one
         batch of k*B, and N processes x B exactly one process x N*B."""
         s = self.s
         lo = (j * self.dist.world_size + self.dist.rank) * s.batch_size
-        idx, t, tp, eps = (d[lo:lo + s.batch_size] for d in draw)
+        idx, t, tp, eps, drop = (d[lo:lo + s.batch_size] for d in draw)
         x0 = torch.stack([self.latents[i] for i in idx]).to(self.device)
-        cond = None if self.conds[idx[0]] is None else self.view.collate([self.conds[i] for i in idx])
+        conds = [self.empty_conds[i] if dropped and self.empty_conds is not None else self.conds[i]
+                 for i, dropped in zip(idx, drop.tolist())]
+        cond = None if conds[0] is None else self.view.collate(conds)
         return self._loss(x0, eps, t, tp, cond)
 
     @torch.no_grad()
@@ -234,7 +273,7 @@ class Trainer:
         g = torch.Generator().manual_seed(seed)
         perceptual = mse = 0.0
         for lat, cond in zip(latents, conds):
-            t = draw_t(1, g, self.t_range)
+            t = draw_t(1, g, self.t_range, law=self.s.t_law_spec)
             tp = draw_t_prime(t, self.s.t_prime, g, self.s.t_prime_range)
             eps = torch.randn((1, *lat.shape), generator=g)
             c = None if cond is None else self.view.collate([cond])
@@ -262,6 +301,8 @@ class Trainer:
                 direction = direction + parts.direction
         if self.dist.grad_sync is not None:
             self.dist.grad_sync(self.params)
+        if self.s.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.s.max_grad_norm)
         factor = lr_factor(self.step_count, self.s.lr_schedule, self.s.warmup_steps, self.s.total_steps or self.s.steps)
         for group in self.optimizer.param_groups:
             group["lr"] = self.s.learning_rate * factor

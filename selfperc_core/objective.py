@@ -23,6 +23,7 @@ Gradients reach the online model only through x0_hat and eps_hat; f*'s weights a
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -84,17 +85,33 @@ def feature_distance(pred: Tensor, target: Tensor, distance: str = "mse", normal
     return d
 
 
-def prediction_mse(x0_hat: Tensor, x0: Tensor, output_scale: Tensor | None = None) -> Tensor:
+def min_snr_weight(sigma: Tensor, gamma: float, parameterization: str) -> Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023) per sample, (B,), for the MSE in the model's own output space,
+    with SNR = 1 / sigma^2 (x = x0 + sigma eps, ComfyUI's variables for eps and v models): min(SNR, gamma) / SNR for
+    eps-prediction, min(SNR, gamma) / (SNR + 1) for v-prediction. Not defined here for flow models."""
+    if parameterization not in ("eps", "v"):
+        raise ValueError(f"min_snr_gamma is for eps and v models; this model is {parameterization!r} (flow "
+                         "trainers use a timestep law instead: t_law / t_shift)")
+    if not (math.isfinite(gamma) and gamma > 0):
+        raise ValueError(f"min_snr_gamma {gamma} must be a finite number above 0 (e.g. 5), or 0 for none")
+    snr = 1.0 / sigma.float().square()
+    return snr.clamp(max=gamma) / (snr if parameterization == "eps" else snr + 1)
+
+
+def prediction_mse(x0_hat: Tensor, x0: Tensor, output_scale: Tensor | None = None,
+                   weights: Tensor | None = None) -> Tensor:
     """MSE of a prediction: in x0 space, mean((x0_hat - x0)^2), when ``output_scale`` is None; else in the network's
     own output space, mean(((x0_hat - x0) / c_out)^2) with ``output_scale`` = c_out(sigma), shape (B,).
 
     For a fixed x_t, F_hat - F = (x0_hat - x0) / c_out exactly, so the native value is the eps-, v- or velocity-MSE
-    of the raw output without the host having to expose it.
+    of the raw output without the host having to expose it. ``weights`` (B,) weigh each sample's mean (min-SNR).
     """
     err = x0_hat.float() - x0.float()
     if output_scale is not None:
         err = err / output_scale.float().reshape((-1,) + (1,) * (err.ndim - 1))
-    return err.square().mean()
+    if weights is None:
+        return err.square().mean()
+    return (err.square().flatten(1).mean(1) * weights.to(err)).mean()
 
 
 def self_perceptual_loss(
@@ -107,6 +124,7 @@ def self_perceptual_loss(
     sigma_prime: Tensor,
     config: LossConfig = LossConfig(),
     output_scale: Tensor | None = None,
+    mse_weights: Tensor | None = None,
 ) -> LossParts:
     """Self-perceptual loss for one batch (module docstring states the maths).
 
@@ -125,13 +143,14 @@ def self_perceptual_loss(
             records no graph for it.
         output_scale: c_out(sigma), (B,), for the MSE in the network's own output space (``prediction_mse``);
             None: x0 space.
+        mse_weights: per-sample weights of the MSE term (``min_snr_weight``); None: equal.
     """
     c = config.validate()
     x_t = noise_scaling(sigma, eps, x0)
     x0_hat = predict_x0(x_t, sigma)
     eps_hat = split_prediction(x_t, sigma, x0_hat, noise_scaling)
 
-    mse = prediction_mse(x0_hat, x0, output_scale)
+    mse = prediction_mse(x0_hat, x0, output_scale, mse_weights)
     if not c.perceptual_weight:
         return LossParts(loss=c.mse_weight * mse, perceptual=torch.zeros((), device=mse.device), mse=mse.detach())
 

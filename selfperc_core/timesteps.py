@@ -5,6 +5,9 @@ was trained on. The host maps t to sigma with its own schedule.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -14,12 +17,56 @@ T_PRIME_STRATEGIES = ("uniform", "logit_normal", "low_noise")
 MIN_GAP = 1e-3
 
 
+T_LAWS = ("uniform", "logit_normal")
+
+
+@dataclass(frozen=True)
+class TLaw:
+    """How the online level t is drawn, as a fraction u in [0, 1] of the t-range:
+
+    uniform (the paper's and plain MSE training's), or logit_normal: u = sigmoid(mean + std * N(0, 1)) (SD3's
+    paper, kohya's and SimpleTuner's option); then, with shift s != 1, u <- s u / (1 + (s - 1) u) (the static shift
+    of flow trainers: s > 1 moves the draws towards noise). The t-range maps u to t."""
+    law: str = "uniform"
+    mean: float = 0.0
+    std: float = 1.0
+    shift: float = 1.0
+
+    def validate(self) -> "TLaw":
+        if self.law not in T_LAWS:
+            raise ValueError(f"unknown t_law {self.law!r}; choose one of {T_LAWS}")
+        if not (math.isfinite(self.mean) and math.isfinite(self.std) and self.std > 0):
+            raise ValueError(f"t_law_mean {self.mean} and t_law_std {self.std} must be finite, the std above 0")
+        if not (math.isfinite(self.shift) and self.shift > 0):
+            raise ValueError(f"t_shift {self.shift} must be a finite number above 0 (1: no shift)")
+        return self
+
+    def cdf(self, u: Tensor) -> Tensor:
+        """P(draw <= u) for u in (0, 1): the law's distribution function (for tests and plots)."""
+        v = u / (self.shift - (self.shift - 1) * u)  # the shift's inverse
+        if self.law == "uniform":
+            return v
+        z = (torch.logit(v) - self.mean) / self.std
+        return 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+
+
+def shifted(u: Tensor, shift: float) -> Tensor:
+    """u <- s u / (1 + (s - 1) u): the static timestep shift (s = 1 leaves u)."""
+    return u if shift == 1 else shift * u / (1 + (shift - 1) * u)
+
+
 def draw_t(batch: int, generator: torch.Generator | None = None, t_range: tuple[float, float] = (0.0, 1.0),
-           device=None) -> Tensor:
-    """Uniform online noise levels t ~ U(t_range), shape (batch,), the same law as plain MSE training."""
+           device=None, law: TLaw = TLaw()) -> Tensor:
+    """Online noise levels t, shape (batch,), by ``law`` mapped into ``t_range``; the default is uniform,
+    t ~ U(t_range), the same law as plain MSE training (and the same draws as before the laws existed)."""
     lo, hi = t_range
-    u = torch.rand(batch, generator=generator, device=device)
-    return lo + (hi - lo) * u
+    if law.law == "uniform":
+        u = torch.rand(batch, generator=generator, device=device)
+    elif law.law == "logit_normal":
+        u = torch.sigmoid(law.mean + law.std * torch.randn(batch, generator=generator, device=device))
+    else:
+        raise ValueError(f"unknown t_law {law.law!r}; choose one of {T_LAWS}")
+    return lo + (hi - lo) * shifted(u, law.shift)
 
 
 def check_t_prime_range(t_range: tuple[float, float]) -> tuple[float, float]:

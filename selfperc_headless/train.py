@@ -27,7 +27,7 @@ from selfperc_core.model_view import ModelView, frozen_features_fn
 from selfperc_core.objective import DISTANCES, MSE_SPACES
 from selfperc_core.schedule import output_scale_fn
 from selfperc_core.state import atomic_write, load_run_state, save_run_state
-from selfperc_core.timesteps import T_PRIME_STRATEGIES
+from selfperc_core.timesteps import T_LAWS, T_PRIME_STRATEGIES
 from selfperc_headless import families as fam
 from selfperc_headless.captions import encode_captions, has_text_encoder
 from selfperc_headless.peft_lora import PeftSwitch, kohya_state_dict
@@ -67,6 +67,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--perceptual-weight", type=float, default=1.0,
                     help="0 with --mse-weight 1: the same run with plain MSE (the baseline to evaluate against)")
     ap.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    ap.add_argument("--weight-decay", type=float, default=0.0, help="decoupled (adamw, adafactor); 0: none")
+    ap.add_argument("--max-grad-norm", type=float, default=0.0, help="clip the gradients' total norm; 0: no clipping")
+    ap.add_argument("--t-law", choices=T_LAWS, default="uniform", help="the online level t's law (the paper's: "
+                                                                        "uniform)")
+    ap.add_argument("--t-law-mean", type=float, default=0.0, help="logit_normal: the normal's mean")
+    ap.add_argument("--t-law-std", type=float, default=1.0, help="logit_normal: the normal's std")
+    ap.add_argument("--t-shift", type=float, default=1.0, help="static shift s t / (1 + (s - 1) t) of t; 1: none")
+    ap.add_argument("--min-snr-gamma", type=float, default=0.0, help="Min-SNR-gamma MSE weights (eps / v); 0: none")
+    ap.add_argument("--caption-prefix", default="", help="put before every caption (a trigger word: 'sks, ')")
+    ap.add_argument("--caption-dropout", type=float, default=0.0,
+                    help="fraction of samples trained on the empty caption")
     ap.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant")
     ap.add_argument("--warmup-steps", type=int, default=0)
     ap.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
@@ -178,8 +189,9 @@ def accelerator(a: argparse.Namespace):
     return acc
 
 
-def training_data(a, acc, family: fam.Family, net) -> tuple[list[torch.Tensor], list]:
-    """The dataset's latents (VAE-encoded once) and per-image conditionings (captions, or None each)."""
+def training_data(a, acc, family: fam.Family, net) -> tuple[list[torch.Tensor], list, list | None]:
+    """The dataset's latents (VAE-encoded once), per-image conditionings (captions with --caption-prefix, or None
+    each) and, for --caption-dropout, the empty caption's per image."""
     from diffusers import AutoencoderKL
 
     dev, say = acc.device, print if acc.is_main_process else (lambda *_: None)
@@ -188,18 +200,23 @@ def training_data(a, acc, family: fam.Family, net) -> tuple[list[torch.Tensor], 
         say(f"selfperc: skipped {s.path}: {s.reason}")
     say(f"selfperc: {family.name} model, {len(ds.images)} images ({len(ds.skipped)} skipped), "
         f"{acc.num_processes} process(es)")
-    conds = [None] * len(ds.images)
+    conds, empty = [None] * len(ds.images), None
     if a.captions == "auto" and has_text_encoder(a.model, family.text):
         with acc.main_process_first():  # the main process encodes and caches; the others then read the cache
             bf16 = DTYPES[acc.mixed_precision] == torch.bfloat16
-            conds = encode_captions(a.model, ds.captions, a.caption_cache or a.out / "caption_cache", dev,
+            texts = [a.caption_prefix + c if c else a.caption_prefix.strip(" ,;") for c in ds.captions] \
+                if a.caption_prefix else ds.captions
+            conds = encode_captions(a.model, texts + [""], a.caption_cache or a.out / "caption_cache", dev,
                                     family.text, torch.bfloat16 if bf16 else torch.float32,
                                     getattr(net.config, "joint_attention_dim", None), log=say)
+            conds, empty = conds[:-1], [conds[-1]] * len(ds.images) if a.caption_dropout else None
     else:
         why = "--captions off" if a.captions == "off" else "the model folder has no text encoders of its family"
         say(f"selfperc: zero text conditioning ({why}); captions are not used")
+        if a.caption_prefix or a.caption_dropout:
+            raise SystemExit(f"selfperc: --caption-prefix and --caption-dropout need captions, but {why}")
     vae = AutoencoderKL.from_pretrained(a.model / "vae").to(dev).eval()
-    return encode(vae, ds.images, dev), conds
+    return encode(vae, ds.images, dev), conds, empty
 
 
 def trainable(a, acc, family: fam.Family, net) -> tuple[torch.nn.Module, list, object, torch.nn.Module, object]:
@@ -215,7 +232,7 @@ def trainable(a, acc, family: fam.Family, net) -> tuple[torch.nn.Module, list, o
     if a.gradient_checkpointing:
         for blk in fam.blocks(net, family):
             checkpoint_forward(blk, switch)
-    opt = make_optimizer(a.optimizer, params, a.lr)
+    opt = make_optimizer(a.optimizer, params, a.lr, a.weight_decay)
     if a.fsdp:
         acc.state.fsdp_plugin.transformer_cls_names_to_wrap = fam.block_class_names(net, family)
         net, opt = acc.prepare(net, opt)  # shards the weights in place; the optimizer now holds the shards
@@ -230,7 +247,9 @@ def settings_of(a: argparse.Namespace) -> TrainSettings:
                          t_prime_range=tuple(a.t_prime_range), distance=a.distance, normalize=a.normalize,
                          mse_weight=a.mse_weight, perceptual_weight=a.perceptual_weight, mse_space=a.mse_space,
                          optimizer=a.optimizer, lr_schedule=a.lr_schedule, warmup_steps=a.warmup_steps,
-                         accumulation=a.grad_accum)
+                         accumulation=a.grad_accum, weight_decay=a.weight_decay, max_grad_norm=a.max_grad_norm,
+                         t_law=a.t_law, t_law_mean=a.t_law_mean, t_law_std=a.t_law_std, t_shift=a.t_shift,
+                         min_snr_gamma=a.min_snr_gamma, caption_dropout=a.caption_dropout)
 
 
 def setup(a: argparse.Namespace) -> Run:
@@ -241,7 +260,7 @@ def setup(a: argparse.Namespace) -> Run:
     net.requires_grad_(False)
     if not a.fsdp:  # under FSDP each process keeps only its shard on the device (prepare moves it)
         net.to(acc.device)
-    latents, conds = training_data(a, acc, family, net)
+    latents, conds, empty = training_data(a, acc, family, net)
     schedule = fam.load_schedule(a.model, family, (a.resolution // 8, a.resolution // 8))
     net, params, switch, tap_net, opt = trainable(a, acc, family, net)
     view = make_view(net, tap_net, family, schedule, switch, a.tap_depth, a.guidance, early_exit=not a.fsdp)
@@ -253,7 +272,8 @@ def setup(a: argparse.Namespace) -> Run:
                     p.grad = acc.reduce(p.grad, reduction="mean")
 
     trainer = Trainer(params, latents, conds, view, settings_of(a), device=acc.device,
-                      dist=Distributed(acc.process_index, acc.num_processes, grad_sync), optimizer=opt)
+                      dist=Distributed(acc.process_index, acc.num_processes, grad_sync), optimizer=opt,
+                      empty_conds=empty)
     if a.resume is not None:
         load_checkpoint(a.resume, trainer, params)  # every process reads the same state
     return Run(a, acc, family, net, params, trainer)

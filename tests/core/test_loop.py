@@ -21,7 +21,7 @@ def trainer(accumulation=1, batch_size=1, seed=0, **settings):
     g = torch.Generator().manual_seed(1)
     latents = [torch.randn(4, 8, 8, generator=g) for _ in range(6)]
     params = [p for p in net.parameters() if p.requires_grad]
-    s = TrainSettings(learning_rate=1e-3, batch_size=batch_size, seed=seed, accumulation=accumulation, **settings)
+    s = TrainSettings(**{"learning_rate": 1e-3, **settings}, batch_size=batch_size, seed=seed, accumulation=accumulation)
     return Trainer(params, latents, [None] * len(latents), host, s), params
 
 

@@ -81,3 +81,23 @@ def test_validation_sample_prompts_and_the_loss_curve_through_the_api(server):
     assert "selfperc: 1 of 3 images held out for validation" in log
     validations = [line for line in log.splitlines() if "selfperc: validation at step" in line]
     assert [line.split("validation at step ")[1].split(":")[0] for line in validations] == ["0", "1", "2"], log
+
+
+def test_timestep_law_min_snr_decay_clipping_and_caption_options_through_the_api(server, photos):
+    """The trainer options users bring from kohya / ai-toolkit / SimpleTuner, set on the option nodes through the
+    server: the run trains, its LoRA loads in core, and the file's settings say what ran."""
+    import json
+
+    from safetensors import safe_open
+
+    over = dict(t_law="logit_normal", t_law_mean=0.2, t_law_std=0.9, t_shift=2.0, min_snr_gamma=5.0,
+                optimizer="adafactor", weight_decay=0.01, max_grad_norm=1.0, caption_prefix="sks, ",
+                caption_dropout=0.5, perceptual_weight=1.0, mse_weight=0.5)
+    train_and_reload(server, photos, "options", **over)
+    with safe_open(str(server.base / "models" / "loras" / "feat" / "options.safetensors"), "pt") as f:
+        meta = f.metadata()
+    settings = json.loads(meta["settings"])
+    for k in ("t_law", "t_law_mean", "t_law_std", "t_shift", "min_snr_gamma", "optimizer", "weight_decay",
+              "max_grad_norm", "caption_dropout"):
+        assert settings[k] == over[k], k
+    assert meta["caption_prefix"] == "sks, "

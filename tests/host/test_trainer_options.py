@@ -1,0 +1,53 @@
+"""The trainer options in-process with the real host: the caption prefix and caption dropout reach the real CLIP
+text encoder, and bad values are refused before work, naming them."""
+import pytest
+
+from dev.datasets import make_dataset
+from tests.host.models import as_parameterization
+from tests.host.test_nodes_inprocess import train
+
+pytestmark = pytest.mark.host
+
+
+@pytest.fixture(scope="module")
+def captioned(comfy):
+    return make_dataset(comfy / "input" / "options_photos", names=["astronaut", "coffee"]).name
+
+
+@pytest.fixture(scope="module")
+def uncaptioned(comfy):
+    return make_dataset(comfy / "input" / "options_plain", names=["chelsea"], captions=False).name
+
+
+def test_the_caption_prefix_and_the_empty_caption_reach_the_text_encoder(pack, models, captioned, uncaptioned,
+                                                                       monkeypatch):
+    model, clip, vae = models
+    seen = []
+    tokenize = clip.tokenize
+    monkeypatch.setattr(clip, "tokenize", lambda text, *a, **k: seen.append(text) or tokenize(text, *a, **k))
+    out = train(pack, model, vae, captioned, clip=clip, lora_name="opt/prefix", steps=2, caption_prefix="sks, ",
+                caption_dropout=0.5)
+    assert len(out.args[2]["loss"]) == 2
+    assert "" in seen  # the dropped samples' caption
+    captions = [t for t in seen if t]
+    assert len(captions) == 2 and all(t.startswith("sks, ") and len(t) > len("sks, ") for t in captions), seen
+    seen.clear()
+    train(pack, model, vae, uncaptioned, clip=clip, lora_name="opt/prefix_alone", steps=1, caption_prefix="sks, ")
+    assert seen == ["sks"]  # an image without a caption: the prefix alone
+
+
+def test_bad_trainer_options_are_refused_before_work_naming_them(pack, models, captioned, comfy):
+    model, clip, vae = models
+    cases = [(dict(caption_dropout=0.2), None, "caption_dropout needs the CLIP input"),
+             (dict(caption_prefix="sks, "), None, "caption_prefix needs the CLIP input"),
+             (dict(optimizer="sgd", weight_decay=0.01), clip, "weight_decay is decoupled weight decay"),
+             (dict(min_snr_gamma=5.0, mse_space="x0"), clip, "set mse_space 'native'"),
+             (dict(t_law="logit_normal", t_law_std=0.0), clip, "t_law_std 0.0"),
+             (dict(max_grad_norm=-1.0), clip, "max_grad_norm -1.0")]
+    for over, c, message in cases:
+        with pytest.raises(ValueError, match=message):
+            train(pack, model, vae, captioned, clip=c, lora_name="opt/refused", **over)
+    with pytest.raises(ValueError, match="min_snr_gamma is for eps and v models; this model is 'flow'"):
+        train(pack, as_parameterization(model, "flow"), vae, captioned, clip=clip, lora_name="opt/refused",
+              min_snr_gamma=5.0, steps=1)
+    assert not list((comfy / "models" / "loras" / "opt").glob("refused*"))
