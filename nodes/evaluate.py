@@ -47,11 +47,11 @@ def parse_levels(text: str) -> list[float]:
     return levels
 
 
-def self_features(model, latents: torch.Tensor, levels: list[float], positive, layer: str, depth: float,
-                  seed: int, stream: str) -> torch.Tensor:
-    """(N, levels, C): the frozen ``model``'s tapped features of ``latents`` (model space) at each t'; ``stream``
-    names the corruption-noise stream (the dataset's is independent of the samples')."""
-    tap = families.tap_point(model.model.diffusion_model, layer, depth)
+def self_features(model, latents: torch.Tensor, levels: list[float], positive, tap, seed: int,
+                  stream: str) -> torch.Tensor:
+    """(N, levels, C): the frozen ``model``'s features at ``tap`` (``families.tap_point``; one tap for every call,
+    so a generic one is found once) of ``latents`` (model space) at each t'; ``stream`` names the corruption-noise
+    stream (the dataset's is independent of the samples')."""
     comfy.model_management.load_models_gpu([model])
     dev = model.load_device
     ms = bridge.model_sampling(model)
@@ -213,10 +213,10 @@ class SelfPerceptualEvaluate(io.ComfyNode):
                 chunks.append(sample_model(m, lat, noise[i:i + CHUNK], seed + i, how))
             samples[name] = torch.cat(chunks)
 
-        self_real = self_features(base_model, real_latents, levels, positive, families.MID_BLOCK, tap_depth, seed,
-                                  "data")
+        tap = families.tap_point(base_model.model.diffusion_model, families.MID_BLOCK, tap_depth)
+        self_real = self_features(base_model, real_latents, levels, positive, tap, seed, "data")
         self_fake = {k: self_features(base_model, base_model.model.process_latent_in(v.float()), levels, positive,
-                                      families.MID_BLOCK, tap_depth, seed, "samples") for k, v in samples.items()}
+                                      tap, seed, "samples") for k, v in samples.items()}
         spaces = {"self": (self_real, self_fake)}
         if clip_vision is not None:
             real_rgb = (torch.stack([as_float(x)[..., :3] for x in images[i:i + CHUNK]])
@@ -227,7 +227,6 @@ class SelfPerceptualEvaluate(io.ComfyNode):
         contrasts = (("fine-tuned", "baseline"),) if "baseline" in samples else ()
         metrics = {space: distances(real, fake, bootstraps, seed, contrasts=contrasts)
                    for space, (real, fake) in spaces.items()}
-        tap = families.tap_point(base_model.model.diffusion_model, families.MID_BLOCK, tap_depth)
         report = build_report(metrics, tap=f"{tap.name} of the base model", width=self_real.shape[-1], levels=levels,
                               samples=sample_count, dataset_images=len(images), dataset=str(folder), cfg=cfg,
                               steps=steps, sampler=sampler_name, scheduler=scheduler, seed=seed,

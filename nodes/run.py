@@ -237,6 +237,7 @@ class FineTuneRun:
             self.shown.append(saving.save_samples(self.plan, grid, self.trainer.step_count))
 
     def save(self) -> Path:
+        self.meta["tap"] = self.ses.tap_name  # a generic tap is named once its first read found it
         return saving.save_run(self.plan, self.ses, self.trainer, self.meta)
 
     def hooks(self, pbar, bar) -> Hooks:

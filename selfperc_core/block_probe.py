@@ -8,7 +8,8 @@ block call's inputs and output in call order. Then:
   called before it whose blocks hold them beside a text stream (dual-stream stages; refiners of the image alone,
   or of the text alone, are not part of it);
 - in a joint sequence the image tokens are found where the previous image tensor (a dual-stream block's image
-  output, or a refiner's) reappears exactly in the first joint block's input; they keep that place to the end.
+  output, or a refiner's) reappears exactly in the list's first block's input, at its start or its end; they are
+  then read from that side (a text of another length moves nothing). Only lists whose input held them so count.
 Anything else is refused: a guess that is not checked this way could read the wrong tokens silently.
 """
 from __future__ import annotations
@@ -45,28 +46,47 @@ def find_in(joint: Tensor, ref: Tensor) -> int | None:
 @dataclass(frozen=True)
 class Picker:
     """Where a stack block's output holds the image tokens: its element ``element`` (None: the output itself), all of
-    it (offset None) or tokens offset..offset+n of a joint sequence."""
+    it (``joint`` None), or the n tokens at the start (``joint`` "first") or at the end (``joint`` "last", ``tail``
+    tokens before the end) of a joint sequence: measured from the side the image sits on, so that a text of another
+    length (another caption, a batch's repeated sequences) moves nothing."""
     element: int | None
-    offset: int | None = None
+    joint: str | None = None
+    tail: int = 0
 
     def __call__(self, out: Any, n: int) -> Tensor:
         t = tensors(out)[self.element] if self.element is not None else out
-        return t if self.offset is None else t[:, self.offset:self.offset + n]
+        if self.joint is None:
+            return t
+        if self.joint == "first":
+            return t[:, :n]
+        end = t.shape[1] - self.tail
+        return t[:, end - n:end]
 
 
-def own_element(out: Any, n: int) -> int | None | bool:
-    """The index of the output's one tensor of n tokens (None: the output is that tensor); False if not exactly one."""
+def own_tensor(out: Any, n: int) -> tuple[list[int], int | None]:
+    """(the indices of the output's tensors of exactly n tokens, the element to pick: None for the output itself)."""
     parts = tensors(out)
     hits = [i for i, t in enumerate(parts) if token_count(t) == n]
-    if len(hits) != 1:
-        return False
-    return None if not isinstance(out, (tuple, list)) else hits[0]
+    return hits, (None if not isinstance(out, (tuple, list)) else (hits[0] if hits else None))
+
+
+def joint_side(joint: Tensor, ref: Tensor, n: int) -> tuple[str, int] | None:
+    """Where ``ref``'s first n tokens (the image) sit in ``joint``: ("first", 0) at its start, ("last", tail) at its
+    end (``tail`` tokens of padding after them), None if elsewhere or absent: a middle place would move with the
+    text's length."""
+    o = find_in(joint, ref)
+    if o is None:
+        return None
+    if o == 0:
+        return "first", 0
+    tail = joint.shape[1] - (o + ref.shape[1])
+    return ("last", tail + ref.shape[1] - n) if tail == 0 else None
 
 
 class BlockProbe:
     """The module docstring's rules, applied while one forward runs: hooks on every block of ``lists`` note which
-    hold the image tokens and where. Joint inputs are searched before their block runs (blocks may add to their
-    input in place); nothing is copied."""
+    hold the image tokens and where. A list's joint sequence is located in its first block's input before that
+    block runs (blocks may add to their input in place); nothing is copied."""
 
     def __init__(self, lists: dict[str, torch.nn.ModuleList], n: int):
         self.lists, self.n = lists, n
@@ -74,30 +94,35 @@ class BlockProbe:
         self.sizes: dict[str, int] = {}
         self.picks: dict[str, Picker] = {}
         self.with_text: set[str] = set()
+        self.sides: dict[str, tuple[str, int]] = {}  # lists whose input holds the image tokens in a joint sequence
+        self.ambiguous: set[str] = set()              # lists with two tensors of n tokens (a text as long?)
         self.last_image: Tensor | None = None
-        self.offset: int | None = None
 
-    def before(self, stack: str, args, kwargs) -> None:
-        if self.offset is None and self.last_image is not None:
+    def before(self, stack: str, index: int, args, kwargs) -> None:
+        if index == 0 and stack not in self.sides and self.last_image is not None:
             ins = [a for a in [*args, *kwargs.values()] if isinstance(a, Tensor)]
-            self.offset = next((o for o in (find_in(x, self.last_image) for x in ins) if o is not None), None)
+            side = next((p for p in (joint_side(x, self.last_image, self.n) for x in ins) if p is not None), None)
+            if side is not None:
+                self.sides[stack] = side
 
     def after(self, stack: str, index: int, output: Any) -> None:
         if stack not in self.order:
             self.order.append(stack)
         self.sizes[stack] = max(self.sizes.get(stack, 0), index + 1)
         parts = tensors(output)
-        el = own_element(output, self.n)
-        if el is not False:
-            self.picks.setdefault(stack, Picker(el))
+        hits, element = own_tensor(output, self.n)
+        if len(hits) > 1:
+            self.ambiguous.add(stack)
+        if len(hits) == 1:
+            self.picks.setdefault(stack, Picker(element))
             if len(parts) > 1:
                 self.with_text.add(stack)
-            self.last_image = parts[el] if el is not None else output
+            self.last_image = parts[hits[0]]
             return
         joint = [i for i, t in enumerate(parts) if isinstance(t, Tensor) and t.ndim == 3 and t.shape[1] > self.n]
-        if len(joint) == 1 and self.offset is not None:
-            element = joint[0] if isinstance(output, (tuple, list)) else None
-            self.picks.setdefault(stack, Picker(element, self.offset))
+        if len(joint) == 1 and stack in self.sides:
+            side, tail = self.sides[stack]
+            self.picks.setdefault(stack, Picker(joint[0] if isinstance(output, (tuple, list)) else None, side, tail))
             self.with_text.add(stack)
 
     def run(self, forward: Callable[[], Any]) -> None:
@@ -106,7 +131,7 @@ class BlockProbe:
             for name, blocks in self.lists.items():
                 for i, b in enumerate(blocks):
                     handles.append(b.register_forward_pre_hook(
-                        lambda m, a, k, name=name: self.before(name, a, k), with_kwargs=True))
+                        lambda m, a, k, name=name, i=i: self.before(name, i, a, k), with_kwargs=True))
                     handles.append(b.register_forward_hook(lambda m, a, o, name=name, i=i: self.after(name, i, o)))
             with torch.no_grad():
                 forward()
@@ -119,9 +144,11 @@ class BlockProbe:
         the reason and ``hint`` when no list holds the image tokens."""
         holding = [s for s in self.order if s in self.picks]
         if not holding:
+            why = (f"; {', '.join(sorted(self.ambiguous))} output two tensors of {self.n} tokens (is the text as long "
+                   "as the image? another resolution or caption length tells them apart)" if self.ambiguous else "")
             raise ValueError(f"{what}: no block list's output holds the latent's {self.n} image tokens, as their own "
-                             "tensor or at a place found in a joint text + image sequence" + (f"; {hint}" if hint
-                                                                                              else ""))
+                             "tensor or at the start or end of a joint text + image sequence" + why
+                             + (f"; {hint}" if hint else ""))
         main = max(reversed(holding), key=lambda s: self.sizes[s])
         stages = [s for s in holding[:holding.index(main)] if s in self.with_text] + [main]
         return [(s, i) for s in stages for i in range(self.sizes[s])], {s: self.picks[s] for s in stages}
@@ -162,4 +189,4 @@ class ProbedTap(FeatureTap):
     def _where(self) -> str:
         p = self.picker
         part = "the output" if p.element is None else f"output element {p.element}"
-        return part if p.offset is None else f"{part} from token {p.offset} (a joint sequence)"
+        return part if p.joint is None else f"{part}, the {p.joint} tokens of a joint sequence"

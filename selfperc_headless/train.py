@@ -67,17 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--perceptual-weight", type=float, default=1.0,
                     help="0 with --mse-weight 1: the same run with plain MSE (the baseline to evaluate against)")
     ap.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
-    ap.add_argument("--weight-decay", type=float, default=0.0, help="decoupled (adamw, adafactor); 0: none")
-    ap.add_argument("--max-grad-norm", type=float, default=0.0, help="clip the gradients' total norm; 0: no clipping")
-    ap.add_argument("--t-law", choices=T_LAWS, default="uniform", help="the online level t's law (the paper's: "
-                                                                        "uniform)")
-    ap.add_argument("--t-law-mean", type=float, default=0.0, help="logit_normal: the normal's mean")
-    ap.add_argument("--t-law-std", type=float, default=1.0, help="logit_normal: the normal's std")
-    ap.add_argument("--t-shift", type=float, default=1.0, help="static shift s t / (1 + (s - 1) t) of t; 1: none")
-    ap.add_argument("--min-snr-gamma", type=float, default=0.0, help="Min-SNR-gamma MSE weights (eps / v); 0: none")
-    ap.add_argument("--caption-prefix", default="", help="put before every caption (a trigger word: 'sks, ')")
-    ap.add_argument("--caption-dropout", type=float, default=0.0,
-                    help="fraction of samples trained on the empty caption")
+    add_trainer_options(ap)
     ap.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant")
     ap.add_argument("--warmup-steps", type=int, default=0)
     ap.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
@@ -103,6 +93,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error("--save-every, --resume and --full are not supported with --fsdp yet (sharded optimizer state; "
                  "an unsharded frozen copy)")
     return a
+
+
+def add_trainer_options(ap: argparse.ArgumentParser) -> None:
+    """The options trainer users expect, as the node's option nodes have them (defaults: off / the paper's)."""
+    ap.add_argument("--weight-decay", type=float, default=0.0, help="decoupled (adamw, adafactor); 0: none")
+    ap.add_argument("--max-grad-norm", type=float, default=0.0, help="clip the gradients' total norm; 0: no clipping")
+    ap.add_argument("--t-law", choices=T_LAWS, default="uniform", help="the online level t's law (the paper's: "
+                                                                        "uniform)")
+    ap.add_argument("--t-law-mean", type=float, default=0.0, help="logit_normal: the normal's mean")
+    ap.add_argument("--t-law-std", type=float, default=1.0, help="logit_normal: the normal's std")
+    ap.add_argument("--t-shift", type=float, default=1.0, help="static shift s t / (1 + (s - 1) t) of t; 1: none")
+    ap.add_argument("--min-snr-gamma", type=float, default=0.0, help="Min-SNR-gamma MSE weights (eps / v); 0: none")
+    ap.add_argument("--caption-prefix", default="", help="put before every caption (a trigger word: 'sks, ')")
+    ap.add_argument("--caption-dropout", type=float, default=0.0,
+                    help="fraction of samples trained on the empty caption")
 
 
 STATE_FILE = "trainer.selfperc_state"

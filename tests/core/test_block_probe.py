@@ -60,7 +60,7 @@ def test_the_probe_finds_the_dual_then_single_stack_and_the_image_tokens_in_the_
     probe.run(lambda: toy(img, txt))
     stack, picks = probe.stack("Toy")
     assert stack == [("dual", 0), ("dual", 1), ("single", 0), ("single", 1), ("single", 2)]
-    assert picks == {"dual": Picker(0), "single": Picker(None, 0 if image_first else 7)}
+    assert picks == {"dual": Picker(0), "single": Picker(None, "first" if image_first else "last")}
 
     toy.seen.clear()
     tap = ProbedTap(lists, 0.7, lambda shape: shape[1], lambda t, shape: t, "Toy")
@@ -68,6 +68,46 @@ def test_the_probe_finds_the_dual_then_single_stack_and_the_image_tokens_in_the_
         feats = tap.features(lambda x, t: toy(x, t), img, txt)  # the probe, then the read
     assert tap.name == "block 3 of 5" and tap.module is toy.single[1]
     torch.testing.assert_close(feats, toy.seen[1], rtol=0, atol=0)  # the probe saw single[1] give these tokens
+    for length in (3, 12):  # another caption length at a later read: the image tokens are read from their side
+        other = torch.randn(2, length, 8)
+        toy.seen.clear()
+        with torch.no_grad():
+            toy(img, other)
+            expected = toy.seen[1]
+            feats = tap.features(lambda x, t: toy(x, t), img, other)
+        torch.testing.assert_close(feats, expected, rtol=0, atol=0)
+
+
+class TextAfter(Toy):
+    """A text-only list after the joint stage (longer than every other): it must not become the stack."""
+
+    def __init__(self):
+        super().__init__()
+        self.post = nn.ModuleList([nn.Linear(8, 8) for _ in range(8)])
+
+    def forward(self, img, txt):
+        x = super().forward(img, txt)
+        t = x[:, :7]
+        for p in self.post:
+            t = p(t)
+        return t
+
+
+def test_a_list_that_never_took_the_image_tokens_in_is_not_part_of_the_stack():
+    toy = TextAfter()
+    img, txt = torch.randn(1, 5, 8), torch.randn(1, 30, 8)  # after the joint stage the text alone is 30 > 5 tokens
+    probe = BlockProbe({"dual": toy.dual, "single": toy.single, "post": toy.post}, n=5)
+    probe.run(lambda: toy(img, txt[:, :7]))
+    stack, picks = probe.stack("TextAfter")
+    assert [s for s, _ in stack] == ["dual"] * 2 + ["single"] * 3 and "post" not in picks
+
+
+def test_a_text_as_long_as_the_image_is_named_in_the_refusal():
+    toy = Toy()
+    probe = BlockProbe({"dual": toy.dual}, n=5)
+    probe.run(lambda: toy(torch.randn(1, 5, 8), torch.randn(1, 5, 8)))
+    with pytest.raises(ValueError, match="dual output two tensors of 5 tokens"):
+        probe.stack("Toy")
 
 
 def test_a_model_whose_blocks_never_hold_the_grids_tokens_is_refused_naming_it():

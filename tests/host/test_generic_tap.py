@@ -21,8 +21,9 @@ def table_key(dm):
     return next(c.__name__ for c in type(dm).__mro__ if c.__name__ in families.FAMILIES)
 
 
-def train_three_steps(pack, mp, cond, shape):
-    """(tap name, the frozen features of a fixed input, the losses of 3 Adam steps on a fixed batch)."""
+def train_three_steps(pack, mp, cond, shape, other=None):
+    """(tap name, the frozen features of a fixed input (and with the ``other`` conditioning, e.g. a caption of
+    another length, after the first read), the losses of 3 Adam steps on a fixed batch)."""
     from selfperc_pack.nodes import bridge, inputs
     from selfperc_pack.selfperc_core import self_perceptual_loss
 
@@ -34,7 +35,10 @@ def train_three_steps(pack, mp, cond, shape):
     with torch.inference_mode(False), session(pack, mp, checkpointing=True, latent_shape=shape[1:], batch=2) as ses:
         c = inputs.collate([inputs.model_inputs(ses.mp, cond, shape[1:])] * 2)
         with torch.no_grad():
-            feats = ses.frozen_features(batch[0], batch[2], c).clone()
+            feats = [ses.frozen_features(batch[0], batch[2], c).clone()]
+            if other is not None:
+                c2 = inputs.collate([inputs.model_inputs(ses.mp, other, shape[1:])] * 2)
+                feats.append(ses.frozen_features(batch[0], batch[2], c2).clone())
         opt = torch.optim.Adam(ses.params, lr=3e-3)
         losses = []
         for _ in range(3):
@@ -54,22 +58,23 @@ def test_a_family_hidden_from_the_table_is_read_as_the_table_reads_it(pack, comf
 
     mp, cond, shape = tiny_model(family), tiny_conditioning(family), latent_shape(family, None, side=4)
     dm = mp.model.diffusion_model
-    table = train_three_steps(pack, mp, cond, shape)
+    other = tiny_conditioning(family, seed=3, tokens=12)  # a caption of another length, read after the probe
+    table = train_three_steps(pack, mp, cond, shape, other)
     monkeypatch.delitem(families.FAMILIES, table_key(dm))
     monkeypatch.setattr(families, "_warned", set())
     if family in PADDED:
         with pytest.raises(ValueError, match=f"{type(dm).__name__} is not in the pack's table and the generic tap "
                                              "cannot read it: no block list's output holds the latent's .* image "
                                              "tokens.*; please report the class name"):
-            train_three_steps(pack, mp, cond, shape)
+            train_three_steps(pack, mp, cond, shape, other)
         return
     with caplog.at_level("WARNING", logger="selfperc"):
-        generic = train_three_steps(pack, mp, cond, shape)
+        generic = train_three_steps(pack, mp, cond, shape, other)
     assert generic[0] == table[0]  # the same block of the same stack
-    assert torch.equal(generic[1], table[1])  # the same image tokens
+    assert all(torch.equal(g, t) for g, t in zip(generic[1], table[1]))  # the same image tokens, at either length
     assert generic[2] == table[2], (generic[2], table[2])  # the same training, bit for bit
     assert f"{type(dm).__name__} is not in the pack's table: the generic tap found stack" in caplog.text
-    assert ("(a joint sequence)" in caplog.text) == (family in JOINT), caplog.text
+    assert ("tokens of a joint sequence" in caplog.text) == (family in JOINT), caplog.text
 
 
 def test_a_model_without_a_block_list_is_refused_by_name(pack, comfy):
