@@ -16,7 +16,7 @@ import folder_paths
 import torch
 from tqdm.auto import tqdm
 
-from ..selfperc_core.dataset import load_dataset
+from ..selfperc_core.dataset import load_dataset, repeated
 from ..selfperc_core.loop import Hooks, NonFiniteLoss, Trainer, TrainSettings, fit
 from . import bridge, data, diffusion_clip, families, files, inputs, lora, plots, preview, saving
 from .host_compat import is_oom
@@ -122,6 +122,7 @@ class Prepared:
     samples: list[tuple[str, list]]
     held: list[int]
     empty: list | None = None  # the empty caption's conditioning, for caption_dropout
+    repeats: list[int] | None = None  # per image, from N_name folders (None: once each)
 
 
 def prepare(plan: RunPlan, model, vae, clip, ds) -> Prepared:
@@ -145,7 +146,7 @@ def prepare(plan: RunPlan, model, vae, clip, ds) -> Prepared:
     empty = None
     if plan.settings.training.caption_dropout:
         empty = inputs.with_guidance(clip.encode_from_tokens_scheduled(clip.tokenize("")), guidance)
-    return Prepared(latents, prompts, samples, held, empty)
+    return Prepared(latents, prompts, samples, held, empty, list(ds.repeats) or None)
 
 
 def with_prefix(captions: list[str | None], prefix: str) -> list[str | None]:
@@ -191,6 +192,8 @@ def make_trainer(plan: RunPlan, ses, prep: Prepared, mode=None) -> tuple[Trainer
     objective, view, conds = mode if mode is not None else (None, ses.view, model_inputs_per_image(
         ses, prep, plan.settings.seed))
     train_idx = [i for i in range(len(prep.latents)) if i not in prep.held]
+    if prep.repeats is not None:  # kohya's N_name folders: an image N times (references, no copies)
+        train_idx = repeated(train_idx, prep.repeats)
     empty = None
     if prep.empty is not None:
         empty = model_inputs_per_image(ses, prep, plan.settings.seed, [prep.empty] * len(prep.latents))
@@ -214,6 +217,7 @@ class FineTuneRun:
         self.plan, self.model, self.vae, self.ses, self.trainer = plan, model, vae, ses, trainer
         self.prep, self.validation, self.node_id = prep, validation, node_id
         self.meta = saving.metadata(model, ses, plan, len(prep.latents))
+        self.meta["dataset_samples"] = len(trainer.latents)  # with repeats, and without the held-out images
         if plan.settings.objective.direction is not None:
             self.meta.update(diffusion_clip.metadata(plan.settings.objective.direction))
         self.history: list[tuple[int, float, float]] = []  # (step, self-perceptual, MSE) on the held-out images

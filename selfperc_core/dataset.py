@@ -9,11 +9,15 @@ characters are read (a longer one is cut, with a note naming the file).
 
 Sizes are bounded before any image is decoded: at most MAX_IMAGES image files, and the decoded cache
 (``cache_bytes``: 3 bytes a pixel, uint8) is checked against the host's memory budget by the caller.
+
+Repeats (kohya's convention): the images under a first-level subfolder named ``N_name`` count N times (``repeats``,
+1..MAX_REPEATS; every other image once); ``repeated`` turns it into the sample list the loop draws from.
 """
 from __future__ import annotations
 
 import codecs
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +38,8 @@ RESIZE_MODES = ("center_crop", "buckets")
 MAX_CAPTION_CHARS = 2000
 MAX_IMAGES = 100_000  # image files in one dataset folder (subfolders included)
 MAX_SCAN_ENTRIES = 1_000_000  # directory entries looked at while scanning, whatever they are
+MAX_REPEATS = 1000  # per N_name folder; and at most MAX_IMAGES * 10 samples in all
+REPEATS = re.compile(r"^(\d+)_(.+)$")
 
 
 class DatasetError(ValueError):
@@ -53,6 +59,28 @@ class Dataset:
     files: list[Path] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     notes: list[Skipped] = field(default_factory=list)          # used, with a change (e.g. caption cut)
+    repeats: list[int] = field(default_factory=list)            # how many times each image counts (N_name folders)
+
+
+def repeats_of(path: Path, folder: Path) -> int:
+    """N for an image under ``folder``/N_name/..., else 1; an N outside 1..MAX_REPEATS is refused, naming the
+    subfolder."""
+    parts = path.relative_to(folder).parts
+    m = REPEATS.match(parts[0]) if len(parts) > 1 else None
+    if m is None:
+        return 1
+    n = int(m.group(1))
+    if not 1 <= n <= MAX_REPEATS:
+        raise DatasetError(f"dataset subfolder {parts[0]!r} of {folder}: repeat count {n} must be in 1..{MAX_REPEATS}")
+    return n
+
+
+def repeated(indices: list[int], repeats: list[int]) -> list[int]:
+    """Each index as many times as its image's repeat count (the loop then draws it that much more often)."""
+    out = [i for i in indices for _ in range(repeats[i])]
+    if len(out) > 10 * MAX_IMAGES:
+        raise DatasetError(f"the repeat counts make {len(out)} samples, more than {10 * MAX_IMAGES}: lower them")
+    return out
 
 
 def as_float(image: torch.Tensor) -> torch.Tensor:
@@ -190,6 +218,7 @@ def load_dataset(folder: Path, resolution: int, mode: str = "center_crop", multi
         raise DatasetError(f"resolution {resolution} must be a multiple of 8")
     files, skipped = scan_folder(folder)
     files = files[:max_images] if max_images is not None else files
+    counts = {path: repeats_of(path, folder) for path in files}  # refused before any image is decoded
     need = cache_bytes(len(files), resolution)
     if max_cache_bytes is not None and need > max_cache_bytes:
         raise DatasetError(f"dataset folder {folder}: {len(files)} images at {resolution}px need "
@@ -206,6 +235,7 @@ def load_dataset(folder: Path, resolution: int, mode: str = "center_crop", multi
             ds.images.append(to_tensor(fit(im, *size)))
             ds.captions.append(caption)
             ds.files.append(path)
+            ds.repeats.append(counts[path])
             if cut:
                 ds.notes.append(Skipped(path.with_suffix(".txt"),
                                         f"caption cut to its first {MAX_CAPTION_CHARS} characters"))

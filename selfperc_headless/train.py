@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from selfperc_core.adapter import checkpoint_forward
-from selfperc_core.dataset import RESIZE_MODES, as_float, load_dataset
+from selfperc_core.dataset import RESIZE_MODES, as_float, load_dataset, repeated
 from selfperc_core.features import DEFAULT_DEPTH, check_depth
 from selfperc_core.loop import LR_SCHEDULES, OPTIMIZERS, Distributed, Hooks, Trainer, TrainSettings, fit, make_optimizer
 from selfperc_core.model_view import ModelView, frozen_features_fn
@@ -221,7 +221,10 @@ def training_data(a, acc, family: fam.Family, net) -> tuple[list[torch.Tensor], 
         if a.caption_prefix or a.caption_dropout:
             raise SystemExit(f"selfperc: --caption-prefix and --caption-dropout need captions, but {why}")
     vae = AutoencoderKL.from_pretrained(a.model / "vae").to(dev).eval()
-    return encode(vae, ds.images, dev), conds, empty
+    order = repeated(list(range(len(ds.images))), ds.repeats)  # kohya's N_name folders (references, no copies)
+    latents = encode(vae, ds.images, dev)
+    return ([latents[i] for i in order], [conds[i] for i in order],
+            [empty[i] for i in order] if empty is not None else None)
 
 
 def trainable(a, acc, family: fam.Family, net) -> tuple[torch.nn.Module, list, object, torch.nn.Module, object]:

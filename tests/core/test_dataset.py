@@ -166,3 +166,22 @@ def test_max_images_reads_only_the_first_files_and_bounds_memory_by_them(tmp_pat
     assert first.files == everything.files[:2] and len(first.images) == 2
     with pytest.raises(DatasetError, match="need"):
         load_dataset(folder, 64, max_cache_bytes=cache_bytes(2, 64))
+
+
+def test_kohya_repeat_folders_count_their_images_n_times_and_bad_counts_are_refused(tmp_path):
+    from selfperc_core.dataset import MAX_REPEATS, repeated
+
+    make_dataset(tmp_path / "3_cats", names=["chelsea"])
+    make_dataset(tmp_path / "1_mugs", names=["coffee"])
+    make_dataset(tmp_path / "plain", names=["astronaut"])  # no N_ prefix: once
+    make_dataset(tmp_path / "3_cats" / "10_inner", names=["camera"])  # only the first level's name counts
+    ds = load_dataset(tmp_path, 64)
+    by_folder = {f.relative_to(tmp_path).parts[0]: r for f, r in zip(ds.files, ds.repeats)}
+    assert by_folder == {"3_cats": 3, "1_mugs": 1, "plain": 1} and sorted(ds.repeats) == [1, 1, 3, 3]
+    order = repeated(list(range(len(ds.files))), ds.repeats)
+    assert len(order) == 8 and all(order.count(i) == r for i, r in enumerate(ds.repeats))
+    for bad in ("0_none", f"{MAX_REPEATS + 1}_many"):
+        other = tmp_path.parent / f"bad_{bad}"
+        make_dataset(other / bad, names=["coffee"])
+        with pytest.raises(DatasetError, match=f"dataset subfolder '{bad}' .* repeat count"):
+            load_dataset(other, 64)

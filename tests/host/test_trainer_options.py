@@ -51,3 +51,17 @@ def test_bad_trainer_options_are_refused_before_work_naming_them(pack, models, c
         train(pack, as_parameterization(model, "flow"), vae, captioned, clip=clip, lora_name="opt/refused",
               min_snr_gamma=5.0, steps=1)
     assert not list((comfy / "models" / "loras" / "opt").glob("refused*"))
+
+
+def test_repeat_folders_reach_the_loop_and_the_lora_says_how_many_samples(pack, models, comfy):
+    import folder_paths
+    from safetensors import safe_open
+
+    root = comfy / "input" / "options_repeats"
+    make_dataset(root / "4_cats", names=["chelsea"], captions=False)
+    make_dataset(root / "plain", names=["coffee"], captions=False)
+    model, clip, vae = models
+    out = train(pack, model, vae, root.name, lora_name="opt/repeats", steps=1, batch_size=1)
+    with safe_open(folder_paths.get_full_path_or_raise("loras", out.args[3]), "pt") as f:
+        meta = f.metadata()
+    assert meta["dataset_images"] == "2" and meta["dataset_samples"] == "5"
