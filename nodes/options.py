@@ -233,6 +233,10 @@ class SelfPerceptualMonitoring(io.ComfyNode):
                                        "MSE losses at fixed noise are plotted with the training loss."),
                 io.Int.Input("validation_every", optional=True, default=d.validation_every, min=0, max=100000,
                              tooltip="Steps between validation passes (0 = at the start and the end only)."),
+                io.Boolean.Input("tensorboard", optional=True, default=d.tensorboard,
+                                 tooltip="Write TensorBoard event files (losses, learning rate, validation, sample "
+                                         "grids) to output/selfperc_tensorboard/<lora_name>; needs the tensorboard "
+                                         "package (pip install tensorboard)."),
             ],
             outputs=[MONITORING.Output(display_name="monitoring", tooltip="Into the fine-tune's monitoring input.")],
         )

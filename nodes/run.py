@@ -16,6 +16,7 @@ import folder_paths
 import torch
 from tqdm.auto import tqdm
 
+from ..selfperc_core import run_log
 from ..selfperc_core.dataset import load_dataset, repeated
 from ..selfperc_core.loop import Hooks, NonFiniteLoss, Trainer, TrainSettings, fit
 from . import bridge, data, diffusion_clip, families, files, inputs, lora, plots, preview, saving
@@ -69,6 +70,8 @@ def plan_run(settings: FineTuneSettings, model, clip, conditioning, dataset_fold
     families.tap_point(model.model.diffusion_model, s.objective.feature_layer, s.objective.tap_depth)  # supported?
     if s.monitoring.prompts and clip is None:
         raise ValueError("sample_prompts need the CLIP input to encode them")
+    if s.monitoring.tensorboard:
+        run_log.check_available()
     kind = bridge.parameterization(bridge.model_sampling(model))
     if s.objective.min_snr_gamma and kind not in ("eps", "v"):
         raise ValueError(f"min_snr_gamma is for eps and v models; this model is {kind!r} (use t_law / t_shift)")
@@ -100,6 +103,12 @@ def plan_run(settings: FineTuneSettings, model, clip, conditioning, dataset_fold
                    out_file=files.lora_path(s.lora_name, s.lora.overwrite),
                    dtype=training_dtype(s.training.training_dtype, bridge.device()), fallback=fallback, start=start,
                    **resume)
+
+
+def tensorboard_folder(plan: RunPlan) -> Path:
+    """output/selfperc_tensorboard/<the LoRA's path under models/loras, without its suffix>."""
+    rel = plan.out_file.relative_to(Path(folder_paths.get_folder_paths("loras")[0]).resolve()).with_suffix("")
+    return Path(folder_paths.get_output_directory()) / "selfperc_tensorboard" / rel
 
 
 def read_dataset(plan: RunPlan):
@@ -223,6 +232,7 @@ class FineTuneRun:
         self.history: list[tuple[int, float, float]] = []  # (step, self-perceptual, MSE) on the held-out images
         self.shown: list[dict] = []                         # sample grids saved, for the node's UI
         self.total = plan.start_step + plan.settings.steps
+        self.log = run_log.RunLog(tensorboard_folder(plan)) if plan.settings.monitoring.tensorboard else None
 
     def autocast(self):
         return autocast(self.plan.dtype)
@@ -233,12 +243,16 @@ class FineTuneRun:
                 sp, mse = self.trainer.validate(*self.validation, seed=(self.plan.settings.seed + 1) % 2 ** 64)
             self.history.append((self.trainer.step_count, sp, mse))
             log.info("selfperc: validation at step %d: self-perceptual %.5f, mse %.5f", *self.history[-1])
+            if self.log is not None:
+                self.log.validation(*self.history[-1])
 
     def sample(self) -> None:
         if self.prep.samples:
             grid = preview.prompt_grid(self.ses.mp, self.vae, self.prep.latents[0].shape, self.prep.samples,
                                        self.plan.settings.seed)
             self.shown.append(saving.save_samples(self.plan, grid, self.trainer.step_count))
+            if self.log is not None:
+                self.log.image("samples/prompts", self.trainer.step_count, grid[0])
 
     def save(self) -> Path:
         self.meta["tap"] = self.ses.tap_name  # a generic tap is named once its first read found it
@@ -257,6 +271,8 @@ class FineTuneRun:
                               self.node_id)
             bar.set_postfix(loss=f"{parts.loss.item():.5f}")
             bar.update(1)
+            if self.log is not None:
+                self.log.step(step, parts, self.trainer.optimizer.param_groups[0]["lr"])
             if m.validation_every and step % m.validation_every == 0 and step < total:
                 self.validate()
             if m.sample_every and step % m.sample_every == 0 and step < total:
@@ -286,6 +302,8 @@ class FineTuneRun:
             fit(self.trainer, self.total, self.hooks(pbar, bar), self.plan.settings.lora.save_every)
         finally:
             bar.close()
+            if self.log is not None:
+                self.log.close()
         log.info("selfperc: %d steps in %.1fs", self.total - start, time.time() - t0)
         self.validate()
         self.sample()

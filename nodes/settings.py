@@ -88,6 +88,7 @@ class Monitoring:
     sample_every: int = 0
     validation_split: float = 0.0
     validation_every: int = 0
+    tensorboard: bool = False  # event files under output/selfperc_tensorboard/<lora name>
 
     @property
     def prompts(self) -> list[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from selfperc_core.features import DEFAULT_DEPTH, check_depth
 from selfperc_core.loop import LR_SCHEDULES, OPTIMIZERS, Distributed, Hooks, Trainer, TrainSettings, fit, make_optimizer
 from selfperc_core.model_view import ModelView, frozen_features_fn
 from selfperc_core.objective import DISTANCES, MSE_SPACES
+from selfperc_core.run_log import RunLog, check_available
 from selfperc_core.schedule import output_scale_fn
 from selfperc_core.state import atomic_write, load_run_state, save_run_state
 from selfperc_core.timesteps import T_LAWS, T_PRIME_STRATEGIES
@@ -87,6 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     try:  # the core's rules, as the node applies them
         check_depth(a.tap_depth)
         settings_of(a).validate()
+        if a.tensorboard:
+            check_available()
     except ValueError as e:
         ap.error(str(e))
     if a.fsdp and (a.save_every or a.resume or a.full):
@@ -108,6 +112,8 @@ def add_trainer_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--caption-prefix", default="", help="put before every caption (a trigger word: 'sks, ')")
     ap.add_argument("--caption-dropout", type=float, default=0.0,
                     help="fraction of samples trained on the empty caption")
+    ap.add_argument("--tensorboard", action="store_true",
+                    help="TensorBoard event files in OUT/tensorboard (needs the tensorboard package)")
 
 
 STATE_FILE = "trainer.selfperc_state"
@@ -296,11 +302,15 @@ def train(run: Run) -> list[float]:
     losses = []
     bar = tqdm(total=a.steps, initial=trainer.step_count, desc=f"self-perceptual ({run.family.name})",
                disable=not acc.is_main_process)
+    log = RunLog(a.out / "tensorboard") if a.tensorboard and acc.is_main_process else None
 
     def after_step(step, parts):
         losses.append(acc.reduce(parts.loss.to(acc.device), reduction="mean").item())
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.5f}")
+        if log is not None:  # this process's parts, the global loss
+            log.step(step, dataclasses.replace(parts, loss=torch.tensor(losses[-1])),
+                     trainer.optimizer.param_groups[0]["lr"])
 
     def save(step):
         if acc.is_main_process:
@@ -309,6 +319,8 @@ def train(run: Run) -> list[float]:
         fit(trainer, a.steps, Hooks(context=acc.autocast, after_step=after_step, save=save), a.save_every)
     finally:
         bar.close()
+        if log is not None:
+            log.close()
     return losses
 
 

@@ -65,3 +65,38 @@ def test_repeat_folders_reach_the_loop_and_the_lora_says_how_many_samples(pack, 
     with safe_open(folder_paths.get_full_path_or_raise("loras", out.args[3]), "pt") as f:
         meta = f.metadata()
     assert meta["dataset_images"] == "2" and meta["dataset_samples"] == "5"
+
+
+def test_tensorboard_logs_the_runs_losses_learning_rate_and_validation(pack, models, comfy):
+    import folder_paths
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root = make_dataset(comfy / "input" / "options_tb", names=["chelsea", "coffee", "astronaut"], captions=False)
+    model, clip, vae = models
+    out = train(pack, model, vae, root.name, lora_name="opt/tb", steps=3, batch_size=1, tensorboard=True,
+                lr_schedule="linear", validation_split=0.34)
+    folder = comfy / "output" / "selfperc_tensorboard" / "opt" / "tb"
+    assert folder.is_dir() and str(folder).startswith(folder_paths.get_output_directory())
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+    assert losses == pytest.approx(out.args[2]["loss"], rel=1e-6)
+    lrs = [e.value for e in events.Scalars("train/learning_rate")]
+    assert lrs == pytest.approx([1e-3 * (1 - i / 3) for i in range(3)], rel=1e-5)  # linear decay, as applied
+    assert len(events.Scalars("validation/self_perceptual")) == 2  # at the start and the end
+
+
+def test_tensorboard_without_its_package_is_refused_before_work(pack, models, captioned, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_tensorboard(name, *a, **k):
+        if name == "tensorboard" or name.startswith("tensorboard."):
+            raise ImportError(name)
+        return real(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    model, clip, vae = models
+    with pytest.raises(ValueError, match="TensorBoard logging needs the tensorboard package: pip install tensorboard"):
+        train(pack, model, vae, captioned, lora_name="opt/no_tb", tensorboard=True)

@@ -237,3 +237,20 @@ def test_captions_are_encoded_once_cached_and_condition_training(tmp_path, data_
     again = cap.encode_captions(model, ds.captions, cache, "cpu", log=lambda *_: None)
     for a, b in zip(again, conds):
         torch.testing.assert_close(a["context"], b["context"])
+
+
+def test_trainer_options_and_tensorboard_log_in_the_headless_trainer(model_dir, data_dir, tmp_path):
+    """The options the node's option nodes have, as flags: the run trains, and its TensorBoard log holds the global
+    losses the trainer reports and the learning rate of each step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "options"
+    log, lora = train(model_dir, data_dir, out, "--steps", 3, "--t-law", "logit_normal", "--t-shift", 2.0,
+                      "--min-snr-gamma", 5.0, "--mse-weight", 1.0, "--weight-decay", 0.01, "--max-grad-norm", 1.0,
+                      "--optimizer", "adafactor", "--lr-schedule", "linear", "--tensorboard")
+    assert len(log["losses"]) == 3 and all(torch.isfinite(torch.tensor(log["losses"])))
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(log["losses"], rel=1e-6)
+    assert [e.value for e in events.Scalars("train/learning_rate")] == pytest.approx(
+        [1e-4 * (1 - i / 3) for i in range(3)], rel=1e-5)
