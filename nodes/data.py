@@ -2,9 +2,14 @@
 the held-out split."""
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..selfperc_core.dataset import as_float
+from . import latent_cache
+
+log = logging.getLogger("selfperc")
 
 # The decoded images (uint8) may take at most this share of the memory available when training starts.
 CACHE_MEMORY_SHARE = 0.5
@@ -17,12 +22,22 @@ def cache_budget() -> int:
 
 
 @torch.no_grad()
-def encode_latents(model, vae, images: list[torch.Tensor]) -> list[torch.Tensor]:
-    """VAE-encode each image once (the latent cache), in the model's latent space."""
-    out = []
+def encode_latents(model, vae, images: list[torch.Tensor], cache=None) -> list[torch.Tensor]:
+    """VAE-encode each image once (the in-memory latent cache), in the model's latent space; with ``cache``
+    (latent_cache.LatentCache) an image encoded by this VAE before is read from disk instead."""
+    out, hits = [], 0
     for img in images:
-        lat = vae.encode(as_float(img)[None, :, :, :3])
+        key = cache and latent_cache.image_key(img, cache.vae_id)
+        lat = cache.get(key) if cache is not None else None
+        if lat is None:
+            lat = vae.encode(as_float(img)[None, :, :, :3]).float().cpu()
+            if cache is not None:
+                cache.put(key, lat)
+        else:
+            hits += 1
         out.append(model.model.process_latent_in(lat.float())[0].cpu())
+    if cache is not None:
+        log.info("selfperc: %d of %d latents from the disk cache", hits, len(images))
     return out
 
 

@@ -156,6 +156,11 @@ class SelfPerceptualTrainingOptions(io.ComfyNode):
                 io.String.Input("caption_prefix", optional=True, default=d.caption_prefix,
                                 tooltip="Put before every caption, e.g. a trigger word ('sks, '): images without a "
                                         "caption get it alone. Needs the CLIP input."),
+                io.Boolean.Input("cache_latents_to_disk", optional=True, default=d.cache_latents_to_disk,
+                                 tooltip="Keep each image's VAE latent in ComfyUI's user/selfperc/latent_cache "
+                                         "(safetensors, keyed by the exact pixels and the VAE's weights; at most "
+                                         "SELFPERC_LATENT_CACHE_GB, default 8, least recently used files go first): "
+                                         "a second run on the same images and VAE does not encode them again."),
                 io.Float.Input("caption_dropout", optional=True, default=d.caption_dropout, min=0.0, max=0.99,
                                step=0.01, tooltip="Fraction of samples trained on the empty caption instead of their "
                                                   "own (e.g. 0.1), so the LoRA also works without its prompt. Needs "

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..selfperc_core import run_log
 from ..selfperc_core.dataset import load_dataset, repeated
 from ..selfperc_core.loop import Hooks, NonFiniteLoss, Trainer, TrainSettings, fit
-from . import bridge, data, diffusion_clip, families, files, inputs, lora, plots, preview, saving
+from . import bridge, data, diffusion_clip, families, files, inputs, latent_cache, lora, plots, preview, saving
 from .host_compat import is_oom
 from .session import SessionSpec, training_session
 from .settings import NONE, FineTuneSettings
@@ -135,7 +135,8 @@ class Prepared:
 
 
 def prepare(plan: RunPlan, model, vae, clip, ds) -> Prepared:
-    latents = data.encode_latents(model, vae, ds.images)
+    cache = latent_cache.LatentCache(vae) if plan.settings.training.cache_latents_to_disk else None
+    latents = data.encode_latents(model, vae, ds.images, cache)
     guidance = plan.settings.objective.guidance
     guided: dict[int, list] = {}  # one guided conditioning per distinct caption: model inputs are cached by it
     captions = with_prefix(ds.captions, plan.settings.training.caption_prefix)

@@ -64,6 +64,7 @@ class TrainingOptions:
     max_grad_norm: float = 0.0
     caption_prefix: str = ""  # e.g. a trigger word, before every caption
     caption_dropout: float = 0.0
+    cache_latents_to_disk: bool = False  # latent_cache.py: a second run reads the latents instead of encoding
 
 
 @dataclass(frozen=True)

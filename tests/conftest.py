@@ -34,8 +34,9 @@ def comfy(tmp_path_factory):
     import folder_paths
 
     base = tmp_path_factory.mktemp("comfy_inproc")
-    for sub in ("input", "output", "temp", "models/loras"):
+    for sub in ("input", "output", "temp", "user", "models/loras"):
         (base / sub).mkdir(parents=True, exist_ok=True)
+    folder_paths.set_user_directory(str(base / "user"))
     folder_paths.set_input_directory(str(base / "input"))
     folder_paths.set_output_directory(str(base / "output"))
     folder_paths.set_temp_directory(str(base / "temp"))

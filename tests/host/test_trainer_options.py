@@ -1,6 +1,7 @@
 """The trainer options in-process with the real host: the caption prefix and caption dropout reach the real CLIP
 text encoder, and bad values are refused before work, naming them."""
 import pytest
+import torch
 
 from dev.datasets import make_dataset
 from tests.host.models import as_parameterization
@@ -100,3 +101,40 @@ def test_tensorboard_without_its_package_is_refused_before_work(pack, models, ca
     model, clip, vae = models
     with pytest.raises(ValueError, match="TensorBoard logging needs the tensorboard package: pip install tensorboard"):
         train(pack, model, vae, captioned, lora_name="opt/no_tb", tensorboard=True)
+
+
+def test_the_disk_latent_cache_skips_encoding_on_a_second_run_and_never_reads_a_stale_entry(pack, models, comfy,
+                                                                                          monkeypatch):
+    import copy
+
+    from selfperc_pack.nodes import latent_cache
+
+    root = make_dataset(comfy / "input" / "options_cache", names=["chelsea", "coffee"], captions=False)
+    model, clip, vae = models
+    folder = comfy / "user" / "selfperc" / "latent_cache"
+    calls = []
+    encode = type(vae).encode
+    monkeypatch.setattr(type(vae), "encode", lambda self, px: calls.append(px.shape) or encode(self, px))
+    kw = dict(steps=2, batch_size=1, cache_latents_to_disk=True)
+    first = train(pack, model, vae, root.name, lora_name="opt/cache1", **kw).args[2]["loss"]
+    assert len(calls) == 2 and len(list(folder.glob("*/*.safetensors"))) >= 2
+    calls.clear()
+    second = train(pack, model, vae, root.name, lora_name="opt/cache2", **kw).args[2]["loss"]
+    assert calls == [] and second == first  # read back, bit for bit the same run
+    train(pack, model, vae, root.name, lora_name="opt/cache3", resolution=32, **kw)
+    assert len(calls) == 2  # another resolution: other pixels, other keys
+    calls.clear()
+    other = copy.copy(vae)
+    other.first_stage_model = copy.deepcopy(vae.first_stage_model)
+    with torch.no_grad():
+        list(other.first_stage_model.parameters())[-1].add_(1e-3)  # one weight of the last layer changed
+    train(pack, model, other, root.name, lora_name="opt/cache4", **kw)
+    assert len(calls) == 2  # another VAE: other keys
+    calls.clear()
+    for f in folder.glob("*/*.safetensors"):
+        f.write_bytes(b"\x80\x04not a safetensors file")  # garbage (a pickle's opening bytes): never unpickled
+    third = train(pack, model, vae, root.name, lora_name="opt/cache5", **kw).args[2]["loss"]
+    assert len(calls) == 2 and third == first  # unreadable entries are misses, encoded and rewritten
+    cache = latent_cache.LatentCache(vae, folder, max_bytes=1)
+    cache.bound()
+    assert not list(folder.glob("*/*.safetensors"))  # the size bound deletes the least recently used first
