@@ -37,6 +37,7 @@ def encode_latents(model, vae, images: list[torch.Tensor], cache=None) -> list[t
             hits += 1
         out.append(model.model.process_latent_in(lat.float())[0].cpu())
     if cache is not None:
+        cache.bound()
         log.info("selfperc: %d of %d latents from the disk cache", hits, len(images))
     return out
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
-import weakref
 from pathlib import Path
 
 import folder_paths
@@ -19,8 +19,19 @@ import torch
 from ..selfperc_core.state import atomic_write
 
 log = logging.getLogger("selfperc")
-MAX_BYTES = int(float(os.environ.get("SELFPERC_LATENT_CACHE_GB", "8")) * 2 ** 30)
-_identities: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+SIZE_VARIABLE = "SELFPERC_LATENT_CACHE_GB"
+
+
+def max_bytes() -> int:
+    """The folder's bound: SELFPERC_LATENT_CACHE_GB (default 8), read when a cache is made."""
+    raw = os.environ.get(SIZE_VARIABLE, "8")
+    try:
+        gb = float(raw)
+    except ValueError:
+        gb = float("nan")
+    if not (math.isfinite(gb) and 0 < gb <= 1 << 20):
+        raise ValueError(f"{SIZE_VARIABLE}={raw!r} must be a size in GB above 0")
+    return int(gb * 2 ** 30)
 
 
 def cache_folder() -> Path:
@@ -28,15 +39,14 @@ def cache_folder() -> Path:
 
 
 def vae_identity(vae) -> str:
-    """A hash of every weight of the VAE and the dtype it encodes in (computed once per VAE module)."""
+    """A hash of every weight of the VAE and the dtype it encodes in, computed for each run (weights may have been
+    changed in place since the last one; hashing is a small part of encoding a dataset)."""
     module = vae.first_stage_model
-    if module not in _identities:
-        h = hashlib.sha256(f"{type(module).__name__} {vae.vae_dtype}".encode())
-        for k, v in module.state_dict().items():
-            h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        _identities[module] = h.hexdigest()
-    return _identities[module]
+    h = hashlib.sha256(f"{type(module).__name__} {vae.vae_dtype}".encode())
+    for k, v in module.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def image_key(image: torch.Tensor, vae_id: str) -> str:
@@ -47,8 +57,11 @@ def image_key(image: torch.Tensor, vae_id: str) -> str:
 
 
 class LatentCache:
-    def __init__(self, vae, folder: Path | None = None, max_bytes: int = MAX_BYTES):
-        self.folder, self.max_bytes = folder or cache_folder(), max_bytes
+    """One run's view of the cache: ``get`` / ``put`` per image, then ``bound`` once."""
+
+    def __init__(self, vae, folder: Path | None = None, max_bytes: int | None = None):
+        self.folder = folder or cache_folder()
+        self.max_bytes = max_bytes if max_bytes is not None else globals()["max_bytes"]()
         self.vae_id = vae_identity(vae)
 
     def path(self, key: str) -> Path:
@@ -76,11 +89,17 @@ class LatentCache:
 
         atomic_write(self.path(key), lambda tmp: save_file({"latent": latent.contiguous()}, tmp,
                                                          metadata={"key": key, "vae": self.vae_id}))
-        self.bound()
 
     def bound(self) -> None:
-        """Delete the least recently used entries until the folder is within max_bytes."""
-        files = [(p.stat().st_mtime, p.stat().st_size, p) for p in self.folder.glob("*/*.safetensors")]
+        """Delete the least recently used entries until the folder is within max_bytes (once per run: it lists the
+        folder; entries another run removes meanwhile are passed over)."""
+        files = []
+        for p in self.folder.glob("*/*.safetensors"):
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                continue
+            files.append((st.st_mtime, st.st_size, p))
         total = sum(s for _, s, _ in files)
         for _, size, path in sorted(files):
             if total <= self.max_bytes:

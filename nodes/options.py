@@ -156,6 +156,10 @@ class SelfPerceptualTrainingOptions(io.ComfyNode):
                 io.String.Input("caption_prefix", optional=True, default=d.caption_prefix,
                                 tooltip="Put before every caption, e.g. a trigger word ('sks, '): images without a "
                                         "caption get it alone. Needs the CLIP input."),
+                io.Boolean.Input("repeat_folders", optional=True, default=d.repeat_folders,
+                                 tooltip="kohya's convention: the images in a subfolder named N_name (e.g. 10_cat) "
+                                         "count N times (1..1000). Off: every image once, whatever its folder is "
+                                         "called."),
                 io.Boolean.Input("cache_latents_to_disk", optional=True, default=d.cache_latents_to_disk,
                                  tooltip="Keep each image's VAE latent in ComfyUI's user/selfperc/latent_cache "
                                          "(safetensors, keyed by the exact pixels and the VAE's weights; at most "

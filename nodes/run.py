@@ -72,6 +72,8 @@ def plan_run(settings: FineTuneSettings, model, clip, conditioning, dataset_fold
         raise ValueError("sample_prompts need the CLIP input to encode them")
     if s.monitoring.tensorboard:
         run_log.check_available()
+    if s.training.cache_latents_to_disk:
+        latent_cache.max_bytes()  # a bad SELFPERC_LATENT_CACHE_GB is refused before work
     kind = bridge.parameterization(bridge.model_sampling(model))
     if s.objective.min_snr_gamma and kind not in ("eps", "v"):
         raise ValueError(f"min_snr_gamma is for eps and v models; this model is {kind!r} (use t_law / t_shift)")
@@ -113,7 +115,9 @@ def tensorboard_folder(plan: RunPlan) -> Path:
 
 def read_dataset(plan: RunPlan):
     ds = load_dataset(plan.folder, plan.settings.resolution, plan.settings.training.resize_mode,
-                      max_cache_bytes=data.cache_budget())
+                      max_cache_bytes=data.cache_budget(), repeat_folders=plan.settings.training.repeat_folders)
+    if any(r > 1 for r in ds.repeats):
+        log.info("selfperc: repeat folders: %d images make %d samples", len(ds.repeats), sum(ds.repeats))
     for s in ds.skipped:
         log.warning("selfperc: skipped %s: %s", s.path, s.reason)
     for s in ds.notes:
@@ -207,6 +211,13 @@ def make_trainer(plan: RunPlan, ses, prep: Prepared, mode=None) -> tuple[Trainer
     empty = None
     if prep.empty is not None:
         empty = model_inputs_per_image(ses, prep, plan.settings.seed, [prep.empty] * len(prep.latents))
+        if plan.settings.batch_size > 1:  # a dropped sample is batched with others: find out now, not mid-run
+            for i in dict.fromkeys(train_idx):
+                try:
+                    ses.view.collate([conds[i], empty[i]])
+                except ValueError as e:
+                    raise ValueError(f"caption_dropout with batch_size {plan.settings.batch_size}: the empty caption "
+                                     f"cannot be batched with image {i + 1}'s caption ({e}); use batch_size 1") from None
         empty = [empty[i] for i in train_idx]
     trainer = Trainer(ses.params, [prep.latents[i] for i in train_idx], [conds[i] for i in train_idx], view,
                       plan.train_settings, device=bridge.device(), objective=objective, empty_conds=empty)
@@ -292,6 +303,13 @@ class FineTuneRun:
         return None
 
     def train(self) -> None:
+        try:
+            self._train()
+        finally:  # after the last validation and samples are logged, whatever happened
+            if self.log is not None:
+                self.log.close()
+
+    def _train(self) -> None:
         start = self.trainer.step_count
         pbar = comfy.utils.ProgressBar(self.total, node_id=self.node_id)
         pbar.update_absolute(start, self.total)
@@ -303,8 +321,6 @@ class FineTuneRun:
             fit(self.trainer, self.total, self.hooks(pbar, bar), self.plan.settings.lora.save_every)
         finally:
             bar.close()
-            if self.log is not None:
-                self.log.close()
         log.info("selfperc: %d steps in %.1fs", self.total - start, time.time() - t0)
         self.validate()
         self.sample()

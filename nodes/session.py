@@ -120,7 +120,8 @@ def _model_view(mp, dm, tap: FeatureTap, switch: AdapterSwitch) -> ModelView:
     ms = bridge.model_sampling(mp)
     return ModelView(predict, frozen_features_fn(predict, tap, switch), bridge.noise_scaling_fn(ms),
                      bridge.sigma_of_t_fn(ms), bridge.parameterization(ms),
-                     functools.partial(inputs.collate, unet=families.is_unet(dm)), bridge.output_scale_fn(ms))
+                     functools.partial(inputs.collate, unet=families.is_unet(dm)), bridge.output_scale_fn(ms),
+                     float(getattr(ms, "sigma_data", 1.0)))
 
 
 @contextlib.contextmanager

@@ -65,6 +65,7 @@ class TrainingOptions:
     caption_prefix: str = ""  # e.g. a trigger word, before every caption
     caption_dropout: float = 0.0
     cache_latents_to_disk: bool = False  # latent_cache.py: a second run reads the latents instead of encoding
+    repeat_folders: bool = False  # kohya's N_name subfolders repeat their images N times
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,9 @@ class FineTuneSettings:
         o = self.objective
         if o.direction is not None:
             o.direction.validate()
+            if o.min_snr_gamma:
+                raise ValueError("min_snr_gamma weighs the self-perceptual fine-tune's MSE term; the directional "
+                                 "fine-tune has its own terms")
             if self.training.caption_prefix or self.training.caption_dropout:
                 raise ValueError("caption_prefix and caption_dropout do not apply with a direction (DiffusionCLIP "
                                  "trains every image at the direction's source text)")

@@ -10,8 +10,9 @@ characters are read (a longer one is cut, with a note naming the file).
 Sizes are bounded before any image is decoded: at most MAX_IMAGES image files, and the decoded cache
 (``cache_bytes``: 3 bytes a pixel, uint8) is checked against the host's memory budget by the caller.
 
-Repeats (kohya's convention): the images under a first-level subfolder named ``N_name`` count N times (``repeats``,
-1..MAX_REPEATS; every other image once); ``repeated`` turns it into the sample list the loop draws from.
+Repeats (kohya's convention, asked for with ``repeat_folders``): the images under a first-level subfolder named
+``N_name`` count N times (``repeats``, 1..MAX_REPEATS; every other image once); ``repeated`` turns it into the sample
+list the loop draws from. Off, every image counts once whatever its folder is called (``2023_trip``).
 """
 from __future__ import annotations
 
@@ -206,11 +207,13 @@ def to_tensor(im: Image.Image) -> torch.Tensor:
 
 
 def load_dataset(folder: Path, resolution: int, mode: str = "center_crop", multiple: int = 64,
-                 max_cache_bytes: int | None = None, max_images: int | None = None) -> Dataset:
+                 max_cache_bytes: int | None = None, max_images: int | None = None,
+                 repeat_folders: bool = False) -> Dataset:
     """Read every usable image of ``folder`` at ``resolution`` (module docstring states the policy).
 
     ``max_cache_bytes`` bounds the decoded images' memory (``cache_bytes``), checked before decoding any;
-    ``max_images`` reads only the first that many image files (in scan order, sorted by path).
+    ``max_images`` reads only the first that many image files (in scan order, sorted by path); ``repeat_folders``:
+    kohya's N_name subfolders repeat their images (checked before decoding any).
     """
     if mode not in RESIZE_MODES:
         raise DatasetError(f"unknown resize mode {mode!r}; choose one of {RESIZE_MODES}")
@@ -218,7 +221,10 @@ def load_dataset(folder: Path, resolution: int, mode: str = "center_crop", multi
         raise DatasetError(f"resolution {resolution} must be a multiple of 8")
     files, skipped = scan_folder(folder)
     files = files[:max_images] if max_images is not None else files
-    counts = {path: repeats_of(path, folder) for path in files}  # refused before any image is decoded
+    counts = {path: repeats_of(path, folder) if repeat_folders else 1 for path in files}  # before any decoding
+    if sum(counts.values()) > 10 * MAX_IMAGES:
+        raise DatasetError(f"dataset folder {folder}: the repeat counts make {sum(counts.values())} samples, more "
+                           f"than {10 * MAX_IMAGES}: lower them")
     need = cache_bytes(len(files), resolution)
     if max_cache_bytes is not None and need > max_cache_bytes:
         raise DatasetError(f"dataset folder {folder}: {len(files)} images at {resolution}px need "

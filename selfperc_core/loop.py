@@ -85,6 +85,17 @@ class TrainSettings:
                 raise ValueError(f"{name} {v} must be a finite number >= 0 (0: off)")
         if self.min_snr_gamma and self.mse_space != "native":
             raise ValueError("min_snr_gamma weighs the MSE in the model's own output space: set mse_space 'native'")
+        if self.min_snr_gamma and not self.mse_weight:
+            raise ValueError("min_snr_gamma weighs the MSE term, which mse_weight 0 leaves out: set mse_weight > 0")
+        if abs(self.t_law_mean) > 10 or self.t_law_std > 10 or not 0.01 <= self.t_shift <= 100:
+            raise ValueError(f"t_law_mean {self.t_law_mean} (|.| <= 10), t_law_std {self.t_law_std} (<= 10) and "
+                             f"t_shift {self.t_shift} (0.01..100) are out of range")
+        if self.t_law == "uniform" and (self.t_law_mean, self.t_law_std) != (0.0, 1.0):
+            raise ValueError("t_law_mean and t_law_std shape the logit_normal law; with t_law 'uniform' leave them "
+                             "at 0 and 1")
+        if self.weight_decay > 1 or self.min_snr_gamma > 1000:
+            raise ValueError(f"weight_decay {self.weight_decay} (<= 1) or min_snr_gamma {self.min_snr_gamma} "
+                             "(<= 1000) is out of range")
         if self.weight_decay and self.optimizer not in DECOUPLED:
             raise ValueError(f"weight_decay is decoupled weight decay, for {' or '.join(DECOUPLED)}; the optimizer "
                              f"{self.optimizer!r} would add it to the gradient instead")
@@ -116,7 +127,10 @@ def make_optimizer(name: str, params: list[Tensor], lr: float, weight_decay: flo
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "adafactor":
-        return torch.optim.Adafactor(params, lr=lr, weight_decay=weight_decay)
+        # torch scales each step by max(eps2, RMS(weight)); a LoRA's up matrix starts at zero, where the default
+        # eps2 1e-3 makes steps 1000x smaller than lr says: with eps2 1 the step is lr x the normalised update, as
+        # for AdamW, so learning rates carry over
+        return torch.optim.Adafactor(params, lr=lr, weight_decay=weight_decay, eps=(None, 1.0))
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)
     if name == "sgd":
@@ -192,6 +206,8 @@ class Trainer:
                                                      settings.weight_decay)
         if settings.min_snr_gamma and view.parameterization not in ("eps", "v"):
             raise ValueError(f"min_snr_gamma is for eps and v models; this model is {view.parameterization!r}")
+        if settings.caption_dropout and empty_conds is None and any(c is not None for c in conds):
+            raise ValueError("caption_dropout needs the empty caption's conditioning per image (empty_conds)")
         self.empty_conds = empty_conds
         self.generator = torch.Generator().manual_seed(settings.seed)
         self.step_count = 0
@@ -248,7 +264,9 @@ class Trainer:
             return self.objective(x0, eps, sigma, sigma_p, cond, backward)
         scale = v.output_scale(sigma) if s.mse_space == "native" else None
         config = s.loss if training else LossConfig(s.distance, s.normalize)
-        weights = min_snr_weight(sigma, s.min_snr_gamma, v.parameterization) if s.min_snr_gamma else None
+        # training only: validation reports the plain MSE, comparable across runs
+        weights = min_snr_weight(sigma, s.min_snr_gamma, v.output_scale(sigma), v.sigma_data) \
+            if s.min_snr_gamma and training else None
         return self_perceptual_loss(
             lambda x, sg: v.predict_x0(x, sg, cond), lambda x, sg: v.frozen_features(x, sg, cond),
             v.noise_scaling, x0, eps, sigma, sigma_p, config, scale, weights)

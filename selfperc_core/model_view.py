@@ -62,6 +62,7 @@ class ModelView:
         collate: per-image conditionings (as the host stores them) -> one batch's cond.
         output_scale: sigma (B,) -> c_out(sigma) (B,), how the raw network output enters x0_hat
             (schedule.output_scale_fn); needed for the MSE in the model's own output space.
+        sigma_data: the data's standard deviation the schedule assumes (1; EDM models 0.5).
     """
     predict_x0: Callable[[Tensor, Tensor, Any], Tensor]
     frozen_features: Callable[[Tensor, Tensor, Any], Tensor]
@@ -70,6 +71,7 @@ class ModelView:
     parameterization: str
     collate: Callable[[list], Any] = field(default=stack_token_conds)
     output_scale: Callable[[Tensor], Tensor] | None = None
+    sigma_data: float = 1.0  # the data's scale in the model's schedule (EDM: 0.5), for Min-SNR's SNR
 
     @property
     def t_range(self) -> tuple[float, float]:

@@ -85,17 +85,18 @@ def feature_distance(pred: Tensor, target: Tensor, distance: str = "mse", normal
     return d
 
 
-def min_snr_weight(sigma: Tensor, gamma: float, parameterization: str) -> Tensor:
-    """Min-SNR-gamma loss weights (Hang et al. 2023) per sample, (B,), for the MSE in the model's own output space,
-    with SNR = 1 / sigma^2 (x = x0 + sigma eps, ComfyUI's variables for eps and v models): min(SNR, gamma) / SNR for
-    eps-prediction, min(SNR, gamma) / (SNR + 1) for v-prediction. Not defined here for flow models."""
-    if parameterization not in ("eps", "v"):
-        raise ValueError(f"min_snr_gamma is for eps and v models; this model is {parameterization!r} (flow "
-                         "trainers use a timestep law instead: t_law / t_shift)")
+def min_snr_weight(sigma: Tensor, gamma: float, output_scale: Tensor, sigma_data: float = 1.0) -> Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023) per sample, (B,), for the MSE in the model's own output space.
+
+    Hang et al. weigh the x0-MSE (in units of the data's variance) by min(SNR, gamma), SNR = sigma_data^2 / sigma^2
+    in ComfyUI's variables (x = x0 + sigma eps); the native MSE is the x0-MSE / c_out^2, so its weight is
+    min(SNR, gamma) * c_out^2 / sigma_data^2: min(SNR, gamma) / SNR for eps-prediction (c_out = -sigma),
+    min(SNR, gamma) / (SNR + 1) for v-prediction and for EDM (its own sigma_data), min(SNR, gamma) for
+    x0-prediction."""
     if not (math.isfinite(gamma) and gamma > 0):
         raise ValueError(f"min_snr_gamma {gamma} must be a finite number above 0 (e.g. 5), or 0 for none")
-    snr = 1.0 / sigma.float().square()
-    return snr.clamp(max=gamma) / (snr if parameterization == "eps" else snr + 1)
+    snr = sigma_data ** 2 / sigma.float().square()
+    return snr.clamp(max=gamma) * output_scale.float().square() / sigma_data ** 2
 
 
 def prediction_mse(x0_hat: Tensor, x0: Tensor, output_scale: Tensor | None = None,

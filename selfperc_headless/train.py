@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from selfperc_core.adapter import checkpoint_forward
-from selfperc_core.dataset import RESIZE_MODES, as_float, load_dataset, repeated
+from selfperc_core.dataset import MAX_CAPTION_CHARS, RESIZE_MODES, as_float, load_dataset, repeated
 from selfperc_core.features import DEFAULT_DEPTH, check_depth
 from selfperc_core.loop import LR_SCHEDULES, OPTIMIZERS, Distributed, Hooks, Trainer, TrainSettings, fit, make_optimizer
 from selfperc_core.model_view import ModelView, frozen_features_fn
@@ -86,17 +86,24 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="folder of encoded captions (default OUT/caption_cache); share it between runs")
     ap.add_argument("--log-json", type=Path, default=None, help="write per-step global losses here (main process)")
     a = ap.parse_args(argv)
-    try:  # the core's rules, as the node applies them
-        check_depth(a.tap_depth)
-        settings_of(a).validate()
-        if a.tensorboard:
-            check_available()
+    try:
+        check_args(a)
     except ValueError as e:
         ap.error(str(e))
     if a.fsdp and (a.save_every or a.resume or a.full):
         ap.error("--save-every, --resume and --full are not supported with --fsdp yet (sharded optimizer state; "
                  "an unsharded frozen copy)")
     return a
+
+
+def check_args(a: argparse.Namespace) -> None:
+    """The core's rules, as the node applies them; raises ValueError naming the flag."""
+    check_depth(a.tap_depth)
+    settings_of(a).validate()
+    if a.tensorboard:
+        check_available()
+    if len(a.caption_prefix) > MAX_CAPTION_CHARS // 4:
+        raise ValueError(f"--caption-prefix is {len(a.caption_prefix)} characters; at most {MAX_CAPTION_CHARS // 4}")
 
 
 def add_trainer_options(ap: argparse.ArgumentParser) -> None:
@@ -112,6 +119,8 @@ def add_trainer_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--caption-prefix", default="", help="put before every caption (a trigger word: 'sks, ')")
     ap.add_argument("--caption-dropout", type=float, default=0.0,
                     help="fraction of samples trained on the empty caption")
+    ap.add_argument("--repeat-folders", action="store_true",
+                    help="kohya's N_name subfolders repeat their images N times")
     ap.add_argument("--tensorboard", action="store_true",
                     help="TensorBoard event files in OUT/tensorboard (needs the tensorboard package)")
 
@@ -206,7 +215,7 @@ def training_data(a, acc, family: fam.Family, net) -> tuple[list[torch.Tensor], 
     from diffusers import AutoencoderKL
 
     dev, say = acc.device, print if acc.is_main_process else (lambda *_: None)
-    ds = load_dataset(a.data, a.resolution, a.resize_mode)
+    ds = load_dataset(a.data, a.resolution, a.resize_mode, repeat_folders=a.repeat_folders)
     for s in ds.skipped:
         say(f"selfperc: skipped {s.path}: {s.reason}")
     say(f"selfperc: {family.name} model, {len(ds.images)} images ({len(ds.skipped)} skipped), "
@@ -217,10 +226,12 @@ def training_data(a, acc, family: fam.Family, net) -> tuple[list[torch.Tensor], 
             bf16 = DTYPES[acc.mixed_precision] == torch.bfloat16
             texts = [a.caption_prefix + c if c else a.caption_prefix.strip(" ,;") for c in ds.captions] \
                 if a.caption_prefix else ds.captions
-            conds = encode_captions(a.model, texts + [""], a.caption_cache or a.out / "caption_cache", dev,
+            extra = [""] if a.caption_dropout else []  # the dropped samples' caption
+            conds = encode_captions(a.model, texts + extra, a.caption_cache or a.out / "caption_cache", dev,
                                     family.text, torch.bfloat16 if bf16 else torch.float32,
                                     getattr(net.config, "joint_attention_dim", None), log=say)
-            conds, empty = conds[:-1], [conds[-1]] * len(ds.images) if a.caption_dropout else None
+            if extra:
+                conds, empty = conds[:-1], [conds[-1]] * len(ds.images)
     else:
         why = "--captions off" if a.captions == "off" else "the model folder has no text encoders of its family"
         say(f"selfperc: zero text conditioning ({why}); captions are not used")
@@ -308,9 +319,12 @@ def train(run: Run) -> list[float]:
         losses.append(acc.reduce(parts.loss.to(acc.device), reduction="mean").item())
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.5f}")
-        if log is not None:  # this process's parts, the global loss
-            log.step(step, dataclasses.replace(parts, loss=torch.tensor(losses[-1])),
-                     trainer.optimizer.param_groups[0]["lr"])
+        if log is not None or acc.num_processes > 1:  # every process reduces; the main one writes
+            glob = {k: acc.reduce(torch.as_tensor(getattr(parts, k)).float().to(acc.device), reduction="mean")
+                    for k in ("perceptual", "mse")}
+            if log is not None:
+                log.step(step, dataclasses.replace(parts, loss=torch.tensor(losses[-1]), **glob),
+                         trainer.optimizer.param_groups[0]["lr"])
 
     def save(step):
         if acc.is_main_process:

@@ -175,7 +175,8 @@ def test_kohya_repeat_folders_count_their_images_n_times_and_bad_counts_are_refu
     make_dataset(tmp_path / "1_mugs", names=["coffee"])
     make_dataset(tmp_path / "plain", names=["astronaut"])  # no N_ prefix: once
     make_dataset(tmp_path / "3_cats" / "10_inner", names=["camera"])  # only the first level's name counts
-    ds = load_dataset(tmp_path, 64)
+    assert load_dataset(tmp_path, 64).repeats == [1, 1, 1, 1]  # off by default: a folder may be called 2023_trip
+    ds = load_dataset(tmp_path, 64, repeat_folders=True)
     by_folder = {f.relative_to(tmp_path).parts[0]: r for f, r in zip(ds.files, ds.repeats)}
     assert by_folder == {"3_cats": 3, "1_mugs": 1, "plain": 1} and sorted(ds.repeats) == [1, 1, 3, 3]
     order = repeated(list(range(len(ds.files))), ds.repeats)
@@ -184,4 +185,4 @@ def test_kohya_repeat_folders_count_their_images_n_times_and_bad_counts_are_refu
         other = tmp_path.parent / f"bad_{bad}"
         make_dataset(other / bad, names=["coffee"])
         with pytest.raises(DatasetError, match=f"dataset subfolder '{bad}' .* repeat count"):
-            load_dataset(other, 64)
+            load_dataset(other, 64, repeat_folders=True)

@@ -1,5 +1,6 @@
 """The trainer options users expect (timestep laws, min-SNR, weight decay, clipping, Adafactor, caption dropout),
 each against its formula on the toy network (no ComfyUI)."""
+import copy
 import math
 
 import pytest
@@ -44,28 +45,41 @@ def test_bad_laws_are_refused_naming_the_setting():
             law.validate()
 
 
-def test_min_snr_weights_follow_their_formula_and_refuse_flow_models():
+def test_min_snr_weights_follow_their_formula_for_each_parameterization():
     sigma = torch.tensor([0.1, 0.5, 1.0, 3.0])
     snr = 1 / sigma ** 2  # 100, 4, 1, 1/9
-    torch.testing.assert_close(min_snr_weight(sigma, 5.0, "eps"), torch.minimum(snr, torch.tensor(5.0)) / snr)
-    torch.testing.assert_close(min_snr_weight(sigma, 5.0, "v"), torch.minimum(snr, torch.tensor(5.0)) / (snr + 1))
-    assert float(min_snr_weight(sigma, 5.0, "eps")[0]) == pytest.approx(0.05)  # high SNR weighed down 20x
-    assert float(min_snr_weight(sigma, 5.0, "eps")[-1]) == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="min_snr_gamma is for eps and v models; this model is 'flow'"):
-        min_snr_weight(sigma, 5.0, "flow")
+    g = torch.minimum(snr, torch.tensor(5.0))
+    torch.testing.assert_close(min_snr_weight(sigma, 5.0, -sigma), g / snr)  # eps: c_out = -sigma
+    torch.testing.assert_close(min_snr_weight(sigma, 5.0, -sigma / (sigma ** 2 + 1).sqrt()), g / (snr + 1))  # v
+    torch.testing.assert_close(min_snr_weight(sigma, 5.0, torch.ones(4)), g)  # x0-prediction: c_out = 1
+    edm = min_snr_weight(sigma, 5.0, sigma * 0.5 / (sigma ** 2 + 0.25).sqrt(), sigma_data=0.5)
+    snr_edm = 0.25 / sigma ** 2
+    torch.testing.assert_close(edm, torch.minimum(snr_edm, torch.tensor(5.0)) / (snr_edm + 1))
+    assert float(min_snr_weight(sigma, 5.0, -sigma)[0]) == pytest.approx(0.05)  # high SNR weighed down 20x
     x0, x0_hat = torch.zeros(4, 2, 3), torch.arange(24.0).reshape(4, 2, 3)
     w = torch.tensor([0.5, 1.0, 2.0, 0.0])
     expected = sum(float(w[i]) * float((x0_hat[i] ** 2).mean()) for i in range(4)) / 4
     assert float(prediction_mse(x0_hat, x0, weights=w)) == pytest.approx(expected)
 
 
-def test_min_snr_weighs_the_trainers_mse_term():
-    plain, _ = trainer(perceptual_weight=0.0, mse_weight=1.0)
-    weighted, _ = trainer(perceptual_weight=0.0, mse_weight=1.0, min_snr_gamma=0.01)
-    a, b = plain.step(), weighted.step()
-    assert float(b.mse) < float(a.mse)  # gamma far below every SNR of the toy's range weighs every sample down
-    with pytest.raises(ValueError, match="set mse_space 'native'"):
-        TrainSettings(min_snr_gamma=5.0, mse_space="x0").validate()
+def test_min_snr_weighs_the_trainers_mse_term_by_its_formula_and_not_the_validation():
+    kw = dict(perceptual_weight=0.0, mse_weight=1.0)
+    plain, _ = trainer(**kw)
+    weighted, _ = trainer(min_snr_gamma=0.01, **kw)  # below the toy's SNRs: every weight below 1
+    draw = plain._draw()
+    a, b = plain._micro_batch(draw, 0), weighted._micro_batch(draw, 0)  # batch 1, the same model and draws
+    sigma = plain.view.sigma_of_t(draw[1][:1])
+    w = min_snr_weight(sigma, 0.01, plain.view.output_scale(sigma))
+    assert float(b.mse) == pytest.approx(float(w[0]) * float(a.mse), rel=1e-5) and float(w[0]) != 1.0
+    latents = plain.latents[:2]
+    assert plain.validate(latents, [None, None], seed=3) == weighted.validate(latents, [None, None], seed=3)
+    for bad, message in [(dict(min_snr_gamma=5.0, mse_space="x0", mse_weight=1.0), "set mse_space 'native'"),
+                         (dict(min_snr_gamma=5.0), "mse_weight 0 leaves out"),
+                         (dict(t_law_std=2.0), "with t_law 'uniform' leave them"),
+                         (dict(t_law="logit_normal", t_shift=1e30), "out of range"),
+                         (dict(optimizer="adamw", weight_decay=1e6), "weight_decay 1000000.0")]:
+        with pytest.raises(ValueError, match=message):
+            TrainSettings(**bad).validate()
 
 
 def test_weight_decay_is_decoupled_and_only_where_the_optimizer_decouples_it():
@@ -93,11 +107,22 @@ def test_gradient_clipping_bounds_the_update_of_plain_sgd():
     assert update_norm(max_grad_norm=1.0) == pytest.approx(free, rel=1e-6)  # above the norm: untouched
 
 
+def test_adafactor_moves_a_zero_started_lora_as_far_as_adamw_at_the_same_learning_rate():
+    def moved(name):
+        tr, params = trainer(optimizer=name, learning_rate=1e-3)
+        before = [p.detach().clone() for p in params]
+        for _ in range(5):
+            tr.step()
+        return math.sqrt(sum(float((p.detach() - b).square().sum()) for p, b in zip(params, before)))
+    ratio = moved("adafactor") / moved("adamw")
+    assert 0.1 < ratio < 10, ratio  # torch's default eps2 would make it ~1e-3
+
+
 def test_adafactor_trains_and_resumes_exactly():
     a, pa = trainer(optimizer="adafactor", learning_rate=1e-2)
     for _ in range(2):
         a.step()
-    state = a.state_dict()
+    state = copy.deepcopy(a.state_dict())  # as read back from a file: not the live optimizer's tensors
     b, pb = trainer(optimizer="adafactor", learning_rate=1e-2)
     for _ in range(2):
         b.step()

@@ -22,14 +22,28 @@ def uncaptioned(comfy):
 
 def test_the_caption_prefix_and_the_empty_caption_reach_the_text_encoder(pack, models, captioned, uncaptioned,
                                                                        monkeypatch):
+    from selfperc_pack.nodes import run
+
     model, clip, vae = models
-    seen = []
+    seen, trainers = [], []
     tokenize = clip.tokenize
     monkeypatch.setattr(clip, "tokenize", lambda text, *a, **k: seen.append(text) or tokenize(text, *a, **k))
+
+    class Watched(run.Trainer):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            trainers.append(self)
+    monkeypatch.setattr(run, "Trainer", Watched)
     out = train(pack, model, vae, captioned, clip=clip, lora_name="opt/prefix", steps=2, caption_prefix="sks, ",
                 caption_dropout=0.5)
     assert len(out.args[2]["loss"]) == 2
-    assert "" in seen  # the dropped samples' caption
+    (tr,) = trainers
+    assert tr.s.caption_dropout == 0.5 and len(tr.empty_conds) == len(tr.conds) == 2
+    import comfy.conds
+    own, empty = tr.conds[0]["c_crossattn"].cond, tr.empty_conds[0]["c_crossattn"].cond
+    expected = clip.encode_from_tokens_scheduled(tokenize(""))[0][0]
+    assert torch.equal(empty, expected) and not torch.equal(own, empty)  # the dropped samples' input: the empty text
+    assert isinstance(tr.empty_conds[0]["c_crossattn"], comfy.conds.CONDCrossAttn)
     captions = [t for t in seen if t]
     assert len(captions) == 2 and all(t.startswith("sks, ") and len(t) > len("sks, ") for t in captions), seen
     seen.clear()
@@ -42,7 +56,8 @@ def test_bad_trainer_options_are_refused_before_work_naming_them(pack, models, c
     cases = [(dict(caption_dropout=0.2), None, "caption_dropout needs the CLIP input"),
              (dict(caption_prefix="sks, "), None, "caption_prefix needs the CLIP input"),
              (dict(optimizer="sgd", weight_decay=0.01), clip, "weight_decay is decoupled weight decay"),
-             (dict(min_snr_gamma=5.0, mse_space="x0"), clip, "set mse_space 'native'"),
+             (dict(min_snr_gamma=5.0, mse_space="x0", mse_weight=1.0), clip, "set mse_space 'native'"),
+             (dict(min_snr_gamma=5.0), clip, "mse_weight 0 leaves out"),
              (dict(t_law="logit_normal", t_law_std=0.0), clip, "t_law_std 0.0"),
              (dict(max_grad_norm=-1.0), clip, "max_grad_norm -1.0")]
     for over, c, message in cases:
@@ -50,7 +65,7 @@ def test_bad_trainer_options_are_refused_before_work_naming_them(pack, models, c
             train(pack, model, vae, captioned, clip=c, lora_name="opt/refused", **over)
     with pytest.raises(ValueError, match="min_snr_gamma is for eps and v models; this model is 'flow'"):
         train(pack, as_parameterization(model, "flow"), vae, captioned, clip=clip, lora_name="opt/refused",
-              min_snr_gamma=5.0, steps=1)
+              min_snr_gamma=5.0, mse_weight=1.0, steps=1)
     assert not list((comfy / "models" / "loras" / "opt").glob("refused*"))
 
 
@@ -62,7 +77,7 @@ def test_repeat_folders_reach_the_loop_and_the_lora_says_how_many_samples(pack, 
     make_dataset(root / "4_cats", names=["chelsea"], captions=False)
     make_dataset(root / "plain", names=["coffee"], captions=False)
     model, clip, vae = models
-    out = train(pack, model, vae, root.name, lora_name="opt/repeats", steps=1, batch_size=1)
+    out = train(pack, model, vae, root.name, lora_name="opt/repeats", steps=1, batch_size=1, repeat_folders=True)
     with safe_open(folder_paths.get_full_path_or_raise("loras", out.args[3]), "pt") as f:
         meta = f.metadata()
     assert meta["dataset_images"] == "2" and meta["dataset_samples"] == "5"
@@ -130,6 +145,16 @@ def test_the_disk_latent_cache_skips_encoding_on_a_second_run_and_never_reads_a_
         list(other.first_stage_model.parameters())[-1].add_(1e-3)  # one weight of the last layer changed
     train(pack, model, other, root.name, lora_name="opt/cache4", **kw)
     assert len(calls) == 2  # another VAE: other keys
+    calls.clear()
+    weight = list(vae.first_stage_model.parameters())[0]
+    with torch.inference_mode(False), torch.no_grad():
+        saved = weight.detach().clone()
+        weight.add_(1e-3)  # the same VAE object, a weight changed in place
+        try:
+            train(pack, model, vae, root.name, lora_name="opt/cache4b", **kw)
+        finally:
+            weight.copy_(saved)
+    assert len(calls) == 2  # its identity is its weights now, not the object
     calls.clear()
     for f in folder.glob("*/*.safetensors"):
         f.write_bytes(b"\x80\x04not a safetensors file")  # garbage (a pickle's opening bytes): never unpickled
