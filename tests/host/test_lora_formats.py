@@ -244,8 +244,9 @@ def test_init_lora_starts_from_a_file_another_tool_wrote(comfy, pack, tiny_model
         with_lora = eps()
         unet.disable_adapters()
         plain = eps()
-    # two UNet implementations (ComfyUI's, diffusers'): fp32 rounding differs between them, hence 1e-3
-    assert_applied_as_trained(with_lora, plain, comfy_eps, rtol=1e-3, atol=1e-3)
+    # two UNet implementations (ComfyUI's, diffusers'): fp32 rounding differs between them, hence 2e-3 (measured:
+    # at most 1.1e-3 with diffusers 0.42, below 1e-3 with earlier releases)
+    assert_applied_as_trained(with_lora, plain, comfy_eps, rtol=1e-3, atol=2e-3)
 
 
 def test_init_lora_names_the_tensors_that_match_no_layer_and_ignores_text_encoder_keys(comfy, pack, tiny_models,
