@@ -72,4 +72,7 @@ def test_sd2_unet_file_is_detected_as_sd20_and_trains_as_v_prediction(comfy, pac
     with caplog.at_level(logging.WARNING):
         loaded, _ = comfy.sd.load_lora_for_models(model, None, sd, 1.0, 0)
     assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
-    assert_applied_as_trained(on, loaded_output(model, x, sigma, **ctx), loaded_output(loaded, x, sigma, **ctx))
+    # atol 2e-5: fp32 rounding of the LoRA beside the layer vs patched into it reaches 1.2e-5 on one of 256 values on
+    # some CPUs (measured; the previous machine's stayed below 1e-5)
+    assert_applied_as_trained(on, loaded_output(model, x, sigma, **ctx), loaded_output(loaded, x, sigma, **ctx),
+                              atol=2e-5)
