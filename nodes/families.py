@@ -207,10 +207,7 @@ def tap_point(dm, layer: str = MID_BLOCK, depth: float = DEFAULT_DEPTH, early_ex
 
     def features(out, shape):
         grid = token_grid(dm, shape)
-        n = 1
-        for g in grid:
-            n *= g
-        return to_grid(pick(out, n, dm), grid)
+        return to_grid(pick(out, math.prod(grid), dm), grid)
     return FeatureTap(module, f"block {i} of {len(stack)}", features, early_exit)
 
 

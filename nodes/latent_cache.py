@@ -22,7 +22,7 @@ log = logging.getLogger("selfperc")
 SIZE_VARIABLE = "SELFPERC_LATENT_CACHE_GB"
 
 
-def max_bytes() -> int:
+def size_bound() -> int:
     """The folder's bound: SELFPERC_LATENT_CACHE_GB (default 8), read when a cache is made."""
     raw = os.environ.get(SIZE_VARIABLE, "8")
     try:
@@ -61,7 +61,7 @@ class LatentCache:
 
     def __init__(self, vae, folder: Path | None = None, max_bytes: int | None = None):
         self.folder = folder or cache_folder()
-        self.max_bytes = max_bytes if max_bytes is not None else globals()["max_bytes"]()
+        self.max_bytes = max_bytes if max_bytes is not None else size_bound()
         self.vae_id = vae_identity(vae)
 
     def path(self, key: str) -> Path:

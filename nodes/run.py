@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..selfperc_core import run_log
-from ..selfperc_core.dataset import load_dataset, repeated
+from ..selfperc_core.dataset import load_dataset, repeated, with_prefix
 from ..selfperc_core.loop import Hooks, NonFiniteLoss, Trainer, TrainSettings, fit
 from . import bridge, data, diffusion_clip, families, files, inputs, latent_cache, lora, plots, preview, saving
 from .host_compat import is_oom
@@ -73,7 +73,7 @@ def plan_run(settings: FineTuneSettings, model, clip, conditioning, dataset_fold
     if s.monitoring.tensorboard:
         run_log.check_available()
     if s.training.cache_latents_to_disk:
-        latent_cache.max_bytes()  # a bad SELFPERC_LATENT_CACHE_GB is refused before work
+        latent_cache.size_bound()  # a bad SELFPERC_LATENT_CACHE_GB is refused before work
     kind = bridge.parameterization(bridge.model_sampling(model))
     if s.objective.min_snr_gamma and kind not in ("eps", "v"):
         raise ValueError(f"min_snr_gamma is for eps and v models; this model is {kind!r} (use t_law / t_shift)")
@@ -161,14 +161,6 @@ def prepare(plan: RunPlan, model, vae, clip, ds) -> Prepared:
     if plan.settings.training.caption_dropout:
         empty = inputs.with_guidance(clip.encode_from_tokens_scheduled(clip.tokenize("")), guidance)
     return Prepared(latents, prompts, samples, held, empty, list(ds.repeats) or None)
-
-
-def with_prefix(captions: list[str | None], prefix: str) -> list[str | None]:
-    """``prefix`` (e.g. a trigger word with its separator, 'sks, ') put before every caption, as typed; an image
-    without a caption gets the prefix alone (its separator stripped)."""
-    if not prefix:
-        return captions
-    return [prefix + c if c else prefix.strip(" ,;") for c in captions]
 
 
 def model_inputs_per_image(ses, prep: Prepared, seed: int, prompts: list | None = None) -> list[dict]:

@@ -76,6 +76,14 @@ def repeats_of(path: Path, folder: Path) -> int:
     return n
 
 
+def with_prefix(captions: list[str | None], prefix: str) -> list[str | None]:
+    """``prefix`` (e.g. a trigger word with its separator, 'sks, ') put before every caption, as typed; an image
+    without a caption gets the prefix alone (its separator stripped)."""
+    if not prefix:
+        return captions
+    return [prefix + c if c else prefix.strip(" ,;") for c in captions]
+
+
 def repeated(indices: list[int], repeats: list[int]) -> list[int]:
     """Each index as many times as its image's repeat count (the loop then draws it that much more often)."""
     out = [i for i in indices for _ in range(repeats[i])]

@@ -127,6 +127,9 @@ def make_optimizer(name: str, params: list[Tensor], lr: float, weight_decay: flo
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "adafactor":
+        if not hasattr(torch.optim, "Adafactor"):
+            raise ValueError(f"optimizer 'adafactor' needs torch.optim.Adafactor (torch 2.5 or newer); this torch is "
+                             f"{torch.__version__}")
         # torch scales each step by max(eps2, RMS(weight)); a LoRA's up matrix starts at zero, where the default
         # eps2 1e-3 makes steps 1000x smaller than lr says: with eps2 1 the step is lr x the normalised update, as
         # for AdamW, so learning rates carry over

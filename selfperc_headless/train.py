@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from selfperc_core.adapter import checkpoint_forward
-from selfperc_core.dataset import MAX_CAPTION_CHARS, RESIZE_MODES, as_float, load_dataset, repeated
+from selfperc_core.dataset import MAX_CAPTION_CHARS, RESIZE_MODES, as_float, load_dataset, repeated, with_prefix
 from selfperc_core.features import DEFAULT_DEPTH, check_depth
 from selfperc_core.loop import LR_SCHEDULES, OPTIMIZERS, Distributed, Hooks, Trainer, TrainSettings, fit, make_optimizer
 from selfperc_core.model_view import ModelView, frozen_features_fn
@@ -224,8 +224,7 @@ def training_data(a, acc, family: fam.Family, net) -> tuple[list[torch.Tensor], 
     if a.captions == "auto" and has_text_encoder(a.model, family.text):
         with acc.main_process_first():  # the main process encodes and caches; the others then read the cache
             bf16 = DTYPES[acc.mixed_precision] == torch.bfloat16
-            texts = [a.caption_prefix + c if c else a.caption_prefix.strip(" ,;") for c in ds.captions] \
-                if a.caption_prefix else ds.captions
+            texts = with_prefix(ds.captions, a.caption_prefix)
             extra = [""] if a.caption_dropout else []  # the dropped samples' caption
             conds = encode_captions(a.model, texts + extra, a.caption_cache or a.out / "caption_cache", dev,
                                     family.text, torch.bfloat16 if bf16 else torch.float32,
