@@ -97,6 +97,19 @@ SPECS: dict[str, tuple[str, dict, int, dict]] = {
         rope_enable_fps_modulation=False), 8, {"mask": True}),
 }
 FAMILIES: tuple[str, ...] = tuple(SPECS)
+# Upscalers (concat-conditioned, kept out of FAMILIES: they are not text-to-image models). SD x4: 7 input channels
+# (the 4-channel latent + the 3-channel low-res image at the latent's size), the augmentation level as a
+# 1000-class label; supported_models.SD_X4Upscaler's extra config fixes 4 levels.
+UPSCALERS: dict[str, tuple[str, dict, int, dict]] = {
+    "sd_x4": ("SD_X4Upscaler", dict(_UNET, in_channels=7, model_channels=32, channel_mult=[1, 1, 2, 2],
+                                    num_res_blocks=[1] * 4, transformer_depth=[0, 0, 1, 1],
+                                    transformer_depth_output=[1, 1, 1, 1, 0, 0, 0, 0],
+                                    use_linear_in_transformer=True), 4, {}),
+}
+
+
+def spec(family: str) -> tuple[str, dict, int, dict]:
+    return SPECS[family] if family in SPECS else UPSCALERS[family]
 
 
 def _init_params(module: torch.nn.Module, seed: int) -> None:
@@ -123,7 +136,7 @@ def _init_params(module: torch.nn.Module, seed: int) -> None:
 
 def tiny_model(family: str, seed: int = 0):
     """A ModelPatcher around a tiny random model of ``family`` (CPU, fp32), as ComfyUI's loaders produce one."""
-    cls_name, unet_config, _, _ = SPECS[family]
+    cls_name, unet_config, _, _ = spec(family)
     return build_model(cls_name, unet_config, seed, v_prediction=family == "sd20_v")
 
 
@@ -150,7 +163,7 @@ def build_model(cls_name: str, unet_config: dict, seed: int = 0, dtype: torch.dt
 
 def tiny_conditioning(family: str, model_patcher=None, seed: int = 0, tokens: int = 7) -> list:
     """CONDITIONING [[cross_attn (1, tokens, CTX), extras]] as this family's text encoder(s) would give it."""
-    extras = SPECS[family][3]
+    extras = spec(family)[3]
     gen = torch.Generator().manual_seed(seed + 1)
     cond = torch.randn((1, tokens, CTX), generator=gen)
     out = {}
@@ -173,8 +186,8 @@ def latent_shape(family: str, model_patcher=None, side: int = 16) -> tuple:
     if model_patcher is not None:
         fmt = model_patcher.model.latent_format
     else:
-        fmt = getattr(comfy.supported_models, SPECS[family][0]).latent_format()
-    hw = max(1, side * 8 // SPECS[family][2])
+        fmt = getattr(comfy.supported_models, spec(family)[0]).latent_format()
+    hw = max(1, side * 8 // spec(family)[2])
     channels = fmt.latent_channels
     return (1, channels, 1, hw, hw) if getattr(fmt, "latent_dimensions", 2) == 3 else (1, channels, hw, hw)
 

@@ -30,6 +30,7 @@ from .settings import (
 
 OBJECTIVE = io.Custom("SELFPERC_OBJECTIVE")
 DIRECTION = io.Custom("SELFPERC_DIRECTION")  # from Self-Perceptual Direction (direction.py)
+SUPER_RESOLUTION = io.Custom("SELFPERC_SUPER_RESOLUTION")  # from Self-Perceptual Super-Resolution
 TRAINING = io.Custom("SELFPERC_TRAINING")
 LORA = io.Custom("SELFPERC_LORA")
 MONITORING = io.Custom("SELFPERC_MONITORING")
@@ -105,6 +106,11 @@ class SelfPerceptualObjective(io.ComfyNode):
                             "(each image moved from its source text towards the target text); perceptual_weight "
                             "then weighs its identity term, the self-perceptual distance to the image. Not "
                             "connected: the self-perceptual fine-tune."),
+                SUPER_RESOLUTION.Input(
+                    "super_resolution", optional=True,
+                    tooltip="Self-Perceptual Super-Resolution (SR3 / CDM): the fine-tune trains an upscaler (the "
+                            "SD x4 upscaler) on pairs made from the folder's images, each step with a freshly "
+                            "degraded low-res condition. Not connected: the text-to-image fine-tune."),
             ],
             outputs=[OBJECTIVE.Output(display_name="objective", tooltip="Into the fine-tune's objective input.")],
         )

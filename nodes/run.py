@@ -18,8 +18,9 @@ from tqdm.auto import tqdm
 
 from ..selfperc_core import run_log
 from ..selfperc_core.dataset import load_dataset, repeated, with_prefix
-from ..selfperc_core.loop import Hooks, NonFiniteLoss, Trainer, TrainSettings, fit
+from ..selfperc_core.loop import Hooks, NonFiniteLoss, StepConditions, Trainer, TrainSettings, fit
 from . import bridge, data, diffusion_clip, families, files, inputs, latent_cache, lora, plots, preview, saving
+from . import super_resolution as sr_task
 from .host_compat import is_oom
 from .session import SessionSpec, training_session
 from .settings import NONE, FineTuneSettings
@@ -63,10 +64,15 @@ class RunPlan:
                            latent_shape=latent_shape, batch=s.batch_size)
 
 
-def plan_run(settings: FineTuneSettings, model, clip, conditioning, dataset_folder: str) -> RunPlan:
+def plan_run(settings: FineTuneSettings, model, clip, conditioning, dataset_folder: str, vae=None) -> RunPlan:
     """Every check before any training work (a refusal may come after the LoRA's folder was created or a resume /
-    init file was read, never after a model or dataset was touched)."""
+    init file was read, never after a model or dataset was touched); ``vae``: for the checks that need it."""
     s = settings.validate()
+    sr = s.objective.super_resolution
+    if sr is not None:
+        sr_task.check_model(sr, model)
+        if vae is not None:
+            sr_task.check_resolution(s.resolution, sr_task.factor_of(vae))
     families.tap_point(model.model.diffusion_model, s.objective.feature_layer, s.objective.tap_depth)  # supported?
     if s.monitoring.prompts and clip is None:
         raise ValueError("sample_prompts need the CLIP input to encode them")
@@ -115,7 +121,8 @@ def tensorboard_folder(plan: RunPlan) -> Path:
 
 def read_dataset(plan: RunPlan):
     ds = load_dataset(plan.folder, plan.settings.resolution, plan.settings.training.resize_mode,
-                      max_cache_bytes=data.cache_budget(), repeat_folders=plan.settings.training.repeat_folders)
+                      max_cache_bytes=data.cache_budget(), repeat_folders=plan.settings.training.repeat_folders,
+                      no_upscale=plan.settings.objective.super_resolution is not None)
     if any(r > 1 for r in ds.repeats):
         log.info("selfperc: repeat folders: %d images make %d samples", len(ds.repeats), sum(ds.repeats))
     for s in ds.skipped:
@@ -136,10 +143,16 @@ class Prepared:
     held: list[int]
     empty: list | None = None  # the empty caption's conditioning, for caption_dropout
     repeats: list[int] | None = None  # per image, from N_name folders (None: once each)
+    lows: list[torch.Tensor] | None = None  # super-resolution: each image's clean low-res condition
+    factor: int = 0                          # super-resolution: the VAE's (and so the upscaler's) factor
 
 
 def prepare(plan: RunPlan, model, vae, clip, ds) -> Prepared:
     cache = latent_cache.LatentCache(vae) if plan.settings.training.cache_latents_to_disk else None
+    lows, factor = None, 0
+    if plan.settings.objective.super_resolution is not None:  # before encoding: a bad size is refused first
+        factor = sr_task.factor_of(vae)
+        lows = sr_task.low_res_images(ds.images, factor, ds.files)
     latents = data.encode_latents(model, vae, ds.images, cache)
     guidance = plan.settings.objective.guidance
     guided: dict[int, list] = {}  # one guided conditioning per distinct caption: model inputs are cached by it
@@ -160,7 +173,7 @@ def prepare(plan: RunPlan, model, vae, clip, ds) -> Prepared:
     empty = None
     if plan.settings.training.caption_dropout:
         empty = inputs.with_guidance(clip.encode_from_tokens_scheduled(clip.tokenize("")), guidance)
-    return Prepared(latents, prompts, samples, held, empty, list(ds.repeats) or None)
+    return Prepared(latents, prompts, samples, held, empty, list(ds.repeats) or None, lows, factor)
 
 
 def model_inputs_per_image(ses, prep: Prepared, seed: int, prompts: list | None = None) -> list[dict]:
@@ -211,15 +224,23 @@ def make_trainer(plan: RunPlan, ses, prep: Prepared, mode=None) -> tuple[Trainer
                     raise ValueError(f"caption_dropout with batch_size {plan.settings.batch_size}: the empty caption "
                                      f"cannot be batched with image {i + 1}'s caption ({e}); use batch_size 1") from None
         empty = [empty[i] for i in train_idx]
+    condition, validation_conds = None, [conds[i] for i in prep.held]
+    sr = plan.settings.objective.super_resolution
+    if sr is not None:  # each step's degraded low-res condition (trainer indices are train_idx's)
+        shapes = [tuple(lat.shape) for lat in prep.latents]
+        every = sr_task.condition_fn(ses.mp, prep.lows, shapes, sr)
+        condition = lambda i, c, seed: every(train_idx[i], c, seed)  # noqa: E731
+        validation_conds = sr_task.fixed_conditions(every, conds, prep.held, plan.settings.seed + 1)
     trainer = Trainer(ses.params, [prep.latents[i] for i in train_idx], [conds[i] for i in train_idx], view,
-                      plan.train_settings, device=bridge.device(), objective=objective, empty_conds=empty)
+                      plan.train_settings, device=bridge.device(), objective=objective,
+                      conditions=StepConditions(empty, condition))
     if plan.resume_state is not None:
         try:
             trainer.load_state_dict(plan.resume_state)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise files.StateFileError(f"the resume state of {plan.resume_name} does not match this run ({e}); "
                                        "resume with the settings the run was started with") from None
-    validation = ([prep.latents[i] for i in prep.held], [conds[i] for i in prep.held]) if prep.held else None
+    validation = ([prep.latents[i] for i in prep.held], validation_conds) if prep.held else None
     return trainer, validation
 
 
@@ -233,6 +254,8 @@ class FineTuneRun:
         self.meta["dataset_samples"] = len(trainer.latents)  # with repeats, and without the held-out images
         if plan.settings.objective.direction is not None:
             self.meta.update(diffusion_clip.metadata(plan.settings.objective.direction))
+        if plan.settings.objective.super_resolution is not None:
+            self.meta.update(sr_task.metadata(plan.settings.objective.super_resolution, prep.factor))
         self.history: list[tuple[int, float, float]] = []  # (step, self-perceptual, MSE) on the held-out images
         self.shown: list[dict] = []                         # sample grids saved, for the node's UI
         self.total = plan.start_step + plan.settings.steps

@@ -45,6 +45,7 @@ class Objective:
     t_shift: float = 1.0
     min_snr_gamma: float = 0.0
     direction: object = None  # a diffusion_clip.Direction: the DiffusionCLIP directional fine-tune instead
+    super_resolution: object = None  # a super_resolution.SuperResolution: the upscaler fine-tune (SR3 / CDM)
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,10 @@ class FineTuneSettings:
             if not o.perceptual_weight and not o.mse_weight:
                 raise ValueError("the directional fine-tune needs an identity term: perceptual_weight (the "
                                  "self-perceptual distance to each image) or mse_weight above 0")
+        if o.super_resolution is not None:
+            o.super_resolution.validate()
+            if o.direction is not None:
+                raise ValueError("connect a direction or super_resolution to the Objective, not both")
         self.train_settings().validate()
         check_depth(self.objective.tap_depth)
         check_step_size(self.batch_size, self.resolution)

@@ -109,6 +109,6 @@ class SelfPerceptualFineTune(io.ComfyNode):
                                     resolution=resolution, seed=seed, lora_name=lora_name,
                                     objective=objective or Objective(), training=training or TrainingOptions(),
                                     lora=lora or LoraOptions(), monitoring=monitoring or Monitoring())
-        plan = plan_run(settings, model, clip, conditioning, dataset_folder)
+        plan = plan_run(settings, model, clip, conditioning, dataset_folder, vae)
         *outputs, ui = run_fine_tune(plan, model, vae, clip, cls.hidden.unique_id)
         return io.NodeOutput(*outputs, ui=ui)

@@ -216,12 +216,13 @@ def to_tensor(im: Image.Image) -> torch.Tensor:
 
 def load_dataset(folder: Path, resolution: int, mode: str = "center_crop", multiple: int = 64,
                  max_cache_bytes: int | None = None, max_images: int | None = None,
-                 repeat_folders: bool = False) -> Dataset:
+                 repeat_folders: bool = False, no_upscale: bool = False) -> Dataset:
     """Read every usable image of ``folder`` at ``resolution`` (module docstring states the policy).
 
     ``max_cache_bytes`` bounds the decoded images' memory (``cache_bytes``), checked before decoding any;
     ``max_images`` reads only the first that many image files (in scan order, sorted by path); ``repeat_folders``:
-    kohya's N_name subfolders repeat their images (checked before decoding any).
+    kohya's N_name subfolders repeat their images (checked before decoding any); ``no_upscale``: images with
+    to be enlarged to their training size are skipped (a super-resolution target must not be an upscaled image).
     """
     if mode not in RESIZE_MODES:
         raise DatasetError(f"unknown resize mode {mode!r}; choose one of {RESIZE_MODES}")
@@ -246,6 +247,9 @@ def load_dataset(folder: Path, resolution: int, mode: str = "center_crop", multi
             if min(im.size) < MIN_SIDE:
                 raise ValueError(f"{im.size[0]}x{im.size[1]} is smaller than {MIN_SIDE}x{MIN_SIDE}")
             size = bucket_size(*im.size, resolution, multiple) if mode == "buckets" else (resolution, resolution)
+            if no_upscale and max(size[0] / im.size[0], size[1] / im.size[1]) > 1:  # fit() would enlarge it
+                raise ValueError(f"{im.size[0]}x{im.size[1]} would be enlarged to cover {size[0]}x{size[1]}: a "
+                                 "super-resolution target must not be an upscaled image (lower resolution)")
             ds.images.append(to_tensor(fit(im, *size)))
             ds.captions.append(caption)
             ds.files.append(path)

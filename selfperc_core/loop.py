@@ -165,6 +165,16 @@ def lr_factor(step: int, schedule: str, warmup: int, total: int) -> float:
 Objective = Callable[[Tensor, Tensor, Tensor, Tensor, Any, Any], LossParts]
 
 
+@dataclass(frozen=True)
+class StepConditions:
+    """How a sample's conditioning is chosen at each step, beyond its own. ``empty``: per image, its conditioning
+    with the empty caption (for caption_dropout). ``fresh(image index, conditioning, seed)``: this step's
+    conditioning, for what is drawn afresh per sample and step (super_resolution.py's degraded low-res image); the
+    seed comes from the loop's generator, so a resumed run draws the same."""
+    empty: list | None = None
+    fresh: Callable[[int, Any, int], Any] | None = None
+
+
 class NonFiniteLoss(FloatingPointError):
     def __init__(self, step: int, value: float):
         super().__init__(f"loss became {value} at step {step}: training stopped before the update; "
@@ -184,7 +194,7 @@ class Trainer:
         settings: the run's settings (checked here).
         dist: data parallel processes (default: one).
         optimizer: an optimizer over ``params`` made elsewhere (e.g. prepared by accelerate); default: the settings'.
-        empty_conds: per image, its conditioning with the empty caption, for ``caption_dropout``.
+        conditions: what changes a sample's conditioning per step (``StepConditions``).
         objective: (x0, eps, sigma, sigma', cond batch, backward) -> LossParts, in place of the self-perceptual
             loss (e.g. directional.py's DiffusionCLIP loss); the draws, batching, optimizer and state stay the
             loop's. ``backward(loss)`` (None when no gradient is wanted) lets it backpropagate parts of its loss as
@@ -194,7 +204,7 @@ class Trainer:
     def __init__(self, params: list[Tensor], latents: list[Tensor], conds: list, view: ModelView,
                  settings: TrainSettings, device=None, dist: Distributed = Distributed(),
                  optimizer: torch.optim.Optimizer | None = None, objective: Objective | None = None,
-                 empty_conds: list | None = None):
+                 conditions: StepConditions = StepConditions()):
         if len(latents) != len(conds):
             raise ValueError(f"{len(latents)} latents but {len(conds)} conditionings")
         self.s = settings.validate()
@@ -209,9 +219,9 @@ class Trainer:
                                                      settings.weight_decay)
         if settings.min_snr_gamma and view.parameterization not in ("eps", "v"):
             raise ValueError(f"min_snr_gamma is for eps and v models; this model is {view.parameterization!r}")
-        if settings.caption_dropout and empty_conds is None and any(c is not None for c in conds):
-            raise ValueError("caption_dropout needs the empty caption's conditioning per image (empty_conds)")
-        self.empty_conds = empty_conds
+        if settings.caption_dropout and conditions.empty is None and any(c is not None for c in conds):
+            raise ValueError("caption_dropout needs the empty caption's conditioning per image (conditions.empty)")
+        self.empty_conds, self.condition = conditions.empty, conditions.fresh
         self.generator = torch.Generator().manual_seed(settings.seed)
         self.step_count = 0
         self.losses: list[float] = []
@@ -252,7 +262,9 @@ class Trainer:
         # drawn last and only when used, so that runs without dropout draw what they always drew
         drop = (torch.rand(len(idx), generator=g) < s.caption_dropout) if s.caption_dropout else \
             torch.zeros(len(idx), dtype=torch.bool)
-        return idx, t, tp, eps, drop
+        seeds = torch.randint(0, 2 ** 31 - 1, (len(idx),), generator=g) if self.condition is not None else \
+            torch.zeros(len(idx), dtype=torch.long)
+        return idx, t, tp, eps, drop, seeds
 
     def _loss(self, x0: Tensor, eps: Tensor, t: Tensor, tp: Tensor, cond, training: bool = True) -> LossParts:
         """The objective on one batch at online levels t and perceptual levels t' (fractions of the schedule);
@@ -279,10 +291,12 @@ class Trainer:
         batch of k*B, and N processes x B exactly one process x N*B."""
         s = self.s
         lo = (j * self.dist.world_size + self.dist.rank) * s.batch_size
-        idx, t, tp, eps, drop = (d[lo:lo + s.batch_size] for d in draw)
+        idx, t, tp, eps, drop, seeds = (d[lo:lo + s.batch_size] for d in draw)
         x0 = torch.stack([self.latents[i] for i in idx]).to(self.device)
         conds = [self.empty_conds[i] if dropped and self.empty_conds is not None else self.conds[i]
                  for i, dropped in zip(idx, drop.tolist())]
+        if self.condition is not None:
+            conds = [self.condition(i, c, int(seed)) for i, c, seed in zip(idx, conds, seeds)]
         cond = None if conds[0] is None else self.view.collate(conds)
         return self._loss(x0, eps, t, tp, cond)
 

@@ -23,7 +23,17 @@ import torch
 from selfperc_core.adapter import checkpoint_forward
 from selfperc_core.dataset import MAX_CAPTION_CHARS, RESIZE_MODES, as_float, load_dataset, repeated, with_prefix
 from selfperc_core.features import DEFAULT_DEPTH, check_depth
-from selfperc_core.loop import LR_SCHEDULES, OPTIMIZERS, Distributed, Hooks, Trainer, TrainSettings, fit, make_optimizer
+from selfperc_core.loop import (
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    Distributed,
+    Hooks,
+    StepConditions,
+    Trainer,
+    TrainSettings,
+    fit,
+    make_optimizer,
+)
 from selfperc_core.model_view import ModelView, frozen_features_fn
 from selfperc_core.objective import DISTANCES, MSE_SPACES
 from selfperc_core.run_log import RunLog, check_available
@@ -297,7 +307,7 @@ def setup(a: argparse.Namespace) -> Run:
 
     trainer = Trainer(params, latents, conds, view, settings_of(a), device=acc.device,
                       dist=Distributed(acc.process_index, acc.num_processes, grad_sync), optimizer=opt,
-                      empty_conds=empty)
+                      conditions=StepConditions(empty))
     if a.resume is not None:
         load_checkpoint(a.resume, trainer, params)  # every process reads the same state
     return Run(a, acc, family, net, params, trainer)

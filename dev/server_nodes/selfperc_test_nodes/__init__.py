@@ -13,13 +13,13 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 from dev.stand_ins import CaptionEncoder, PatchVAE  # noqa: E402
-from dev.tiny_families import FAMILIES, SPECS, latent_shape, tiny_conditioning, tiny_model  # noqa: E402
+from dev.tiny_families import FAMILIES, UPSCALERS, latent_shape, spec, tiny_conditioning, tiny_model  # noqa: E402
 
 
 class SelfPercTestTinyFamily:
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"family": (list(FAMILIES),), "side": ("INT", {"default": 4, "min": 1, "max": 64})}}
+        return {"required": {"family": (list(FAMILIES) + list(UPSCALERS),), "side": ("INT", {"default": 4, "min": 1, "max": 64})}}
 
     RETURN_TYPES = ("MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT")
     FUNCTION = "build"
@@ -28,7 +28,7 @@ class SelfPercTestTinyFamily:
     def build(self, family, side):
         mp = tiny_model(family)
         shape = latent_shape(family, None, side=side)
-        return (mp, CaptionEncoder(family), PatchVAE(shape, SPECS[family][2]), tiny_conditioning(family),
+        return (mp, CaptionEncoder(family), PatchVAE(shape, spec(family)[2]), tiny_conditioning(family),
                 {"samples": torch.zeros(shape)})
 
 
