@@ -320,8 +320,50 @@ DIFFUSION_CLIP = {
              (420, 460)),
     },
 }
+UPSCALER = "x4-upscaler-ema.safetensors"
+SUPER_RESOLUTION = {
+    "title": "selfperc_super_resolution",
+    "note": ("Super-resolution (SR3 / CDM): fine-tune the SD x4 upscaler with the self-perceptual loss on your own "
+             "high-res images, measure it on held-out ones, and use it in a cascade.\n\n"
+             "1. Load the SD x4 upscaler (x4-upscaler-ema.safetensors) in the top loader.\n"
+             "2. Put high-res images (at least resolution x resolution each) into a folder of ComfyUI/input/ "
+             "(e.g. input/highres_photos/) and pick it in the fine-tune's dataset_folder; put other ones into a second "
+             "folder for Upscale Evaluate. Each training step averages an image down 4x and degrades it afresh "
+             "(the Super-Resolution node: blur, JPEG, CDM's noise augmentation).\n"
+             "3. The same run with the Objective's perceptual_weight 0 and mse_weight 1 is the plain-MSE baseline; "
+             "connect its LoRA model to the evaluator's baseline_model.\n"
+             "4. Cascade: the base model (bottom loader) makes an image, SD_4XUpscale_Conditioning turns it into the "
+             "upscaler's input, and the sampler upscales it with the base upscaler and with the fine-tuned one from "
+             "the same noise: base | fine-tuned."),
+    "nodes": {
+        1: ("CheckpointLoaderSimple", {"ckpt_name": UPSCALER}, (40, 120), (320, 100)),
+        2: ("SelfPerceptualSuperResolution", {"noise_augmentation_max": 0.2}, (40, 260), (320, 130)),
+        3: ("SelfPerceptualObjective", {"super_resolution": (2, 0)}, (40, 430), (320, 380)),
+        4: ("SelfPerceptualFineTune", {"model": (1, 0), "vae": (1, 2), "clip": (1, 1), "steps": 500,
+                                       "dataset_folder": "highres_photos", "resolution": 512, "objective": (3, 0),
+                                       "lora_name": "selfperc/upscaler_lora"}, (400, 120), (360, 420)),
+        5: ("PreviewImage", {"images": (4, 4)}, (400, 580), (360, 260)),
+        6: ("SelfPerceptualUpscaleEvaluate", {"base_model": (1, 0), "model": (4, 0), "vae": (1, 2),
+                                              "dataset_folder": "highres_held_out", "resolution": 512},
+            (800, 120), (360, 420)),
+        7: ("PreviewImage", {"images": (6, 2)}, (800, 580), (360, 260)),
+        8: ("CheckpointLoaderSimple", {"ckpt_name": CKPT}, (40, 880), (320, 100)),
+        9: ("CLIPTextEncode", {"clip": (8, 1), "text": "a photo of a cat"}, (40, 1020), (320, 100)),
+        10: ("EmptyLatentImage", {"width": 256, "height": 256, "batch_size": 1}, (40, 1160), (320, 110)),
+        11: ("KSampler", {"model": (8, 0), "positive": (9, 0), "negative": (9, 0), "latent_image": (10, 0),
+                          "steps": 20, "cfg": 1.0}, (400, 880), (320, 260)),
+        12: ("VAEDecode", {"samples": (11, 0), "vae": (8, 2)}, (400, 1180), (200, 50)),
+        13: ("CLIPTextEncode", {"clip": (1, 1), "text": "a photo of a cat"}, (760, 880), (320, 100)),
+        14: ("SD_4XUpscale_Conditioning", {"images": (12, 0), "positive": (13, 0), "negative": (13, 0),
+                                           "scale_ratio": 4.0, "noise_augmentation": 0.2}, (760, 1020), (320, 150)),
+        15: ("SelfPerceptualSampler", {"model": (4, 0), "base_model": (1, 0), "latent": (14, 2), "positive": (14, 0),
+                                       "negative": (14, 1), "vae": (1, 2), "steps": 20}, (1120, 880), (340, 380)),
+        16: ("SaveImage", {"images": (15, 1), "filename_prefix": "selfperc/upscaled"}, (1500, 880), (420, 460)),
+    },
+}
 SPECS = [FINE_TUNE, DISTANCE, LOAD_LORA, EVALUATE, REAL_IMAGE_AB, NULL_TEXT_EDIT, DIRECT_EDIT, P2P, P2P_PHOTO,
-         PIX2PIX_ZERO, PIX2PIX_ZERO_PHOTO, IMAGIC, DIFFUSION_CLIP]
+         PIX2PIX_ZERO, PIX2PIX_ZERO_PHOTO, IMAGIC, DIFFUSION_CLIP,
+         SUPER_RESOLUTION]
 
 
 def _inputs(spec: dict) -> list[tuple[str, str, dict]]:

@@ -15,12 +15,14 @@ from .p2p_guider import SelfPerceptualPromptToPrompt
 from .pix2pix_zero_guider import SelfPerceptualPix2PixZero
 from .sample import SelfPerceptualSampler
 from .train import SelfPerceptualFineTune
+from .upscale_evaluate import SelfPerceptualUpscaleEvaluate
 from .upscaler import SelfPerceptualSuperResolution
 
 NODES = [SelfPerceptualFineTune, *OPTION_NODES, SelfPerceptualSampler, PerceptualDistance, SelfPerceptualEvaluate,
          SelfPerceptualInvert, SelfPerceptualNullTextInversion, SelfPerceptualInversionGuider,
          SelfPerceptualPromptToPrompt, SelfPerceptualPix2PixZero, SelfPerceptualAttentionMaps,
-         SelfPerceptualOptimizeEmbedding, SelfPerceptualDirection, SelfPerceptualSuperResolution]
+         SelfPerceptualOptimizeEmbedding, SelfPerceptualDirection, SelfPerceptualSuperResolution,
+         SelfPerceptualUpscaleEvaluate]
 
 
 class SelfPerceptualExtension(ComfyExtension):

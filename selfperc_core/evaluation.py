@@ -144,6 +144,29 @@ def compare(real: Tensor, fakes: dict[str, Tensor], metric, bootstraps: int = 20
     return out
 
 
+def paired_means(values: dict[str, Tensor], bootstraps: int = 20, seed: int = 0, reference: str | None = None,
+                 contrasts: tuple = ()) -> dict:
+    """Per-image scores (name -> (N,), image i of every model made from the same input and noise) -> each model's
+    mean, and the mean differences to ``reference`` and for each (a, b) of ``contrasts``, with a paired bootstrap
+    over the images: one draw of images per replicate for every model, so what the images share cancels."""
+    sizes = {v.shape[0] for v in values.values()}
+    if len(sizes) != 1 or min(sizes) < 1:
+        raise ValueError(f"every model needs a score for the same images, got counts {sorted(sizes)}")
+    n = sizes.pop()
+    g = torch.Generator().manual_seed(seed)
+    reps: dict[str, list[float]] = {k: [] for k in values}
+    for _ in range(bootstraps if n > 1 else 0):
+        idx = torch.randint(n, (n,), generator=g)
+        for k, v in values.items():
+            reps[k].append(float(v[idx].double().mean()))
+    means = {k: float(v.double().mean()) for k, v in values.items()}
+    out = {k: _spread(means[k], reps[k]) for k in values}
+    pairs = [(k, reference) for k in values if reference is not None and k != reference] + list(contrasts)
+    for a, b in pairs:
+        out[f"{a} - {b}"] = _spread(means[a] - means[b], [x - y for x, y in zip(reps[a], reps[b])])
+    return out
+
+
 def _draw(n: int, g: torch.Generator, replace: bool) -> Tensor:
     if replace:
         return torch.randint(n, (n,), generator=g)
@@ -236,14 +259,15 @@ def build_report(metrics: dict, *, tap: str, width: int, levels: list[float], sa
             "metrics": metrics, "notes": notes}
 
 
-def verdict(s: dict) -> str:
-    """Plain words for a difference's 5-95% interval."""
+def verdict(s: dict, higher_is_better: bool = False) -> str:
+    """Plain words for a difference's 5-95% interval (a distance: lower is better; ``higher_is_better``: PSNR)."""
     if s["p05"] is None:
         return "no spread (bootstraps < 2)"
+    up, down = ("better", "worse") if higher_is_better else ("worse", "better")
     if s["p05"] > 0:
-        return "worse (higher), beyond the spread"
+        return f"{up} (higher), beyond the spread"
     if s["p95"] < 0:
-        return "better (lower), beyond the spread"
+        return f"{down} (lower), beyond the spread"
     return "within the spread: no measurable difference"
 
 

@@ -12,13 +12,13 @@ pytestmark = pytest.mark.e2e
 NAMES = sorted(p.name for p in workflows.WORKFLOWS.glob("*.json"))
 
 
-def test_thirteen_workflows_ship_with_what_each_is_for():
+def test_fourteen_workflows_ship_with_what_each_is_for():
     assert NAMES == ["selfperc_diffusion_clip.json", "selfperc_direct_inversion_edit.json", "selfperc_evaluate.json",
                      "selfperc_fine_tune_compare.json", "selfperc_imagic.json", "selfperc_load_lora_compare.json",
                      "selfperc_null_text_edit.json", "selfperc_perceptual_distance.json",
                      "selfperc_pix2pix_zero.json", "selfperc_pix2pix_zero_photo.json",
                      "selfperc_prompt_to_prompt.json", "selfperc_prompt_to_prompt_photo.json",
-                     "selfperc_real_image_ab.json"]
+                     "selfperc_real_image_ab.json", "selfperc_super_resolution.json"]
     kinds = {n: sorted(node["type"] for node in workflows.load(n)["nodes"]) for n in NAMES}
     assert {"SelfPerceptualFineTune", "SelfPerceptualSampler", "LossGraphNode", "SaveImage"} <= set(
         kinds["selfperc_fine_tune_compare.json"])
@@ -43,6 +43,9 @@ def test_thirteen_workflows_ship_with_what_each_is_for():
             "SelfPerceptualSampler", "SaveImage"} <= set(kinds["selfperc_imagic.json"])
     assert {"SelfPerceptualDirection", "SelfPerceptualObjective", "SelfPerceptualFineTune", "LoadImage",
             "SelfPerceptualSampler", "SaveImage"} <= set(kinds["selfperc_diffusion_clip.json"])
+    assert {"SelfPerceptualSuperResolution", "SelfPerceptualObjective", "SelfPerceptualFineTune",
+            "SelfPerceptualUpscaleEvaluate", "SD_4XUpscale_Conditioning", "SelfPerceptualSampler", "SaveImage"} <= set(
+        kinds["selfperc_super_resolution.json"])
 
 
 def test_template_browser_lists_and_serves_them(server):
@@ -96,7 +99,7 @@ def test_distance_workflow_runs(server):
         assert execution_error(entry) is None, execution_error(entry)
         json.dumps(entry)
         img = entry["outputs"]["5"]["images"][0]
-        with Image.open(server.base / "output" / img["subfolder"] / img["filename"]) as im:
+        with Image.open(server.base / img.get("type", "output") / img["subfolder"] / img["filename"]) as im:
             return np.asarray(im.convert("RGB"), dtype=np.float32) / 255
     same, edited = heatmap("wf_a.png"), heatmap("wf_b.png")
     assert same.shape == edited.shape == (64, 96, 3)
@@ -177,7 +180,7 @@ def images(server, entry, node):
 
     out = []
     for img in entry["outputs"][node]["images"]:
-        with Image.open(server.base / "output" / img["subfolder"] / img["filename"]) as im:
+        with Image.open(server.base / img.get("type", "output") / img["subfolder"] / img["filename"]) as im:
             out.append(np.asarray(im.convert("RGB"), dtype=np.float32) / 255)
     return out
 
@@ -382,4 +385,44 @@ def test_diffusion_clip_workflow_fine_tunes_along_the_direction_and_edits_the_ph
     def same_texts(p):
         p["4"]["inputs"]["target"] = ["2", 0]
     assert "identical: there is no direction" in error_of(same_texts)
+    assert execution_error(server.run(prompt)) is None  # the server keeps working
+
+
+def test_super_resolution_workflow_fine_tunes_evaluates_and_upscales_a_base_sample_and_refuses_bad_input(server):
+    """The upscaler is the tiny SD x4 (the test-only node in the loader's place: no x4 checkpoint can be built
+    here with its 1024-wide OpenCLIP); the base model is the tiny SD1.5 checkpoint."""
+    folder = make_dataset(server.base / "input" / "wf_highres", names=["chelsea", "coffee"], captions=False).name
+    held = make_dataset(server.base / "input" / "wf_held_out", names=["camera", "astronaut"], captions=False).name
+    prompt = workflows.to_api(workflows.load("selfperc_super_resolution.json"), server.get("/object_info"))
+    prompt["1"] = {"class_type": "SelfPercTestTinyFamily", "inputs": {"family": "sd_x4", "side": 4}}
+    prompt["8"]["inputs"]["ckpt_name"] = "tiny_sd15.safetensors"
+    prompt = workflows.set_widgets(prompt, resolution=64, width=64, height=64, lora_name="selfperc/wf_upscaler",
+                                   bootstraps=10, scale_ratio=2.0)
+    prompt["4"]["inputs"].update(steps=2, dataset_folder=folder)
+    prompt["6"]["inputs"].update(steps=2, dataset_folder=held)
+    for n in ("11", "15"):
+        prompt[n]["inputs"]["steps"] = 2
+    entry = server.run(prompt)
+    assert execution_error(entry) is None, execution_error(entry)
+    from safetensors import safe_open
+    with safe_open(str(server.base / "models" / "loras" / "selfperc" / "wf_upscaler.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["super_resolution_factor"] == "4" and json.loads(meta["super_resolution"])["noise_augmentation_max"] == 0.2
+    (table,) = images(server, entry, "7")
+    assert table.shape[0] > 100  # the evaluator's table
+    (grid,) = images(server, entry, "16")
+    assert grid.shape[1] >= 2 * 128  # base upscaler | fine-tuned, each 2 x the 64 px base sample
+
+    error_of = _error_of(server, prompt)
+
+    def base_model_as_upscaler(p):
+        p["4"]["inputs"]["model"] = ["8", 0]
+    assert "has no low-res concat input" in error_of(base_model_as_upscaler)
+
+    small = make_dataset(server.base / "input" / "wf_small", names=["coffee"], captions=False,
+                         sizes={"coffee": (60, 48)}).name
+
+    def low_res_targets(p):
+        p["4"]["inputs"]["dataset_folder"] = small
+    assert "60x48 would be enlarged to cover 64x64" in error_of(low_res_targets)
     assert execution_error(server.run(prompt)) is None  # the server keeps working

@@ -134,7 +134,14 @@ def sr_args(**over):
                      validation_split=0.34), **over)
 
 
-def test_the_upscaler_fine_tune_saves_a_lora_that_core_loaders_apply_as_trained(pack, comfy, high_res, caplog):
+@pytest.fixture(scope="module")
+def trained(pack, high_res):
+    """(base upscaler, its VAE, the fine-tune node's outputs)."""
+    mp, vae = tiny_model("sd_x4"), PatchVAE((1, 4, 16, 16), F)
+    return mp, vae, train(pack, mp, vae, high_res, lora_name="sr/run", **sr_args()).args
+
+
+def test_the_upscaler_fine_tune_saves_a_lora_that_core_loaders_apply_as_trained(trained, caplog):
     import json
 
     import folder_paths
@@ -142,10 +149,7 @@ def test_the_upscaler_fine_tune_saves_a_lora_that_core_loaders_apply_as_trained(
 
     from nodes import LoraLoaderModelOnly
 
-    mp = tiny_model("sd_x4")
-    vae = PatchVAE((1, 4, 16, 16), F)
-    out = train(pack, mp, vae, high_res, lora_name="sr/run", **sr_args())
-    tuned, lora_sd, loss_map, name = out.args[:4]
+    mp, vae, (tuned, lora_sd, loss_map, name, *_) = trained
     assert len(loss_map["loss"]) == 3 and all(torch.isfinite(torch.tensor(loss_map["loss"])))
     with safe_open(folder_paths.get_full_path_or_raise("loras", name), "pt") as f:
         meta = f.metadata()
@@ -183,3 +187,36 @@ def test_bad_super_resolution_input_is_refused_before_work_naming_it(pack, comfy
         with pytest.raises(ValueError, match=message):
             train(pack, model, v, folder, lora_name="sr/refused", **args)
     assert not list((comfy / "models" / "loras" / "sr").glob("refused*"))
+
+
+def test_upscale_evaluate_reports_psnr_and_feature_distance_with_paired_spread(pack, comfy, trained, models):
+    """Bicubic's PSNR equals its definition on the box-averaged images; a model against itself differs by exactly
+    0 (the pairing); the fine-tune's rows are there, with a spread."""
+    import json
+
+    from selfperc_pack.nodes.upscale_evaluate import SelfPerceptualUpscaleEvaluate
+    from selfperc_pack.selfperc_core.dataset import as_float, load_dataset
+    from selfperc_pack.selfperc_core.super_resolution import bicubic, downscale, psnr
+
+    mp, vae, (tuned, *_) = trained
+    folder = make_dataset(comfy / "input" / "sr_held_out", names=["camera", "astronaut", "coffee"], captions=False)
+    args = dict(base_model=mp, vae=vae, dataset_folder=folder.name, resolution=64, seed=1, steps=3,
+                sampler_name="euler", scheduler="normal", cfg=1.0, noise_augmentation=0.0, bootstraps=50,
+                noise_levels="0.3, 0.6")
+    out = SelfPerceptualUpscaleEvaluate.execute(model=tuned, baseline_model=mp, **args)
+    table, text, grid = out.args
+    report = json.loads(text)
+    assert report["images"] == 3 and report["factor"] == 4
+    high = torch.stack([as_float(x)[..., :3] for x in load_dataset(folder, 64).images]).movedim(-1, 1)
+    up = ((bicubic(downscale(high * 2 - 1, 4), 4) + 1) / 2).clamp(0, 1)
+    psnr_rows = report["metrics"]["PSNR (dB)"]
+    assert psnr_rows["bicubic"]["value"] == pytest.approx(float(psnr(up, high, 1.0).mean()), rel=1e-5)
+    for rows in report["metrics"].values():
+        assert set(rows) == {"bicubic", "base", "fine-tuned", "baseline", "bicubic - base", "fine-tuned - base",
+                             "baseline - base", "fine-tuned - baseline"}
+        same = rows["baseline - base"]  # the base model twice: paired by image and noise
+        assert same["value"] == 0.0 and same["p05"] == 0.0 and same["p95"] == 0.0
+        assert rows["fine-tuned - base"]["value"] != 0.0 and rows["fine-tuned - base"]["std"] > 0
+    assert grid.shape[2] >= 6 * 64 and grid.shape[1] >= 3 * 64  # low-res | bicubic | 3 models | high-res, per image
+    with pytest.raises(ValueError, match="SD15 has no low-res concat input"):
+        SelfPerceptualUpscaleEvaluate.execute(model=tuned, **dict(args, base_model=models[0]))
