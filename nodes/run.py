@@ -146,6 +146,11 @@ class Prepared:
     lows: list[torch.Tensor] | None = None  # super-resolution: each image's clean low-res condition
     factor: int = 0                          # super-resolution: the VAE's (and so the upscaler's) factor
 
+    @property
+    def preview(self) -> list:
+        """The progress previews' conditioning: the first image's (an upscaler's: with its low-res image)."""
+        return self.prompts[0] if self.lows is None else sr_task.with_low_res(self.prompts[0], self.lows[0][None])
+
 
 def prepare(plan: RunPlan, model, vae, clip, ds) -> Prepared:
     cache = latent_cache.LatentCache(vae) if plan.settings.training.cache_latents_to_disk else None
@@ -170,6 +175,8 @@ def prepare(plan: RunPlan, model, vae, clip, ds) -> Prepared:
         log.info("selfperc: %d of %d images held out for validation", len(held), len(latents))
     samples = [(p, inputs.with_guidance(clip.encode_from_tokens_scheduled(clip.tokenize(p)), guidance))
                for p in plan.settings.monitoring.prompts]
+    if lows is not None:  # an upscaler's sample prompts upscale the first image
+        samples = [(p, sr_task.with_low_res(c, lows[0][None])) for p, c in samples]
     empty = None
     if plan.settings.training.caption_dropout:
         empty = inputs.with_guidance(clip.encode_from_tokens_scheduled(clip.tokenize("")), guidance)
@@ -291,7 +298,7 @@ class FineTuneRun:
         def after_step(step, parts):
             img = None
             if m.preview_every and step % m.preview_every == 0:
-                img = preview.preview_image(self.ses.mp, self.vae, self.prep.latents[0].shape, self.prep.prompts[0],
+                img = preview.preview_image(self.ses.mp, self.vae, self.prep.latents[0].shape, self.prep.preview,
                                             self.plan.settings.seed)
             pbar.update_absolute(step, total, img)
             preview.send_text(f"step {step}/{total}  loss {parts.loss.item():.5f}  (mse {parts.mse.item():.4f})",

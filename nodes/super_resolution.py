@@ -16,6 +16,7 @@ import io as _io
 from dataclasses import asdict, dataclass, field
 
 import comfy.samplers
+import node_helpers
 import numpy as np
 import torch
 from PIL import Image
@@ -47,6 +48,12 @@ def factor_of(vae) -> int:
 
 def check_resolution(resolution: int, factor: int) -> None:
     check_factor(factor, resolution, resolution, f"resolution {resolution}")
+
+
+def with_low_res(conditioning: list, low: torch.Tensor, augmentation: float = 0.0) -> list:
+    """The conditioning with a low-res image (B, 3, h, w) in [-1, 1], as core SD_4XUpscale_Conditioning sets it."""
+    return node_helpers.conditioning_set_values(conditioning, {"concat_image": low,
+                                                               "noise_augmentation": augmentation})
 
 
 def concat_inputs(model_patcher, low: torch.Tensor, level: float, seed: int, latent_shape: tuple) -> dict:

@@ -14,7 +14,6 @@ import json
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
-import node_helpers
 import torch
 from comfy_api.latest import io, ui
 
@@ -30,12 +29,6 @@ from .sample import Sampling, frames, labelled_grid, sample_model
 from .settings import check_step_size
 
 MAX_IMAGES = 1024
-
-
-def with_low_res(conditioning: list, low: torch.Tensor, augmentation: float) -> list:
-    """The conditioning with the low-res image, as core SD_4XUpscale_Conditioning sets it."""
-    return node_helpers.conditioning_set_values(conditioning, {"concat_image": low,
-                                                               "noise_augmentation": augmentation})
 
 
 def feature_distance(model, a: torch.Tensor, b: torch.Tensor, cond: dict, levels: list[float], tap,
@@ -79,8 +72,8 @@ def upscale_all(models: dict, vae, low: torch.Tensor, factor: int, how: Sampling
     shape = (next(iter(models.values())).model.latent_format.latent_channels, *low.shape[-2:])
     empty = torch.zeros((low.shape[0], *shape))
     noise = comfy.sample.prepare_noise(empty, seed)
-    how = dataclasses.replace(how, positive=with_low_res(how.positive, low, augmentation),
-                              negative=with_low_res(how.negative, low, augmentation))
+    how = dataclasses.replace(how, positive=sr_task.with_low_res(how.positive, low, augmentation),
+                              negative=sr_task.with_low_res(how.negative, low, augmentation))
     ups = {"bicubic": ((bicubic(low, factor) + 1) / 2).clamp(0, 1).movedim(1, -1)}
     for name, m in models.items():
         out = sample_model(m, {"samples": empty}, noise, seed, how).float()
@@ -97,7 +90,7 @@ def score_all(base_model, vae, high: torch.Tensor, low: torch.Tensor, ups: dict,
     target = encoded(high)
     latents = {k: encoded(v) for k, v in ups.items()}
     shape = tuple(target.shape[1:])
-    cond = inputs.collate([inputs.model_inputs(base_model, with_low_res(positive, low[j:j + 1], 0.0), shape, seed)
+    cond = inputs.collate([inputs.model_inputs(base_model, sr_task.with_low_res(positive, low[j:j + 1], 0.0), shape, seed)
                            for j in range(low.shape[0])])  # the frozen model reads each image's own low-res input
     return {"PSNR (dB)": {k: psnr(v.movedim(-1, 1), high.movedim(-1, 1), 1.0) for k, v in ups.items()},
             "self feature distance": {k: feature_distance(base_model, latents[k], target, cond, levels, tap, seed)

@@ -131,7 +131,7 @@ def sr_args(**over):
 
     task = SuperResolution(Degradation(blur_max=0.5, noise_augmentation_max=0.2, jpeg_min_quality=70))
     return dict(dict(super_resolution=task, resolution=64, steps=3, rank=4, alpha=4.0, learning_rate=1e-2,
-                     validation_split=0.34), **over)
+                     validation_split=0.34, preview_every=3), **over)
 
 
 @pytest.fixture(scope="module")
