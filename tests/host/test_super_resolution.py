@@ -2,6 +2,7 @@
 it learns to upscale (beats bicubic on held-out pairs, and needs its low-res condition to), every step draws a new
 condition (resumed runs the same ones), the LoRA loads in core nodes as trained, and bad input is refused before
 work, naming it."""
+import dataclasses
 import logging
 
 import pytest
@@ -100,14 +101,25 @@ def test_every_step_draws_a_new_condition_and_a_resumed_run_draws_the_same(pack)
                 out = every(i, c, seed)
                 seen.append((int(out["y"].cond), out["c_concat"].cond.clone()))
                 return out
+            read = []  # the low-res input each pass read: the online model's, then the frozen model's
+
+            def spy(fn):
+                return lambda x, sg, c: read.append(c["c_concat"].clone()) or fn(x, sg, c)
+            view = dataclasses.replace(ses.view, predict_x0=spy(ses.view.predict_x0),
+                                       frozen_features=spy(ses.view.frozen_features))
             state = None
             for n in steps:
-                tr = Trainer(ses.params, list(x0), [base] * 4, ses.view, settings, conditions=StepConditions(fresh=condition))
+                tr = Trainer(ses.params, list(x0), [base] * 4, view, settings, conditions=StepConditions(fresh=condition))
                 if state is not None:
                     tr.load_state_dict(state)
                 while tr.step_count < n:
                     losses.append(tr.step().loss.item())
                 state = tr.state_dict()
+            # each step: the online pass, then the frozen passes of the real and the estimated image, all on the
+            # step's own degraded low-res input
+            assert len(read) == 3 * len(losses) and all(torch.equal(a, b) for k in range(0, len(read), 3)
+                                                        for a, b in ((read[k], read[k + 1]), (read[k], read[k + 2])))
+            assert torch.equal(read[0], torch.cat([c for _, c in seen[:2]]))
             return seen, losses, [p.detach().clone() for p in ses.params]
 
     seen, straight, weights = run([4])
