@@ -66,3 +66,46 @@ def held_out(n: int, fraction: float, seed: int) -> list[int]:
         return []
     k = min(n - 1, max(1, round(fraction * n)))
     return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].tolist())
+
+
+def latent_masks(masks: list, latents: list[torch.Tensor]) -> list:
+    """Each image's loss mask (H, W) uint8 (or None) -> (1, [1,] h, w) in [0, 1] at its latent's size: the mean of
+    the mask over each latent cell, what the latent position sees of it."""
+    out = []
+    for m, lat in zip(masks, latents):
+        if m is None:
+            out.append(None)
+            continue
+        pooled = torch.nn.functional.adaptive_avg_pool2d(m.float()[None, None] / 255.0, lat.shape[-2:])[0]
+        out.append(pooled.reshape((1,) + (1,) * (lat.ndim - 3) + tuple(lat.shape[-2:])))
+    return out
+
+
+@torch.no_grad()
+def shuffled_conditionings(clip, captions: list[str | None], n_data: int, training, seed: int,
+                           guidance: float) -> list:
+    """Per image, the CONDITIONINGs of up to ``training.shuffle_tags`` orders of its caption's tags (the first
+    ``keep_first_tags`` kept; the caption prefix before the dataset's own images'), each encoded once; None for an
+    image without a caption or tags to move. Their memory is bounded like the decoded images'."""
+    from ..selfperc_core.dataset import shuffled_tags, with_prefix
+    from .inputs import with_guidance
+
+    cache: dict[str, list] = {}
+    budget, used, out = cache_budget(), 0, []
+    for i, cap in enumerate(captions):
+        orders = shuffled_tags(cap, training.keep_first_tags, training.shuffle_tags, seed + i)
+        if len(orders) < 2:
+            out.append(None)
+            continue
+        if i < n_data:
+            orders = with_prefix(orders, training.caption_prefix)
+        for text in orders:
+            if text not in cache:
+                cache[text] = with_guidance(clip.encode_from_tokens_scheduled(clip.tokenize(text)), guidance)
+                used += sum(t.numel() * t.element_size() for c in cache[text] for t in
+                            [c[0], *[v for v in c[1].values() if torch.is_tensor(v)]])
+                if used > budget:
+                    raise MemoryError(f"shuffle_tags {training.shuffle_tags}: the encoded caption orders need more "
+                                      f"than {budget / 2**30:.1f} GiB; lower shuffle_tags or use fewer images")
+        out.append([cache[text] for text in orders])
+    return out

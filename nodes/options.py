@@ -9,7 +9,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..selfperc_core import T_PRIME_STRATEGIES
-from ..selfperc_core.dataset import RESIZE_MODES
+from ..selfperc_core.dataset import MAX_SHUFFLES, RESIZE_MODES
 from ..selfperc_core.loop import LR_SCHEDULES, OPTIMIZERS
 from ..selfperc_core.objective import DISTANCES, MSE_SPACES
 from ..selfperc_core.timesteps import T_LAWS
@@ -175,6 +175,27 @@ class SelfPerceptualTrainingOptions(io.ComfyNode):
                                step=0.01, tooltip="Fraction of samples trained on the empty caption instead of their "
                                                   "own (e.g. 0.1), so the LoRA also works without its prompt. Needs "
                                                   "the CLIP input."),
+                io.Boolean.Input("masked_loss", optional=True, default=d.masked_loss,
+                                 tooltip="Weigh each image's loss by its mask: name.mask.png beside name.ext (grey "
+                                         "levels, white = full weight; such files are then not images), else the "
+                                         "image's alpha channel; images without either count everywhere. The mask "
+                                         "is averaged onto the latent and the tapped feature grid."),
+                io.Int.Input("shuffle_tags", optional=True, default=d.shuffle_tags, min=0, max=MAX_SHUFFLES,
+                             tooltip="Captions as comma-separated tags: encode up to this many orders of each "
+                                     "caption's tags (once, before training) and draw one per step. 0: the caption "
+                                     "as written. Needs the CLIP input."),
+                io.Int.Input("keep_first_tags", optional=True, default=d.keep_first_tags, min=0, max=64,
+                             tooltip="With shuffle_tags: how many first tags stay in place (kohya's keep_tokens; "
+                                     "the caption_prefix always stays first)."),
+                io.Combo.Input("regularization_folder", optional=True, options=[NONE] + files.dataset_folders(),
+                               default=d.regularization_folder,
+                               tooltip="Prior preservation: a folder (in input/) of images of the class (e.g. other "
+                                       "dogs, made with the base model), with their own name.txt captions or the "
+                                       "conditioning input; drawn beside the dataset's images, their loss weighted "
+                                       "by regularization_weight. None: no regularization."),
+                io.Float.Input("regularization_weight", optional=True, default=d.regularization_weight, min=0.01,
+                               max=100.0, step=0.01,
+                               tooltip="Weight of the regularization images' loss (kohya's prior_loss_weight)."),
             ],
             outputs=[TRAINING.Output(display_name="training", tooltip="Into the fine-tune's training input.")],
         )

@@ -4,6 +4,7 @@ previews, validation and samples around it, and the files)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..selfperc_core import run_log
 from ..selfperc_core.dataset import load_dataset, repeated, with_prefix
-from ..selfperc_core.loop import Hooks, NonFiniteLoss, StepConditions, Trainer, TrainSettings, fit
+from ..selfperc_core.loop import Hooks, NonFiniteLoss, SampleExtras, Trainer, TrainSettings, fit
 from . import bridge, data, diffusion_clip, families, files, inputs, latent_cache, lora, plots, preview, saving
 from . import super_resolution as sr_task
 from .host_compat import is_oom
@@ -51,6 +52,7 @@ class RunPlan:
     resume_name: str | None = None
     resume_weights: dict | None = None
     resume_state: dict | None = None       # the Trainer's state to continue
+    regularization: Path | None = None     # the prior-preservation images' folder
 
     @property
     def start_step(self) -> int:
@@ -83,7 +85,7 @@ def plan_run(settings: FineTuneSettings, model, clip, conditioning, dataset_fold
     kind = bridge.parameterization(bridge.model_sampling(model))
     if s.objective.min_snr_gamma and kind not in ("eps", "v"):
         raise ValueError(f"min_snr_gamma is for eps and v models; this model is {kind!r} (use t_law / t_shift)")
-    for name in ("caption_prefix", "caption_dropout"):
+    for name in ("caption_prefix", "caption_dropout", "shuffle_tags"):
         if getattr(s.training, name) and clip is None:
             raise ValueError(f"{name} needs the CLIP input (it changes the captions the text encoder encodes)")
     direction = s.objective.direction
@@ -110,7 +112,8 @@ def plan_run(settings: FineTuneSettings, model, clip, conditioning, dataset_fold
                    folder=files.resolve_dataset(dataset_folder, s.training.dataset_path),
                    out_file=files.lora_path(s.lora_name, s.lora.overwrite),
                    dtype=training_dtype(s.training.training_dtype, bridge.device()), fallback=fallback, start=start,
-                   **resume)
+                   regularization=None if s.training.regularization_folder == NONE else
+                   files.resolve_dataset(s.training.regularization_folder, ""), **resume)
 
 
 def tensorboard_folder(plan: RunPlan) -> Path:
@@ -119,18 +122,28 @@ def tensorboard_folder(plan: RunPlan) -> Path:
     return Path(folder_paths.get_output_directory()) / "selfperc_tensorboard" / rel
 
 
-def read_dataset(plan: RunPlan):
-    ds = load_dataset(plan.folder, plan.settings.resolution, plan.settings.training.resize_mode,
-                      max_cache_bytes=data.cache_budget(), repeat_folders=plan.settings.training.repeat_folders,
-                      no_upscale=plan.settings.objective.super_resolution is not None)
+def read_dataset(plan: RunPlan) -> tuple:
+    """(the dataset with the regularization images after its own, how many of those there are)."""
+    t = plan.settings.training
+    read = functools.partial(load_dataset, resolution=plan.settings.resolution, mode=t.resize_mode,
+                             max_cache_bytes=data.cache_budget(), repeat_folders=t.repeat_folders,
+                             no_upscale=plan.settings.objective.super_resolution is not None, masks=t.masked_loss)
+    ds = read(plan.folder)
+    n_reg = 0
+    if plan.regularization is not None:
+        reg = read(plan.regularization)
+        for name in ("images", "captions", "files", "masks", "repeats", "skipped", "notes"):
+            getattr(ds, name).extend(getattr(reg, name))
+        n_reg = len(reg.images)
+        log.info("selfperc: %d regularization images from %s", n_reg, plan.regularization)
     if any(r > 1 for r in ds.repeats):
         log.info("selfperc: repeat folders: %d images make %d samples", len(ds.repeats), sum(ds.repeats))
     for s in ds.skipped:
         log.warning("selfperc: skipped %s: %s", s.path, s.reason)
     for s in ds.notes:
         log.warning("selfperc: %s: %s", s.path, s.reason)
-    log.info("selfperc: %d images from %s (%d skipped)", len(ds.images), plan.folder, len(ds.skipped))
-    return ds
+    log.info("selfperc: %d images from %s (%d skipped)", len(ds.images) - n_reg, plan.folder, len(ds.skipped))
+    return ds, n_reg
 
 
 @dataclass
@@ -145,6 +158,10 @@ class Prepared:
     repeats: list[int] | None = None  # per image, from N_name folders (None: once each)
     lows: list[torch.Tensor] | None = None  # super-resolution: each image's clean low-res condition
     factor: int = 0                          # super-resolution: the VAE's (and so the upscaler's) factor
+    masks: list | None = None                # masked_loss: per image, its mask at the latent's size, or None
+    weights: list[float] | None = None       # per image, its loss weight (regularization images')
+    variants: list[list] | None = None       # shuffle_tags: per image, its captions' CONDITIONINGs (None: its own)
+    n_data: int = 0                          # the dataset's own images (the regularization images follow)
 
     @property
     def preview(self) -> list:
@@ -152,7 +169,9 @@ class Prepared:
         return self.prompts[0] if self.lows is None else sr_task.with_low_res(self.prompts[0], self.lows[0][None])
 
 
-def prepare(plan: RunPlan, model, vae, clip, ds) -> Prepared:
+def prepare(plan: RunPlan, model, vae, clip, ds, n_reg: int = 0) -> Prepared:
+    """Everything a run needs from its images before its session (``n_reg``: the last images are regularization
+    images: no caption prefix, never held out, weighted)."""
     cache = latent_cache.LatentCache(vae) if plan.settings.training.cache_latents_to_disk else None
     lows, factor = None, 0
     if plan.settings.objective.super_resolution is not None:  # before encoding: a bad size is refused first
@@ -161,7 +180,8 @@ def prepare(plan: RunPlan, model, vae, clip, ds) -> Prepared:
     latents = data.encode_latents(model, vae, ds.images, cache)
     guidance = plan.settings.objective.guidance
     guided: dict[int, list] = {}  # one guided conditioning per distinct caption: model inputs are cached by it
-    captions = with_prefix(ds.captions, plan.settings.training.caption_prefix)
+    t, n_data = plan.settings.training, len(ds.images) - n_reg
+    captions = with_prefix(ds.captions[:n_data], t.caption_prefix) + ds.captions[n_data:]
     if plan.settings.objective.direction is not None:
         if any(c for c in captions):
             log.warning("selfperc: a direction is connected: the captions of %d images are not used (every image is "
@@ -169,8 +189,12 @@ def prepare(plan: RunPlan, model, vae, clip, ds) -> Prepared:
         captions = [None] * len(captions)
     prompts = [guided.setdefault(id(p), inputs.with_guidance(p, guidance))
                for p in data.caption_conditionings(clip, captions, plan.fallback)]
+    variants = None
+    if t.shuffle_tags:
+        variants = data.shuffled_conditionings(clip, ds.captions, n_data, t, plan.settings.seed, guidance)
+    masks = data.latent_masks(ds.masks, latents) if t.masked_loss else None
     ds.images = []  # encoded: the decoded images are not needed any more
-    held = data.held_out(len(latents), plan.settings.monitoring.validation_split, plan.settings.seed)
+    held = data.held_out(n_data, plan.settings.monitoring.validation_split, plan.settings.seed)
     if held:
         log.info("selfperc: %d of %d images held out for validation", len(held), len(latents))
     samples = [(p, inputs.with_guidance(clip.encode_from_tokens_scheduled(clip.tokenize(p)), guidance))
@@ -180,7 +204,9 @@ def prepare(plan: RunPlan, model, vae, clip, ds) -> Prepared:
     empty = None
     if plan.settings.training.caption_dropout:
         empty = inputs.with_guidance(clip.encode_from_tokens_scheduled(clip.tokenize("")), guidance)
-    return Prepared(latents, prompts, samples, held, empty, list(ds.repeats) or None, lows, factor)
+    weights = [1.0] * n_data + [t.regularization_weight] * n_reg if n_reg else None
+    return Prepared(latents, prompts, samples, held, empty, list(ds.repeats) or None, lows, factor, masks, weights,
+                    variants, n_data)
 
 
 def model_inputs_per_image(ses, prep: Prepared, seed: int, prompts: list | None = None) -> list[dict]:
@@ -231,24 +257,53 @@ def make_trainer(plan: RunPlan, ses, prep: Prepared, mode=None) -> tuple[Trainer
                     raise ValueError(f"caption_dropout with batch_size {plan.settings.batch_size}: the empty caption "
                                      f"cannot be batched with image {i + 1}'s caption ({e}); use batch_size 1") from None
         empty = [empty[i] for i in train_idx]
-    condition, validation_conds = None, [conds[i] for i in prep.held]
-    sr = plan.settings.objective.super_resolution
-    if sr is not None:  # each step's degraded low-res condition (trainer indices are train_idx's)
-        shapes = [tuple(lat.shape) for lat in prep.latents]
-        every = sr_task.condition_fn(ses.mp, prep.lows, shapes, sr)
-        condition = lambda i, c, seed: every(train_idx[i], c, seed)  # noqa: E731
-        validation_conds = sr_task.fixed_conditions(every, conds, prep.held, plan.settings.seed + 1)
+    condition, validation_conds = fresh_conditions(plan, ses, prep, conds, train_idx, empty)
+    masks = [prep.masks[i] for i in train_idx] if prep.masks is not None else None
+    weights = [prep.weights[i] for i in train_idx] if prep.weights is not None else None
     trainer = Trainer(ses.params, [prep.latents[i] for i in train_idx], [conds[i] for i in train_idx], view,
                       plan.train_settings, device=bridge.device(), objective=objective,
-                      conditions=StepConditions(empty, condition))
+                      conditions=SampleExtras(empty, condition, masks, weights))
     if plan.resume_state is not None:
         try:
             trainer.load_state_dict(plan.resume_state)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise files.StateFileError(f"the resume state of {plan.resume_name} does not match this run ({e}); "
                                        "resume with the settings the run was started with") from None
-    validation = ([prep.latents[i] for i in prep.held], validation_conds) if prep.held else None
+    validation = None
+    if prep.held:
+        validation = ([prep.latents[i] for i in prep.held], validation_conds,
+                      [prep.masks[i] for i in prep.held] if prep.masks is not None else None)
     return trainer, validation
+
+
+def fresh_conditions(plan: RunPlan, ses, prep: Prepared, conds: list, train_idx: list[int], empty: list | None):
+    """The Trainer's per-step conditioning (SampleExtras.fresh: a shuffled caption's, then an upscaler's degraded
+    low-res image; trainer index k is image train_idx[k]) or None, and the held-out images' conditionings."""
+    steps, validation = [], [conds[i] for i in prep.held]
+    if prep.variants is not None:
+        per_image = [None if v is None else [inputs.model_inputs(ses.mp, c, tuple(prep.latents[i].shape),
+                                                                  plan.settings.seed) for c in v]
+                     for i, v in enumerate(prep.variants)]
+
+        def shuffled(k, c, seed):
+            options = per_image[train_idx[k]]
+            if options is None or (empty is not None and c is empty[k]):  # no tags to move, or a dropped caption
+                return c
+            return options[int(torch.randint(len(options), (1,), generator=torch.Generator().manual_seed(seed + 0x9E3779B9)))]
+        steps.append(shuffled)
+    sr = plan.settings.objective.super_resolution
+    if sr is not None:
+        every = sr_task.condition_fn(ses.mp, prep.lows, [tuple(lat.shape) for lat in prep.latents], sr)
+        steps.append(lambda k, c, seed: every(train_idx[k], c, seed))
+        validation = sr_task.fixed_conditions(every, conds, prep.held, plan.settings.seed + 1)
+    if not steps:
+        return None, validation
+
+    def fresh(k, c, seed):
+        for step in steps:
+            c = step(k, c, seed)
+        return c
+    return fresh, validation
 
 
 class FineTuneRun:
@@ -259,6 +314,12 @@ class FineTuneRun:
         self.prep, self.validation, self.node_id = prep, validation, node_id
         self.meta = saving.metadata(model, ses, plan, len(prep.latents))
         self.meta["dataset_samples"] = len(trainer.latents)  # with repeats, and without the held-out images
+        t = plan.settings.training
+        self.meta.update(masked_loss=t.masked_loss, shuffle_tags=t.shuffle_tags, keep_first_tags=t.keep_first_tags)
+        if plan.regularization is not None:
+            self.meta.update(regularization_folder=plan.regularization.name,
+                             regularization_images=len(prep.latents) - prep.n_data,
+                             regularization_weight=t.regularization_weight)
         if plan.settings.objective.direction is not None:
             self.meta.update(diffusion_clip.metadata(plan.settings.objective.direction))
         if plan.settings.objective.super_resolution is not None:
@@ -274,7 +335,9 @@ class FineTuneRun:
     def validate(self) -> None:
         if self.validation is not None:
             with self.autocast():
-                sp, mse = self.trainer.validate(*self.validation, seed=(self.plan.settings.seed + 1) % 2 ** 64)
+                latents, conds, masks = self.validation
+                sp, mse = self.trainer.validate(latents, conds, seed=(self.plan.settings.seed + 1) % 2 ** 64,
+                                                masks=masks)
             self.history.append((self.trainer.step_count, sp, mse))
             log.info("selfperc: validation at step %d: self-perceptual %.5f, mse %.5f", *self.history[-1])
             if self.log is not None:
@@ -370,9 +433,9 @@ class FineTuneRun:
 
 def run_fine_tune(plan: RunPlan, model, vae, clip, node_id) -> tuple:
     """The whole run of a plan; returns FineTuneRun.outputs()."""
-    ds = read_dataset(plan)
+    ds, n_reg = read_dataset(plan)
     with torch.inference_mode(False):
-        prep = prepare(plan, model, vae, clip, ds)
+        prep = prepare(plan, model, vae, clip, ds, n_reg)
         spec = plan.session_spec(tuple(prep.latents[0].shape))
         with training_session(model, spec, plan.resume_weights, plan.start) as ses, \
                 objective_mode(plan, ses, prep, vae) as mode:

@@ -6,9 +6,10 @@ defaults of earlier versions. Field names are the inputs' names (saved workflows
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 
-from ..selfperc_core.dataset import MAX_CAPTION_CHARS, RESIZE_MODES
+from ..selfperc_core.dataset import MAX_CAPTION_CHARS, MAX_SHUFFLES, RESIZE_MODES
 from ..selfperc_core.features import check_depth
 from ..selfperc_core.loop import TrainSettings
 from . import families, inputs
@@ -67,6 +68,11 @@ class TrainingOptions:
     caption_dropout: float = 0.0
     cache_latents_to_disk: bool = False  # latent_cache.py: a second run reads the latents instead of encoding
     repeat_folders: bool = False  # kohya's N_name subfolders repeat their images N times
+    masked_loss: bool = False  # each image's alpha channel or name.mask.png weighs its loss
+    shuffle_tags: int = 0  # caption orders per image (comma-separated tags shuffled); 0: the caption as written
+    keep_first_tags: int = 1  # tags that stay first when shuffling (kohya's keep_tokens)
+    regularization_folder: str = NONE  # prior-preservation images, trained beside the dataset
+    regularization_weight: float = 1.0  # their loss's weight (kohya's prior_loss_weight)
 
 
 @dataclass(frozen=True)
@@ -164,6 +170,15 @@ class FineTuneSettings:
             raise ValueError("choose resume_from or init_lora, not both")
         if lo.init_lora != NONE and lo.algorithm != "LoRA":
             raise ValueError(f"init_lora starts a LoRA; it cannot start a {lo.algorithm}")
+        t = self.training
+        if not 0 <= t.shuffle_tags <= MAX_SHUFFLES or t.keep_first_tags < 0:
+            raise ValueError(f"shuffle_tags {t.shuffle_tags} must be within [0, {MAX_SHUFFLES}] and keep_first_tags "
+                             f"{t.keep_first_tags} at least 0")
+        if not (math.isfinite(t.regularization_weight) and 0 < t.regularization_weight <= 100):
+            raise ValueError(f"regularization_weight {t.regularization_weight} must be within (0, 100]")
+        if (t.masked_loss or t.regularization_folder != NONE) and o.direction is not None:
+            raise ValueError("masked_loss and regularization_folder weigh the self-perceptual fine-tune; not with a "
+                             "direction")
         if len(self.training.caption_prefix) > MAX_CAPTION_CHARS // 4:
             raise ValueError(f"caption_prefix is {len(self.training.caption_prefix)} characters; at most "
                              f"{MAX_CAPTION_CHARS // 4} (it goes before every caption)")

@@ -28,6 +28,7 @@ import torch
 from PIL import Image, ImageOps
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+MASK_SUFFIX = ".mask.png"  # name.mask.png beside name.ext: its loss mask (read with ``masks``; never an image then)
 MIN_SIDE = 8
 # Larger images are reduced while decoding (JPEG draft) or right after; beyond MAX_PIXELS they are refused
 # rather than decoded, since a single decompression bomb could exhaust the server's memory.
@@ -58,6 +59,7 @@ class Dataset:
     images: list[torch.Tensor] = field(default_factory=list)   # (H, W, 3) uint8; as_float() gives [0, 1]
     captions: list[str | None] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
+    masks: list[torch.Tensor | None] = field(default_factory=list)  # (H, W) uint8 loss masks (``masks``), or None
     skipped: list[Skipped] = field(default_factory=list)
     notes: list[Skipped] = field(default_factory=list)          # used, with a change (e.g. caption cut)
     repeats: list[int] = field(default_factory=list)            # how many times each image counts (N_name folders)
@@ -82,6 +84,28 @@ def with_prefix(captions: list[str | None], prefix: str) -> list[str | None]:
     if not prefix:
         return captions
     return [prefix + c if c else prefix.strip(" ,;") for c in captions]
+
+
+MAX_SHUFFLES = 16  # caption variants per image (each is encoded once, before training)
+
+
+def shuffled_tags(caption: str | None, keep: int, n: int, seed: int) -> list[str | None]:
+    """Up to ``n`` distinct orders of a comma-separated caption's tags, the first ``keep`` tags staying in place
+    (kohya's keep_tokens); the caption's own order first. Drawn from ``seed``; a caption with fewer than two
+    tags to move has only its own order."""
+    if not caption or n < 1:
+        return [caption]
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    head, tail = tags[:keep], tags[keep:]
+    out = [", ".join(tags)]
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(8 * n):  # a few tags have fewer than n orders: stop trying after a while
+        if len(out) >= n or len(tail) < 2:
+            break
+        order = ", ".join(head + [tail[i] for i in torch.randperm(len(tail), generator=g).tolist()])
+        if order not in out:
+            out.append(order)
+    return out
 
 
 def repeated(indices: list[int], repeats: list[int]) -> list[int]:
@@ -149,6 +173,12 @@ def scan_folder(folder: Path) -> tuple[list[Path], list[Skipped]]:
 
 def open_image(path: Path, max_side: int) -> Image.Image:
     """Decode to an upright RGB image no larger than ``max_side`` on its long side."""
+    return _decode(path, max_side)[0]
+
+
+def _decode(path: Path, max_side: int) -> tuple[Image.Image, Image.Image | None]:
+    """(the upright RGB image, transparency onto white, no larger than ``max_side``; its alpha channel, or None)."""
+    alpha = None
     with warnings.catch_warnings(), Image.open(path) as im:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # large is fine: we reduce it
         w, h = im.size
@@ -164,12 +194,35 @@ def open_image(path: Path, max_side: int) -> Image.Image:
             im = Image.fromarray((a.clip(0, 1) * 255).round().astype(np.uint8), "L")
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
             rgba = im.convert("RGBA")
+            alpha = rgba.getchannel("A")
             im = Image.new("RGB", rgba.size, (255, 255, 255))
-            im.paste(rgba, mask=rgba.getchannel("A"))
+            im.paste(rgba, mask=alpha)
         im = im.convert("RGB")
         if max(im.size) > max_side:
             im.thumbnail((max_side, max_side), Image.LANCZOS)
-        return im
+            alpha = alpha.resize(im.size, Image.BILINEAR) if alpha is not None else None
+        return im, alpha
+
+
+def is_mask_file(path: Path) -> bool:
+    return path.name.lower().endswith(MASK_SUFFIX)
+
+
+def mask_path(image: Path) -> Path:
+    return image.with_name(image.stem + MASK_SUFFIX)
+
+
+def read_mask(image: Path, size: tuple[int, int], alpha: Image.Image | None, max_side: int) -> Image.Image | None:
+    """The loss mask of ``image`` (decoded at ``size``): ``name.mask.png`` beside it (grey levels, white = full
+    weight), else its alpha channel, else None. A mask file of another aspect ratio is an error naming it."""
+    side = mask_path(image)
+    if side.is_file():
+        m = _decode(side, max_side)[0].convert("L")
+        if abs(m.size[0] * size[1] - m.size[1] * size[0]) > 0.01 * size[0] * size[1]:
+            raise ValueError(f"its mask {side.name} is {m.size[0]}x{m.size[1]}, not the image's shape "
+                             f"{size[0]}x{size[1]}")
+        return m.resize(size, Image.BILINEAR) if m.size != size else m
+    return alpha
 
 
 def read_caption(image_path: Path, max_chars: int = MAX_CAPTION_CHARS) -> tuple[str | None, bool]:
@@ -216,25 +269,29 @@ def to_tensor(im: Image.Image) -> torch.Tensor:
 
 def load_dataset(folder: Path, resolution: int, mode: str = "center_crop", multiple: int = 64,
                  max_cache_bytes: int | None = None, max_images: int | None = None,
-                 repeat_folders: bool = False, no_upscale: bool = False) -> Dataset:
+                 repeat_folders: bool = False, no_upscale: bool = False, masks: bool = False) -> Dataset:
     """Read every usable image of ``folder`` at ``resolution`` (module docstring states the policy).
 
     ``max_cache_bytes`` bounds the decoded images' memory (``cache_bytes``), checked before decoding any;
     ``max_images`` reads only the first that many image files (in scan order, sorted by path); ``repeat_folders``:
-    kohya's N_name subfolders repeat their images (checked before decoding any); ``no_upscale``: images with
-    to be enlarged to their training size are skipped (a super-resolution target must not be an upscaled image).
+    kohya's N_name subfolders repeat their images (checked before decoding any); ``no_upscale``: images that would
+    have to be enlarged to their training size are skipped (a super-resolution target must not be an upscaled
+    image); ``masks``: each image's loss mask (``read_mask``) is read and cropped with it, and ``name.mask.png``
+    files are masks, not images; an image whose mask is all black is skipped.
     """
     if mode not in RESIZE_MODES:
         raise DatasetError(f"unknown resize mode {mode!r}; choose one of {RESIZE_MODES}")
     if resolution < 8 or resolution % 8:
         raise DatasetError(f"resolution {resolution} must be a multiple of 8")
     files, skipped = scan_folder(folder)
+    if masks:
+        files = [f for f in files if not is_mask_file(f)]
     files = files[:max_images] if max_images is not None else files
     counts = {path: repeats_of(path, folder) if repeat_folders else 1 for path in files}  # before any decoding
     if sum(counts.values()) > 10 * MAX_IMAGES:
         raise DatasetError(f"dataset folder {folder}: the repeat counts make {sum(counts.values())} samples, more "
                            f"than {10 * MAX_IMAGES}: lower them")
-    need = cache_bytes(len(files), resolution)
+    need = cache_bytes(len(files), resolution) * (4 if masks else 3) // 3
     if max_cache_bytes is not None and need > max_cache_bytes:
         raise DatasetError(f"dataset folder {folder}: {len(files)} images at {resolution}px need "
                            f"{need / 2**30:.1f} GiB in memory before encoding, more than the "
@@ -242,21 +299,8 @@ def load_dataset(folder: Path, resolution: int, mode: str = "center_crop", multi
     ds = Dataset(skipped=skipped)
     for path in files:
         try:
-            caption, cut = read_caption(path)
-            im = open_image(path, max_side=4 * resolution)
-            if min(im.size) < MIN_SIDE:
-                raise ValueError(f"{im.size[0]}x{im.size[1]} is smaller than {MIN_SIDE}x{MIN_SIDE}")
-            size = bucket_size(*im.size, resolution, multiple) if mode == "buckets" else (resolution, resolution)
-            if no_upscale and max(size[0] / im.size[0], size[1] / im.size[1]) > 1:  # fit() would enlarge it
-                raise ValueError(f"{im.size[0]}x{im.size[1]} would be enlarged to cover {size[0]}x{size[1]}: a "
-                                 "super-resolution target must not be an upscaled image (lower resolution)")
-            ds.images.append(to_tensor(fit(im, *size)))
-            ds.captions.append(caption)
-            ds.files.append(path)
+            _read_one(ds, path, resolution, mode, multiple, no_upscale, masks)
             ds.repeats.append(counts[path])
-            if cut:
-                ds.notes.append(Skipped(path.with_suffix(".txt"),
-                                        f"caption cut to its first {MAX_CAPTION_CHARS} characters"))
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             ds.skipped.append(Skipped(path, str(e) or type(e).__name__))
     if not ds.images:
@@ -266,3 +310,29 @@ def load_dataset(folder: Path, resolution: int, mode: str = "center_crop", multi
                            + (f" (extensions {', '.join(IMAGE_EXTS)})" if not files else "")
                            + (f"; skipped: {detail}" if detail else ""))
     return ds
+
+
+def _read_one(ds: Dataset, path: Path, resolution: int, mode: str, multiple: int, no_upscale: bool,
+              masks: bool) -> None:
+    """One image (its caption, its mask) into ``ds``; raises what makes it unusable."""
+    caption, cut = read_caption(path)
+    im, alpha = _decode(path, max_side=4 * resolution)
+    if min(im.size) < MIN_SIDE:
+        raise ValueError(f"{im.size[0]}x{im.size[1]} is smaller than {MIN_SIDE}x{MIN_SIDE}")
+    size = bucket_size(*im.size, resolution, multiple) if mode == "buckets" else (resolution, resolution)
+    if no_upscale and max(size[0] / im.size[0], size[1] / im.size[1]) > 1:  # fit() would enlarge it
+        raise ValueError(f"{im.size[0]}x{im.size[1]} would be enlarged to cover {size[0]}x{size[1]}: a "
+                         "super-resolution target must not be an upscaled image (lower resolution)")
+    mask = None
+    if masks:
+        m = read_mask(path, im.size, alpha, 4 * resolution)
+        if m is not None:
+            mask = to_tensor(fit(m, *size))
+            if int(mask.max()) == 0:
+                raise ValueError("its mask is all black (nothing to train on)")
+    ds.images.append(to_tensor(fit(im, *size)))
+    ds.masks.append(mask)
+    ds.captions.append(caption)
+    ds.files.append(path)
+    if cut:
+        ds.notes.append(Skipped(path.with_suffix(".txt"), f"caption cut to its first {MAX_CAPTION_CHARS} characters"))

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .model_view import ModelView
-from .objective import MSE_SPACES, LossConfig, LossParts, min_snr_weight, self_perceptual_loss
+from .objective import MSE_SPACES, LossConfig, LossParts, LossWeights, min_snr_weight, self_perceptual_loss
 from .timesteps import T_PRIME_STRATEGIES, TLaw, check_t_prime_range, draw_t, draw_t_prime
 
 
@@ -166,13 +166,19 @@ Objective = Callable[[Tensor, Tensor, Tensor, Tensor, Any, Any], LossParts]
 
 
 @dataclass(frozen=True)
-class StepConditions:
-    """How a sample's conditioning is chosen at each step, beyond its own. ``empty``: per image, its conditioning
-    with the empty caption (for caption_dropout). ``fresh(image index, conditioning, seed)``: this step's
-    conditioning, for what is drawn afresh per sample and step (super_resolution.py's degraded low-res image); the
-    seed comes from the loop's generator, so a resumed run draws the same."""
+class SampleExtras:
+    """What an image carries beyond its latent and conditioning; each None: nothing.
+
+    empty: per image, its conditioning with the empty caption (for caption_dropout). fresh(image index,
+    conditioning, seed): this step's conditioning, for what is drawn afresh per sample and step (a shuffled
+    caption, super_resolution.py's degraded low-res image); the seed comes from the loop's generator, so a resumed
+    run draws the same. masks: per image, a (1, ...) loss mask at its latent's size, or None (all ones). weights:
+    per image, the weight of its loss (e.g. regularization images' prior weight).
+    """
     empty: list | None = None
     fresh: Callable[[int, Any, int], Any] | None = None
+    masks: list | None = None
+    weights: list[float] | None = None
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -194,7 +200,7 @@ class Trainer:
         settings: the run's settings (checked here).
         dist: data parallel processes (default: one).
         optimizer: an optimizer over ``params`` made elsewhere (e.g. prepared by accelerate); default: the settings'.
-        conditions: what changes a sample's conditioning per step (``StepConditions``).
+        conditions: what changes a sample's conditioning per step (``SampleExtras``).
         objective: (x0, eps, sigma, sigma', cond batch, backward) -> LossParts, in place of the self-perceptual
             loss (e.g. directional.py's DiffusionCLIP loss); the draws, batching, optimizer and state stay the
             loop's. ``backward(loss)`` (None when no gradient is wanted) lets it backpropagate parts of its loss as
@@ -204,7 +210,7 @@ class Trainer:
     def __init__(self, params: list[Tensor], latents: list[Tensor], conds: list, view: ModelView,
                  settings: TrainSettings, device=None, dist: Distributed = Distributed(),
                  optimizer: torch.optim.Optimizer | None = None, objective: Objective | None = None,
-                 conditions: StepConditions = StepConditions()):
+                 conditions: SampleExtras = SampleExtras()):
         if len(latents) != len(conds):
             raise ValueError(f"{len(latents)} latents but {len(conds)} conditionings")
         self.s = settings.validate()
@@ -222,6 +228,12 @@ class Trainer:
         if settings.caption_dropout and conditions.empty is None and any(c is not None for c in conds):
             raise ValueError("caption_dropout needs the empty caption's conditioning per image (conditions.empty)")
         self.empty_conds, self.condition = conditions.empty, conditions.fresh
+        self.masks, self.sample_weights = conditions.masks, conditions.weights
+        for name, v in (("masks", self.masks), ("weights", self.sample_weights)):
+            if v is not None and len(v) != len(latents):
+                raise ValueError(f"{len(latents)} latents but {len(v)} {name}")
+        if objective is not None and (self.masks is not None or self.sample_weights is not None):
+            raise ValueError("masks and sample weights weigh the self-perceptual objective, not a replacement one")
         self.generator = torch.Generator().manual_seed(settings.seed)
         self.step_count = 0
         self.losses: list[float] = []
@@ -266,9 +278,11 @@ class Trainer:
             torch.zeros(len(idx), dtype=torch.long)
         return idx, t, tp, eps, drop, seeds
 
-    def _loss(self, x0: Tensor, eps: Tensor, t: Tensor, tp: Tensor, cond, training: bool = True) -> LossParts:
-        """The objective on one batch at online levels t and perceptual levels t' (fractions of the schedule);
-        validation (``training`` off) always measures both terms, as separate passes."""
+    def _loss(self, x0: Tensor, eps: Tensor, t: Tensor, tp: Tensor, cond, training: bool = True,
+              given: LossWeights = LossWeights()) -> LossParts:
+        """The objective on one batch at online levels t and perceptual levels t' (fractions of the schedule), with
+        the data's weights ``given`` (mask, sample); validation (``training`` off) always measures both terms, as
+        separate passes."""
         v, s = self.view, self.s
         sigma = v.sigma_of_t(t).to(self.device)
         sigma_p = v.sigma_of_t(tp).to(self.device)
@@ -280,11 +294,22 @@ class Trainer:
         scale = v.output_scale(sigma) if s.mse_space == "native" else None
         config = s.loss if training else LossConfig(s.distance, s.normalize)
         # training only: validation reports the plain MSE, comparable across runs
-        weights = min_snr_weight(sigma, s.min_snr_gamma, v.output_scale(sigma), v.sigma_data) \
+        snr = min_snr_weight(sigma, s.min_snr_gamma, v.output_scale(sigma), v.sigma_data) \
             if s.min_snr_gamma and training else None
+        weights = LossWeights(snr, given.sample, None if given.mask is None else given.mask.to(self.device))
         return self_perceptual_loss(
             lambda x, sg: v.predict_x0(x, sg, cond), lambda x, sg: v.frozen_features(x, sg, cond),
             v.noise_scaling, x0, eps, sigma, sigma_p, config, scale, weights)
+
+    def _given(self, idx: list[int]) -> LossWeights:
+        """The data's loss weights for the images ``idx``: their masks (ones where an image has none) and weights."""
+        mask = sample = None
+        if self.masks is not None and any(self.masks[i] is not None for i in idx):
+            mask = torch.stack([self.masks[i] if self.masks[i] is not None else
+                                torch.ones((1, *self.latents[i].shape[1:])) for i in idx])
+        if self.sample_weights is not None:
+            sample = torch.tensor([float(self.sample_weights[i]) for i in idx], device=self.device)
+        return LossWeights(sample=sample, mask=mask)
 
     def _micro_batch(self, draw: tuple, j: int) -> LossParts:
         """Micro-batch ``j`` of this process from the step's global draw: k micro-batches of B are exactly one
@@ -298,21 +323,24 @@ class Trainer:
         if self.condition is not None:
             conds = [self.condition(i, c, int(seed)) for i, c, seed in zip(idx, conds, seeds)]
         cond = None if conds[0] is None else self.view.collate(conds)
-        return self._loss(x0, eps, t, tp, cond)
+        return self._loss(x0, eps, t, tp, cond, given=self._given(idx))
 
     @torch.no_grad()
-    def validate(self, latents: list[Tensor], conds: list, seed: int = 0) -> tuple[float, float]:
-        """(self-perceptual, MSE in the run's mse_space) losses on held-out latents, each at noise, t and t' drawn
-        once from ``seed``: the same draws at every call, so the numbers move only with the weights. One image per
-        pass (buckets)."""
+    def validate(self, latents: list[Tensor], conds: list, seed: int = 0,
+                 masks: list | None = None) -> tuple[float, float]:
+        """(self-perceptual, MSE in the run's mse_space) losses on held-out latents (weighted by their ``masks``),
+        each at noise, t and t' drawn once from ``seed``: the same draws at every call, so the numbers move only
+        with the weights. One image per pass (buckets)."""
         g = torch.Generator().manual_seed(seed)
         perceptual = mse = 0.0
-        for lat, cond in zip(latents, conds):
+        for k, (lat, cond) in enumerate(zip(latents, conds)):
+            mask = masks[k] if masks is not None else None
             t = draw_t(1, g, self.t_range, law=self.s.t_law_spec)
             tp = draw_t_prime(t, self.s.t_prime, g, self.s.t_prime_range)
             eps = torch.randn((1, *lat.shape), generator=g)
             c = None if cond is None else self.view.collate([cond])
-            parts = self._loss(lat[None].to(self.device), eps, t, tp, c, training=False)
+            parts = self._loss(lat[None].to(self.device), eps, t, tp, c, training=False,
+                               given=LossWeights(mask=None if mask is None else mask[None]))
             perceptual += float(parts.perceptual)
             mse += float(parts.mse)
         return perceptual / len(latents), mse / len(latents)

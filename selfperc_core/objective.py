@@ -57,6 +57,24 @@ class LossConfig:
         return self
 
 
+@dataclass(frozen=True)
+class LossWeights:
+    """A batch's loss weights beyond the LossConfig's; each None: equal.
+
+    mse: (B,) of the MSE term only (``min_snr_weight``). sample: (B,) of both terms (e.g. regularization images'
+    prior weight). mask: (B, 1, [1,] h, w) positions at the latent's size (masked training): both terms become
+    mask-weighted means, the perceptual one on the tapped grid (``grid_mask``).
+    """
+    mse: Tensor | None = None
+    sample: Tensor | None = None
+    mask: Tensor | None = None
+
+    def of_mse(self) -> Tensor | None:
+        if self.mse is None or self.sample is None:
+            return self.mse if self.sample is None else self.sample
+        return self.mse * self.sample.to(self.mse)
+
+
 @dataclass
 class LossParts:
     loss: Tensor          # what to backpropagate
@@ -66,11 +84,29 @@ class LossParts:
     backward_done: bool = False      # the objective ran backward itself (``loss`` is then detached)
 
 
-def feature_distance(pred: Tensor, target: Tensor, distance: str = "mse", normalize: bool = False) -> Tensor:
+def grid_mask(mask: Tensor, like: Tensor) -> Tensor:
+    """A loss mask (B, 1, [1,] h, w) at the latent's size -> (B, 1, h', w') on the grid of ``like`` (B, C, h', w'):
+    the mean of the mask over each grid cell (area averaging; the tapped grid is the latent's or coarser)."""
+    m = mask.float().reshape(mask.shape[0], 1, mask.shape[-2], mask.shape[-1])
+    return torch.nn.functional.adaptive_avg_pool2d(m, like.shape[-2:]) if m.shape[-2:] != like.shape[-2:] else m
+
+
+def masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
+    """Per-sample mean of ``values`` (B, C, ...), weighted by ``mask`` (broadcastable, >= 0), shape (B,): sum(m v) /
+    sum(m) over each sample's elements, so an all-ones mask is the plain mean and a mask's scale does not matter."""
+    if mask is None:
+        return values.flatten(1).mean(1)
+    m = mask.to(values).expand_as(values)
+    return (values * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1e-8)
+
+
+def feature_distance(pred: Tensor, target: Tensor, distance: str = "mse", normalize: bool = False,
+                     mask: Tensor | None = None) -> Tensor:
     """Per-sample distance between feature maps, shape (B,).
 
     mse: mean((pred - target)^2); mae: mean(|pred - target|). With ``normalize`` the result is divided by
-    mean(target^2) of that sample (detached).
+    mean(target^2) of that sample (detached). ``mask`` (B, 1, [1,] h, w) at the latent's size weighs the grid
+    positions (``grid_mask``, ``masked_mean``); the normalisation stays the whole map's.
     """
     diff = (pred - target).float()
     if distance == "mse":
@@ -79,7 +115,7 @@ def feature_distance(pred: Tensor, target: Tensor, distance: str = "mse", normal
         d = diff.abs()
     else:
         raise ValueError(f"unknown distance {distance!r}; choose one of {DISTANCES}")
-    d = d.flatten(1).mean(1)
+    d = masked_mean(d, None if mask is None else grid_mask(mask, d))
     if normalize:
         d = d / target.detach().float().square().flatten(1).mean(1).clamp_min(1e-8)
     return d
@@ -100,19 +136,21 @@ def min_snr_weight(sigma: Tensor, gamma: float, output_scale: Tensor, sigma_data
 
 
 def prediction_mse(x0_hat: Tensor, x0: Tensor, output_scale: Tensor | None = None,
-                   weights: Tensor | None = None) -> Tensor:
+                   weights: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
     """MSE of a prediction: in x0 space, mean((x0_hat - x0)^2), when ``output_scale`` is None; else in the network's
     own output space, mean(((x0_hat - x0) / c_out)^2) with ``output_scale`` = c_out(sigma), shape (B,).
 
     For a fixed x_t, F_hat - F = (x0_hat - x0) / c_out exactly, so the native value is the eps-, v- or velocity-MSE
-    of the raw output without the host having to expose it. ``weights`` (B,) weigh each sample's mean (min-SNR).
+    of the raw output without the host having to expose it. ``weights`` (B,) weigh each sample's mean (min-SNR);
+    ``mask`` (B, 1, ...) at the latent's size weighs its positions (``masked_mean``).
     """
     err = x0_hat.float() - x0.float()
     if output_scale is not None:
         err = err / output_scale.float().reshape((-1,) + (1,) * (err.ndim - 1))
-    if weights is None:
+    if weights is None and mask is None:
         return err.square().mean()
-    return (err.square().flatten(1).mean(1) * weights.to(err)).mean()
+    per = masked_mean(err.square(), mask)
+    return (per * weights.to(err)).mean() if weights is not None else per.mean()
 
 
 def self_perceptual_loss(
@@ -125,7 +163,7 @@ def self_perceptual_loss(
     sigma_prime: Tensor,
     config: LossConfig = LossConfig(),
     output_scale: Tensor | None = None,
-    mse_weights: Tensor | None = None,
+    weights: "LossWeights | None" = None,
 ) -> LossParts:
     """Self-perceptual loss for one batch (module docstring states the maths).
 
@@ -144,14 +182,15 @@ def self_perceptual_loss(
             records no graph for it.
         output_scale: c_out(sigma), (B,), for the MSE in the network's own output space (``prediction_mse``);
             None: x0 space.
-        mse_weights: per-sample weights of the MSE term (``min_snr_weight``); None: equal.
+        weights: per-sample and per-position weights (``LossWeights``); None: equal.
     """
     c = config.validate()
     x_t = noise_scaling(sigma, eps, x0)
     x0_hat = predict_x0(x_t, sigma)
     eps_hat = split_prediction(x_t, sigma, x0_hat, noise_scaling)
 
-    mse = prediction_mse(x0_hat, x0, output_scale, mse_weights)
+    w = weights or LossWeights()
+    mse = prediction_mse(x0_hat, x0, output_scale, w.of_mse(), w.mask)
     if not c.perceptual_weight:
         return LossParts(loss=c.mse_weight * mse, perceptual=torch.zeros((), device=mse.device), mse=mse.detach())
 
@@ -169,7 +208,8 @@ def self_perceptual_loss(
             f_target = frozen_features(x_tp, sigma_prime)
         f_pred = frozen_features(x_hat_tp, sigma_prime)
 
-    perceptual = feature_distance(f_pred, f_target, c.distance, c.normalize).mean()
+    per_sample = feature_distance(f_pred, f_target, c.distance, c.normalize, w.mask)
+    perceptual = (per_sample * w.sample.to(per_sample)).mean() if w.sample is not None else per_sample.mean()
     loss = c.perceptual_weight * perceptual if c.perceptual_weight != 1 else perceptual
     loss = loss + c.mse_weight * mse if c.mse_weight else loss
     return LossParts(loss=loss, perceptual=perceptual.detach(), mse=mse.detach())

@@ -28,7 +28,7 @@ from selfperc_core.loop import (
     OPTIMIZERS,
     Distributed,
     Hooks,
-    StepConditions,
+    SampleExtras,
     Trainer,
     TrainSettings,
     fit,
@@ -307,7 +307,7 @@ def setup(a: argparse.Namespace) -> Run:
 
     trainer = Trainer(params, latents, conds, view, settings_of(a), device=acc.device,
                       dist=Distributed(acc.process_index, acc.num_processes, grad_sync), optimizer=opt,
-                      conditions=StepConditions(empty))
+                      conditions=SampleExtras(empty))
     if a.resume is not None:
         load_checkpoint(a.resume, trainer, params)  # every process reads the same state
     return Run(a, acc, family, net, params, trainer)

@@ -47,7 +47,7 @@ def test_a_tiny_upscaler_trained_on_pairs_beats_bicubic_and_needs_its_low_res_co
     trains the upscaler to beat bicubic on held-out pairs; with the condition zeroed it loses that."""
     from selfperc_pack.nodes import inputs
     from selfperc_pack.nodes import super_resolution as sr
-    from selfperc_pack.selfperc_core.loop import StepConditions, Trainer, TrainSettings
+    from selfperc_pack.selfperc_core.loop import SampleExtras, Trainer, TrainSettings
     from selfperc_pack.selfperc_core.super_resolution import Degradation, bicubic
 
     from tests.host.models import session
@@ -62,7 +62,7 @@ def test_a_tiny_upscaler_trained_on_pairs_beats_bicubic_and_needs_its_low_res_co
         for p in params:
             p.requires_grad_(True)
         settings = TrainSettings(steps=500, learning_rate=2e-3, batch_size=8, perceptual_weight=0.0, mse_weight=1.0)
-        trainer = Trainer(params, list(x0), [base] * len(x0), ses.view, settings, conditions=StepConditions(fresh=condition))
+        trainer = Trainer(params, list(x0), [base] * len(x0), ses.view, settings, conditions=SampleExtras(fresh=condition))
         for _ in range(settings.steps):
             trainer.step()
         for p in params:
@@ -82,7 +82,7 @@ def test_every_step_draws_a_new_condition_and_a_resumed_run_draws_the_same(pack)
     the state, and 2 more equal 4 straight (losses and weights)."""
     from selfperc_pack.nodes import inputs
     from selfperc_pack.nodes import super_resolution as sr
-    from selfperc_pack.selfperc_core.loop import StepConditions, Trainer, TrainSettings
+    from selfperc_pack.selfperc_core.loop import SampleExtras, Trainer, TrainSettings
     from selfperc_pack.selfperc_core.super_resolution import Degradation
 
     from tests.host.models import session
@@ -109,7 +109,7 @@ def test_every_step_draws_a_new_condition_and_a_resumed_run_draws_the_same(pack)
                                        frozen_features=spy(ses.view.frozen_features))
             state = None
             for n in steps:
-                tr = Trainer(ses.params, list(x0), [base] * 4, view, settings, conditions=StepConditions(fresh=condition))
+                tr = Trainer(ses.params, list(x0), [base] * 4, view, settings, conditions=SampleExtras(fresh=condition))
                 if state is not None:
                     tr.load_state_dict(state)
                 while tr.step_count < n:

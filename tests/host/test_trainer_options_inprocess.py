@@ -59,7 +59,11 @@ def test_bad_trainer_options_are_refused_before_work_naming_them(pack, models, c
              (dict(min_snr_gamma=5.0, mse_space="x0", mse_weight=1.0), clip, "set mse_space 'native'"),
              (dict(min_snr_gamma=5.0), clip, "mse_weight 0 leaves out"),
              (dict(t_law="logit_normal", t_law_std=0.0), clip, "t_law_std 0.0"),
-             (dict(max_grad_norm=-1.0), clip, "max_grad_norm -1.0")]
+             (dict(max_grad_norm=-1.0), clip, "max_grad_norm -1.0"),
+             (dict(shuffle_tags=2), None, "shuffle_tags needs the CLIP input"),
+             (dict(shuffle_tags=17), clip, "shuffle_tags 17 must be within"),
+             (dict(regularization_weight=0.0), clip, "regularization_weight 0.0"),
+             (dict(regularization_folder="no_such_folder"), clip, "no_such_folder")]
     for over, c, message in cases:
         with pytest.raises(ValueError, match=message):
             train(pack, model, vae, captioned, clip=c, lora_name="opt/refused", **over)
@@ -163,3 +167,53 @@ def test_the_disk_latent_cache_skips_encoding_on_a_second_run_and_never_reads_a_
     cache = latent_cache.LatentCache(vae, folder, max_bytes=1)
     cache.bound()
     assert not list(folder.glob("*/*.safetensors"))  # the size bound deletes the least recently used first
+
+
+def test_masks_tag_orders_and_regularization_images_reach_the_loop(pack, models, comfy, monkeypatch):
+    """A name.mask.png weighs its image (pooled onto the latent), tag orders are encoded once each by the real CLIP
+    and drawn per step (the first tag kept), and regularization images join the samples with their weight; the LoRA
+    file says so."""
+    import json
+
+    import folder_paths
+    import numpy as np
+    from PIL import Image
+    from safetensors import safe_open
+    from selfperc_pack.nodes import run
+
+    model, clip, vae = models
+    folder = make_dataset(comfy / "input" / "options_masked", names=["astronaut", "coffee"], captions=False)
+    (folder / "astronaut.txt").write_text("sks person, helmet, flag, moon dust, stars")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, :32] = 255
+    Image.fromarray(mask).resize(Image.open(folder / "astronaut.png").size).save(folder / "astronaut.mask.png")
+    reg = make_dataset(comfy / "input" / "options_reg", names=["chelsea", "camera"], captions=False)
+    seen, trainers = [], []
+    tokenize = clip.tokenize
+    monkeypatch.setattr(clip, "tokenize", lambda text, *a, **k: seen.append(text) or tokenize(text, *a, **k))
+
+    class Watched(run.Trainer):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            trainers.append(self)
+    monkeypatch.setattr(run, "Trainer", Watched)
+    out = train(pack, model, vae, folder.name, clip=clip, lora_name="opt/masked", steps=6, batch_size=1,
+                masked_loss=True, shuffle_tags=4, keep_first_tags=1, regularization_folder=reg.name,
+                regularization_weight=0.5)
+    assert len(out.args[2]["loss"]) == 6
+    (tr,) = trainers
+    assert len(tr.latents) == 4 and tr.sample_weights == [1.0, 1.0, 0.5, 0.5]
+    m = tr.masks[0]
+    assert m.shape == (1, 8, 8) and m[..., :4].min() > 0.95 and m[..., 4:].max() < 0.05
+    assert tr.masks[1] is None  # no mask: every position alike
+    orders = [t for t in seen if t.startswith("sks person, ")]
+    assert len(set(orders)) == 4 and len(orders) == 5  # each order encoded once (the own one also as the caption)
+    assert all(sorted(o.split(", ")) == sorted("sks person, helmet, flag, moon dust, stars".split(", "))
+               for o in orders)
+    picked = [tr.condition(0, tr.conds[0], s)["c_crossattn"].cond for s in range(12)]
+    assert any(not torch.equal(picked[0], p) for p in picked[1:])  # another order on other steps
+    assert torch.equal(tr.condition(1, tr.conds[1], 3)["c_crossattn"].cond, tr.conds[1]["c_crossattn"].cond)
+    with safe_open(folder_paths.get_full_path_or_raise("loras", "opt/masked.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["masked_loss"] == "true" and meta["shuffle_tags"] == "4" and meta["regularization_images"] == "2"
+    assert json.loads(meta["regularization_weight"]) == 0.5 and meta["regularization_folder"] == reg.name
