@@ -16,7 +16,7 @@ class PatchVAE:
 
     def __init__(self, latent_shape: tuple, factor: int, seed: int = 0):
         self.channels, self.video, self.f = latent_shape[1], len(latent_shape) == 5, factor
-        self.downscale_ratio = factor  # as comfy.sd.VAE names it
+        self.downscale_ratio, self.latent_channels = factor, self.channels  # as comfy.sd.VAE names them
         g = torch.Generator().manual_seed(seed)
         self.proj = torch.randn(self.channels, 3, generator=g)
         self.inv = torch.linalg.pinv(self.proj)

@@ -344,7 +344,8 @@ SUPER_RESOLUTION = {
                                        "lora_name": "selfperc/upscaler_lora"}, (400, 120), (360, 420)),
         5: ("PreviewImage", {"images": (4, 4)}, (400, 580), (360, 260)),
         6: ("SelfPerceptualUpscaleEvaluate", {"base_model": (1, 0), "model": (4, 0), "vae": (1, 2),
-                                              "dataset_folder": "highres_held_out", "resolution": 512},
+                                              "dataset_folder": "highres_held_out", "resolution": 512,
+                                              "positive": (17, 0), "negative": (17, 0)},
             (800, 120), (360, 420)),
         7: ("PreviewImage", {"images": (6, 2)}, (800, 580), (360, 260)),
         8: ("CheckpointLoaderSimple", {"ckpt_name": CKPT}, (40, 880), (320, 100)),
@@ -359,6 +360,7 @@ SUPER_RESOLUTION = {
         15: ("SelfPerceptualSampler", {"model": (4, 0), "base_model": (1, 0), "latent": (14, 2), "positive": (14, 0),
                                        "negative": (14, 1), "vae": (1, 2), "steps": 20}, (1120, 880), (340, 380)),
         16: ("SaveImage", {"images": (15, 1), "filename_prefix": "selfperc/upscaled"}, (1500, 880), (420, 460)),
+        17: ("CLIPTextEncode", {"clip": (1, 1), "text": ""}, (1200, 120), (320, 100)),
     },
 }
 SPECS = [FINE_TUNE, DISTANCE, LOAD_LORA, EVALUATE, REAL_IMAGE_AB, NULL_TEXT_EDIT, DIRECT_EDIT, P2P, P2P_PHOTO,

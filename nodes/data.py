@@ -68,19 +68,6 @@ def held_out(n: int, fraction: float, seed: int) -> list[int]:
     return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].tolist())
 
 
-def latent_masks(masks: list, latents: list[torch.Tensor]) -> list:
-    """Each image's loss mask (H, W) uint8 (or None) -> (1, [1,] h, w) in [0, 1] at its latent's size: the mean of
-    the mask over each latent cell, what the latent position sees of it."""
-    out = []
-    for m, lat in zip(masks, latents):
-        if m is None:
-            out.append(None)
-            continue
-        pooled = torch.nn.functional.adaptive_avg_pool2d(m.float()[None, None] / 255.0, lat.shape[-2:])[0]
-        out.append(pooled.reshape((1,) + (1,) * (lat.ndim - 3) + tuple(lat.shape[-2:])))
-    return out
-
-
 @torch.no_grad()
 def shuffled_conditionings(clip, captions: list[str | None], n_data: int, training, seed: int,
                            guidance: float) -> list:

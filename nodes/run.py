@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..selfperc_core import run_log
-from ..selfperc_core.dataset import load_dataset, repeated, with_prefix
+from ..selfperc_core.dataset import load_dataset, mask_at, pick_order, repeated, with_prefix
 from ..selfperc_core.loop import Hooks, NonFiniteLoss, SampleExtras, Trainer, TrainSettings, fit
 from . import bridge, data, diffusion_clip, families, files, inputs, latent_cache, lora, plots, preview, saving
 from . import super_resolution as sr_task
@@ -75,6 +75,7 @@ def plan_run(settings: FineTuneSettings, model, clip, conditioning, dataset_fold
         sr_task.check_model(sr, model)
         if vae is not None:
             sr_task.check_resolution(s.resolution, sr_task.factor_of(vae))
+            sr_task.check_vae(vae, model)
     families.tap_point(model.model.diffusion_model, s.objective.feature_layer, s.objective.tap_depth)  # supported?
     if s.monitoring.prompts and clip is None:
         raise ValueError("sample_prompts need the CLIP input to encode them")
@@ -102,7 +103,9 @@ def plan_run(settings: FineTuneSettings, model, clip, conditioning, dataset_fold
         path = Path(folder_paths.get_full_path_or_raise("loras", s.lora.resume_from))
         with torch.inference_mode(False):  # the optimizer updates these tensors in place
             weights, state = saving.load_resume(path)
-        diffusion_clip.check_resume(saving.lora_metadata(path), direction, s.lora.resume_from)
+        meta = saving.lora_metadata(path)
+        diffusion_clip.check_resume(meta, direction, s.lora.resume_from)
+        sr_task.check_resume(meta, sr, s.lora.resume_from)
         resume = dict(resume_name=s.lora.resume_from, resume_weights=weights, resume_state=state)
     start = None
     if s.lora.init_lora != NONE:
@@ -192,7 +195,7 @@ def prepare(plan: RunPlan, model, vae, clip, ds, n_reg: int = 0) -> Prepared:
     variants = None
     if t.shuffle_tags:
         variants = data.shuffled_conditionings(clip, ds.captions, n_data, t, plan.settings.seed, guidance)
-    masks = data.latent_masks(ds.masks, latents) if t.masked_loss else None
+    masks = [mask_at(m, tuple(lat.shape)) for m, lat in zip(ds.masks, latents)] if t.masked_loss else None
     ds.images = []  # encoded: the decoded images are not needed any more
     held = data.held_out(n_data, plan.settings.monitoring.validation_split, plan.settings.seed)
     if held:
@@ -289,13 +292,13 @@ def fresh_conditions(plan: RunPlan, ses, prep: Prepared, conds: list, train_idx:
             options = per_image[train_idx[k]]
             if options is None or (empty is not None and c is empty[k]):  # no tags to move, or a dropped caption
                 return c
-            return options[int(torch.randint(len(options), (1,), generator=torch.Generator().manual_seed(seed + 0x9E3779B9)))]
+            return options[pick_order(seed, len(options))]
         steps.append(shuffled)
     sr = plan.settings.objective.super_resolution
     if sr is not None:
         every = sr_task.condition_fn(ses.mp, prep.lows, [tuple(lat.shape) for lat in prep.latents], sr)
         steps.append(lambda k, c, seed: every(train_idx[k], c, seed))
-        validation = sr_task.fixed_conditions(every, conds, prep.held, plan.settings.seed + 1)
+        validation = sr_task.fixed_conditions(every, conds, prep.held, (plan.settings.seed + 1) % 2 ** 64)
     if not steps:
         return None, validation
 
@@ -312,7 +315,7 @@ class FineTuneRun:
     def __init__(self, plan: RunPlan, model, vae, ses, trainer: Trainer, prep: Prepared, validation, node_id):
         self.plan, self.model, self.vae, self.ses, self.trainer = plan, model, vae, ses, trainer
         self.prep, self.validation, self.node_id = prep, validation, node_id
-        self.meta = saving.metadata(model, ses, plan, len(prep.latents))
+        self.meta = saving.metadata(model, ses, plan, prep.n_data)
         self.meta["dataset_samples"] = len(trainer.latents)  # with repeats, and without the held-out images
         t = plan.settings.training
         self.meta.update(masked_loss=t.masked_loss, shuffle_tags=t.shuffle_tags, keep_first_tags=t.keep_first_tags)

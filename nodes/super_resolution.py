@@ -13,6 +13,7 @@ image-to-video models) read a latent image instead of a low-res one and are refu
 from __future__ import annotations
 
 import io as _io
+import json
 from dataclasses import asdict, dataclass, field
 
 import comfy.samplers
@@ -122,7 +123,25 @@ def condition_fn(model_patcher, lows: list[torch.Tensor], latent_shapes: list[tu
 
 def fixed_conditions(condition, conds: list[dict], indices: list[int], seed: int) -> list[dict]:
     """Held-out images' conditions drawn once (from ``seed``): validation compares weights, not draws."""
-    return [condition(i, conds[i], seed + i) for i in indices]
+    return [condition(i, conds[i], (seed + i) % 2 ** 64) for i in indices]
+
+
+def check_resume(meta: dict, sr: SuperResolution | None, name: str) -> None:
+    """A run resumes in the task it was started in: an upscaler run with the same degradation, another without."""
+    was = meta.get("super_resolution")
+    if (was is not None) != (sr is not None):
+        raise ValueError(f"{name} was trained {'as' if was else 'not as'} an upscaler (super-resolution); resume it "
+                         f"{'with the same' if was else 'without a'} Self-Perceptual Super-Resolution")
+    if sr is not None and json.loads(was) != asdict(sr.degradation):
+        raise ValueError(f"{name} was trained with the degradation {was}, not {json.dumps(asdict(sr.degradation))}; "
+                         "resume it with the settings it was started with")
+
+
+def check_vae(vae, model) -> None:
+    """The VAE must make the upscaler's latents (SD x4: its own 4x VAE, not an SD one)."""
+    have, want = getattr(vae, "latent_channels", None), model.model.latent_format.latent_channels
+    if have is not None and have != want:
+        raise ValueError(f"this VAE makes {have}-channel latents but the upscaler reads {want}: connect its own VAE")
 
 
 def metadata(sr: SuperResolution, factor: int) -> dict:

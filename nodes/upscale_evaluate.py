@@ -130,7 +130,9 @@ class SelfPerceptualUpscaleEvaluate(io.ComfyNode):
                 io.Float.Input("noise_augmentation", default=0.0, min=0.0, max=1.0, step=0.001,
                                tooltip="The low-res input's noise augmentation, as SD_4XUpscale_Conditioning's."),
                 io.Conditioning.Input("positive", optional=True,
-                                      tooltip="The text prompt (SD x4: CLIPTextEncode); none = the empty one."),
+                                      tooltip="The text prompt (SD x4: CLIPTextEncode of the upscaler's CLIP), as "
+                                              "the fine-tune's captions were (e.g. an empty text for an uncaptioned "
+                                              "folder); none = a zero text input."),
                 io.Conditioning.Input("negative", optional=True, tooltip="Negative prompt (cfg > 1 only)."),
                 io.Model.Input("baseline_model", optional=True,
                                tooltip="A third upscaler, e.g. the same fine-tune with plain MSE (perceptual_weight "
@@ -164,6 +166,7 @@ class SelfPerceptualUpscaleEvaluate(io.ComfyNode):
             sr_task.check_model(sr_task.SuperResolution(), m)
         factor = sr_task.factor_of(vae)
         sr_task.check_resolution(resolution, factor)
+        sr_task.check_vae(vae, base_model)
         positive = positive if positive is not None else families.empty_conditioning(base_model)
         negative = negative if negative is not None else positive
         tap = families.tap_point(base_model.model.diffusion_model, families.MID_BLOCK, families.DEFAULT_DEPTH)
@@ -175,7 +178,7 @@ class SelfPerceptualUpscaleEvaluate(io.ComfyNode):
         for i in range(0, len(ds.images), CHUNK):
             high = torch.stack([as_float(x)[..., :3] for x in ds.images[i:i + CHUNK]])  # (n, H, W, 3) in [0, 1]
             low = downscale(high.movedim(-1, 1) * 2 - 1, factor)
-            ups = upscale_all(models, vae, low, factor, how, noise_augmentation, seed + i)
+            ups = upscale_all(models, vae, low, factor, how, noise_augmentation, (seed + i) % 2 ** 64)
             for metric, per in score_all(base_model, vae, high, low, ups, positive, levels, tap, seed).items():
                 for name, v in per.items():
                     scores[metric].setdefault(name, []).append(v)
@@ -191,7 +194,8 @@ class SelfPerceptualUpscaleEvaluate(io.ComfyNode):
                   "noise_augmentation": noise_augmentation, "tap": f"{tap.name} of the base model",
                   "dataset": str(folder), "metrics": metrics,
                   "notes": ["bicubic: the interpolation any upscaler must beat; the low-res images are box "
-                            "averages (the fine-tune's pairs without their random degradations)"]}
+                            "averages (the fine-tune's pairs without their random degradations)"]
+                  + [f"skipped {s.path.name}: {s.reason}" for s in ds.skipped]}
         table = table_image(report_lines(report))
         grid = labelled_grid([(k, v[:GRID_ROWS]) for k, v in shown.items()])
         return io.NodeOutput(table, json.dumps(report, indent=1), grid, ui=ui.PreviewImage(table, cls=cls))

@@ -108,6 +108,20 @@ def shuffled_tags(caption: str | None, keep: int, n: int, seed: int) -> list[str
     return out
 
 
+def mask_at(mask: torch.Tensor | None, latent_shape: tuple) -> torch.Tensor | None:
+    """An image's loss mask (H, W) uint8 -> (1, [1,] h, w) in [0, 1] at its latent's size (C, [T,] h, w): the mean of
+    the mask over each latent cell, what that latent position sees of it."""
+    if mask is None:
+        return None
+    pooled = torch.nn.functional.adaptive_avg_pool2d(mask.float()[None, None] / 255.0, tuple(latent_shape[-2:]))[0]
+    return pooled.reshape((1,) + (1,) * (len(latent_shape) - 3) + tuple(latent_shape[-2:]))
+
+
+def pick_order(seed: int, n: int) -> int:
+    """Which of ``n`` caption orders a sample reads at a step, from the loop's per-step seed."""
+    return int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(seed + 0x9E3779B9)))
+
+
 def repeated(indices: list[int], repeats: list[int]) -> list[int]:
     """Each index as many times as its image's repeat count (the loop then draws it that much more often)."""
     out = [i for i in indices for _ in range(repeats[i])]

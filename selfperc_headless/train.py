@@ -15,13 +15,25 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from selfperc_core.adapter import checkpoint_forward
-from selfperc_core.dataset import MAX_CAPTION_CHARS, RESIZE_MODES, as_float, load_dataset, repeated, with_prefix
+from selfperc_core.dataset import (
+    MAX_CAPTION_CHARS,
+    MAX_SHUFFLES,
+    RESIZE_MODES,
+    as_float,
+    load_dataset,
+    mask_at,
+    pick_order,
+    repeated,
+    shuffled_tags,
+    with_prefix,
+)
 from selfperc_core.features import DEFAULT_DEPTH, check_depth
 from selfperc_core.loop import (
     LR_SCHEDULES,
@@ -114,6 +126,13 @@ def check_args(a: argparse.Namespace) -> None:
         check_available()
     if len(a.caption_prefix) > MAX_CAPTION_CHARS // 4:
         raise ValueError(f"--caption-prefix is {len(a.caption_prefix)} characters; at most {MAX_CAPTION_CHARS // 4}")
+    if not 0 <= a.shuffle_tags <= MAX_SHUFFLES or a.keep_first_tags < 0:
+        raise ValueError(f"--shuffle-tags {a.shuffle_tags} must be within [0, {MAX_SHUFFLES}], --keep-first-tags "
+                         f"{a.keep_first_tags} at least 0")
+    if not (math.isfinite(a.reg_weight) and 0 < a.reg_weight <= 100):
+        raise ValueError(f"--reg-weight {a.reg_weight} must be within (0, 100]")
+    if a.reg_data is not None and not a.reg_data.is_dir():
+        raise ValueError(f"--reg-data {a.reg_data} is not a folder")
 
 
 def add_trainer_options(ap: argparse.ArgumentParser) -> None:
@@ -131,6 +150,15 @@ def add_trainer_options(ap: argparse.ArgumentParser) -> None:
                     help="fraction of samples trained on the empty caption")
     ap.add_argument("--repeat-folders", action="store_true",
                     help="kohya's N_name subfolders repeat their images N times")
+    ap.add_argument("--masked-loss", action="store_true",
+                    help="weigh each image's loss by its alpha channel or name.mask.png beside it")
+    ap.add_argument("--shuffle-tags", type=int, default=0,
+                    help=f"encode up to N orders of each caption's comma-separated tags, draw one per step "
+                         f"(0..{MAX_SHUFFLES}; 0: as written)")
+    ap.add_argument("--keep-first-tags", type=int, default=1, help="tags that stay first when shuffling")
+    ap.add_argument("--reg-data", type=Path, default=None,
+                    help="regularization (prior-preservation) images, trained beside --data")
+    ap.add_argument("--reg-weight", type=float, default=1.0, help="the regularization images' loss weight")
     ap.add_argument("--tensorboard", action="store_true",
                     help="TensorBoard event files in OUT/tensorboard (needs the tensorboard package)")
 
@@ -219,38 +247,68 @@ def accelerator(a: argparse.Namespace):
     return acc
 
 
-def training_data(a, acc, family: fam.Family, net) -> tuple[list[torch.Tensor], list, list | None]:
-    """The dataset's latents (VAE-encoded once), per-image conditionings (captions with --caption-prefix, or None
-    each) and, for --caption-dropout, the empty caption's per image."""
+def training_data(a, acc, family: fam.Family, net) -> tuple[list[torch.Tensor], list, SampleExtras]:
+    """The dataset's latents (VAE-encoded once; --reg-data's images after its own), per-image conditionings
+    (captions with --caption-prefix, or None each) and what the samples carry beside them: the empty caption's
+    conditioning (--caption-dropout), the tag orders (--shuffle-tags), masks (--masked-loss), weights (--reg-weight)."""
     from diffusers import AutoencoderKL
 
     dev, say = acc.device, print if acc.is_main_process else (lambda *_: None)
-    ds = load_dataset(a.data, a.resolution, a.resize_mode, repeat_folders=a.repeat_folders)
+    ds = load_dataset(a.data, a.resolution, a.resize_mode, repeat_folders=a.repeat_folders, masks=a.masked_loss)
+    n_data = len(ds.images)
+    if a.reg_data is not None:
+        reg = load_dataset(a.reg_data, a.resolution, a.resize_mode, repeat_folders=a.repeat_folders,
+                           masks=a.masked_loss)
+        for name in ("images", "captions", "files", "masks", "repeats", "skipped"):
+            getattr(ds, name).extend(getattr(reg, name))
     for s in ds.skipped:
         say(f"selfperc: skipped {s.path}: {s.reason}")
-    say(f"selfperc: {family.name} model, {len(ds.images)} images ({len(ds.skipped)} skipped), "
-        f"{acc.num_processes} process(es)")
-    conds, empty = [None] * len(ds.images), None
+    say(f"selfperc: {family.name} model, {n_data} images + {len(ds.images) - n_data} regularization "
+        f"({len(ds.skipped)} skipped), {acc.num_processes} process(es)")
+    conds, empty, orders = [None] * len(ds.images), None, None
     if a.captions == "auto" and has_text_encoder(a.model, family.text):
+        texts = with_prefix(ds.captions[:n_data], a.caption_prefix) + ds.captions[n_data:]
+        orders = [[t] for t in texts]
+        if a.shuffle_tags:
+            orders = [[t if i >= n_data else with_prefix([t], a.caption_prefix)[0]
+                       for t in shuffled_tags(c, a.keep_first_tags, a.shuffle_tags, a.seed + i)]
+                      for i, c in enumerate(ds.captions)]
+        flat = [t for o in orders for t in o] + ([""] if a.caption_dropout else [])  # "": the dropped samples'
         with acc.main_process_first():  # the main process encodes and caches; the others then read the cache
             bf16 = DTYPES[acc.mixed_precision] == torch.bfloat16
-            texts = with_prefix(ds.captions, a.caption_prefix)
-            extra = [""] if a.caption_dropout else []  # the dropped samples' caption
-            conds = encode_captions(a.model, texts + extra, a.caption_cache or a.out / "caption_cache", dev,
-                                    family.text, torch.bfloat16 if bf16 else torch.float32,
-                                    getattr(net.config, "joint_attention_dim", None), log=say)
-            if extra:
-                conds, empty = conds[:-1], [conds[-1]] * len(ds.images)
+            encoded = encode_captions(a.model, flat, a.caption_cache or a.out / "caption_cache", dev, family.text,
+                                      torch.bfloat16 if bf16 else torch.float32,
+                                      getattr(net.config, "joint_attention_dim", None), log=say)
+        if a.caption_dropout:
+            empty = [encoded[-1]] * len(ds.images)
+        starts = [sum(len(o) for o in orders[:i]) for i in range(len(orders))]
+        orders = [encoded[s:s + len(o)] for s, o in zip(starts, orders)]
+        conds = [o[0] for o in orders]
     else:
         why = "--captions off" if a.captions == "off" else "the model folder has no text encoders of its family"
         say(f"selfperc: zero text conditioning ({why}); captions are not used")
-        if a.caption_prefix or a.caption_dropout:
-            raise SystemExit(f"selfperc: --caption-prefix and --caption-dropout need captions, but {why}")
+        if a.caption_prefix or a.caption_dropout or a.shuffle_tags:
+            raise SystemExit(f"selfperc: --caption-prefix, --caption-dropout and --shuffle-tags need captions, but "
+                             f"{why}")
     vae = AutoencoderKL.from_pretrained(a.model / "vae").to(dev).eval()
     order = repeated(list(range(len(ds.images))), ds.repeats)  # kohya's N_name folders (references, no copies)
     latents = encode(vae, ds.images, dev)
-    return ([latents[i] for i in order], [conds[i] for i in order],
-            [empty[i] for i in order] if empty is not None else None)
+    extras = SampleExtras(
+        empty=[empty[i] for i in order] if empty is not None else None,
+        fresh=shuffle_fn([orders[i] for i in order], empty) if a.shuffle_tags and orders else None,
+        masks=[mask_at(ds.masks[i], tuple(latents[i].shape)) for i in order] if a.masked_loss else None,
+        weights=[1.0 if i < n_data else a.reg_weight for i in order] if a.reg_data is not None else None)
+    return [latents[i] for i in order], [conds[i] for i in order], extras
+
+
+def shuffle_fn(orders: list[list], empty: list | None):
+    """SampleExtras.fresh for --shuffle-tags: one of the sample's caption orders per step (a dropped sample keeps
+    the empty caption)."""
+    def fresh(k, c, seed):
+        if len(orders[k]) < 2 or (empty is not None and c is empty[k]):
+            return c
+        return orders[k][pick_order(seed, len(orders[k]))]
+    return fresh
 
 
 def trainable(a, acc, family: fam.Family, net) -> tuple[torch.nn.Module, list, object, torch.nn.Module, object]:
@@ -294,7 +352,7 @@ def setup(a: argparse.Namespace) -> Run:
     net.requires_grad_(False)
     if not a.fsdp:  # under FSDP each process keeps only its shard on the device (prepare moves it)
         net.to(acc.device)
-    latents, conds, empty = training_data(a, acc, family, net)
+    latents, conds, extras = training_data(a, acc, family, net)
     schedule = fam.load_schedule(a.model, family, (a.resolution // 8, a.resolution // 8))
     net, params, switch, tap_net, opt = trainable(a, acc, family, net)
     view = make_view(net, tap_net, family, schedule, switch, a.tap_depth, a.guidance, early_exit=not a.fsdp)
@@ -307,7 +365,7 @@ def setup(a: argparse.Namespace) -> Run:
 
     trainer = Trainer(params, latents, conds, view, settings_of(a), device=acc.device,
                       dist=Distributed(acc.process_index, acc.num_processes, grad_sync), optimizer=opt,
-                      conditions=SampleExtras(empty))
+                      conditions=extras)
     if a.resume is not None:
         load_checkpoint(a.resume, trainer, params)  # every process reads the same state
     return Run(a, acc, family, net, params, trainer)

@@ -101,3 +101,24 @@ def test_timestep_law_min_snr_decay_clipping_and_caption_options_through_the_api
               "max_grad_norm", "caption_dropout"):
         assert settings[k] == over[k], k
     assert meta["caption_prefix"] == "sks, "
+
+
+def test_masked_loss_tag_shuffle_and_regularization_images_through_the_api(server, photos):
+    import numpy as np
+    from PIL import Image
+    from safetensors import safe_open
+
+    folder = server.base / "input" / "features_masked"
+    make_dataset(folder, names=["astronaut", "coffee"], captions=False)
+    (folder / "coffee.txt").write_text("sks cup, saucer, steam, table")
+    with Image.open(folder / "astronaut.png") as im:
+        a = np.zeros((im.size[1], im.size[0]), np.uint8)
+    a[: a.shape[0] // 2] = 255
+    Image.fromarray(a).save(folder / "astronaut.mask.png")
+    reg = make_dataset(server.base / "input" / "features_reg", names=["chelsea"], captions=False).name
+    train_and_reload(server, folder.name, "masked", masked_loss=True, shuffle_tags=3, keep_first_tags=1,
+                     regularization_folder=reg, regularization_weight=0.7)
+    with safe_open(str(server.base / "models" / "loras" / "feat" / "masked.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert (meta["masked_loss"], meta["shuffle_tags"], meta["regularization_images"]) == ("true", "3", "1")
+    assert meta["dataset_images"] == "2" and meta["dataset_samples"] == "3"  # the regularization image is a sample

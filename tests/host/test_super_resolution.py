@@ -232,3 +232,46 @@ def test_upscale_evaluate_reports_psnr_and_feature_distance_with_paired_spread(p
     assert grid.shape[2] >= 6 * 64 and grid.shape[1] >= 3 * 64  # low-res | bicubic | 3 models | high-res, per image
     with pytest.raises(ValueError, match="SD15 has no low-res concat input"):
         SelfPerceptualUpscaleEvaluate.execute(model=tuned, **dict(args, base_model=models[0]))
+
+
+def test_each_sample_is_conditioned_on_its_own_image_with_held_out_and_repeated_images(pack, comfy, monkeypatch):
+    """Trainer index k is dataset image train_idx[k] (held-out images left out, N_name folders repeated): with no
+    degradation, each sample's low-res input is its own image's box average, which the stand-in VAE's latent is a
+    projection of."""
+    from selfperc_pack.nodes import run
+
+    folder = comfy / "input" / "sr_repeats"
+    make_dataset(folder / "2_twice", names=["astronaut", "coffee"], captions=False)
+    make_dataset(folder, names=["chelsea", "camera"], captions=False)
+    trainers = []
+
+    class Watched(run.Trainer):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            trainers.append(self)
+    monkeypatch.setattr(run, "Trainer", Watched)
+    vae = PatchVAE((1, 4, 16, 16), F)
+    from selfperc_pack.nodes.super_resolution import SuperResolution
+
+    mp = tiny_model("sd_x4")
+    train(pack, mp, vae, folder.name, lora_name="sr/repeats",
+          **sr_args(super_resolution=SuperResolution(), steps=1, validation_split=0.25, repeat_folders=True))
+    (tr,) = trainers
+    assert len(tr.latents) in (4, 5)  # 4 images, 1 held out, the 2_twice ones twice
+    for k, lat in enumerate(tr.latents):
+        low = tr.condition(k, tr.conds[k], 11)["c_concat"].cond[0]
+        want = mp.model.process_latent_in(torch.einsum("cr,rhw->chw", vae.proj, low)[None])[0]
+        torch.testing.assert_close(want, lat, rtol=1e-4, atol=1e-5)
+
+
+def test_a_run_resumes_only_in_the_task_it_was_started_in(pack, comfy, trained, high_res):
+    from selfperc_pack.nodes.super_resolution import SuperResolution
+    from selfperc_pack.selfperc_core.super_resolution import Degradation
+
+    mp, vae, _ = trained
+    with pytest.raises(ValueError, match="was trained as an upscaler"):
+        train(pack, mp, vae, high_res, lora_name="sr/again", **dict(sr_args(), super_resolution=None,
+                                                                    resume_from="sr/run.safetensors"))
+    with pytest.raises(ValueError, match="was trained with the degradation"):
+        train(pack, mp, vae, high_res, lora_name="sr/again", **sr_args(
+            super_resolution=SuperResolution(Degradation(blur_max=1.0)), resume_from="sr/run.safetensors"))

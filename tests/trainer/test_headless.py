@@ -254,3 +254,37 @@ def test_trainer_options_and_tensorboard_log_in_the_headless_trainer(model_dir, 
     assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(log["losses"], rel=1e-6)
     assert [e.value for e in events.Scalars("train/learning_rate")] == pytest.approx(
         [1e-4 * (1 - i / 3) for i in range(3)], rel=1e-5)
+
+
+def test_masked_loss_tag_orders_and_regularization_images_in_the_headless_trainer(tmp_path):
+    """--shuffle-tags encodes each caption's tag orders (the first tag kept) once into the caption cache;
+    --reg-data adds its images at --reg-weight; --masked-loss reads name.mask.png and changes the losses."""
+    import numpy as np
+    from PIL import Image
+
+    from selfperc_headless import captions as cap
+
+    model = write_model_folder(tmp_path / "te", text_encoder=True)
+    data = make_dataset(tmp_path / "tags", names=["astronaut", "coffee"], captions=False)
+    (data / "astronaut.txt").write_text("sks person, helmet, flag, stars")
+    mask = np.zeros((96, 96), np.uint8)
+    mask[:, :48] = 255
+    Image.fromarray(mask).save(data / "astronaut.mask.png")
+    reg = make_dataset(tmp_path / "reg", names=["chelsea"], captions=False)
+    cache = tmp_path / "cache"
+    flags = ["--steps", 3, "--batch-size", 3, "--shuffle-tags", 3, "--keep-first-tags", 1, "--reg-data", reg,
+             "--reg-weight", 0.5]
+    masked, _ = train(model, data, tmp_path / "a", *flags, "--masked-loss", "--caption-cache", cache)
+    unmasked = tmp_path / "unmasked"
+    shutil.copytree(data, unmasked, ignore=shutil.ignore_patterns("*.mask.png"))
+    plain, _ = train(model, unmasked, tmp_path / "b", *flags, "--masked-loss")  # the same run but for the mask
+    same, _ = train(model, data, tmp_path / "c", *flags, "--masked-loss")
+    assert same["losses"] == pytest.approx(masked["losses"], rel=1e-6)
+    assert masked["losses"] != pytest.approx(plain["losses"], rel=1e-4)
+    from selfperc_core.dataset import shuffled_tags
+
+    orders = shuffled_tags("sks person, helmet, flag, stars", 1, 3, 0)
+    assert len(orders) == 3 and all(o.startswith("sks person, ") for o in orders)
+    enc = cap.encoder_id(model, cap.SD)
+    assert all((cache / f"{cap.cache_key(enc, o)}.safetensors").is_file() for o in orders)
+    assert len(list(cache.glob("*.safetensors"))) == 3 + 1  # the three orders and the empty caption (2 images)
