@@ -130,7 +130,8 @@ class SelfPerceptualTrainingOptions(io.ComfyNode):
             inputs=[
                 io.Combo.Input("optimizer", optional=True, options=list(OPTIMIZERS), default=d.optimizer,
                                tooltip="adamw, adam, sgd, rmsprop or adafactor (torch's own), with torch's defaults "
-                                       "but weight_decay."),
+                                       "but weight_decay; prodigy (needs the prodigyopt package; it estimates the "
+                                       "step size: set learning_rate 1.0)."),
                 io.Combo.Input("lr_schedule", optional=True, options=list(LR_SCHEDULES), default=d.lr_schedule,
                                tooltip="Learning rate after the warm-up: constant, cosine (to 0 at the last step) "
                                        "or linear (to 0)."),

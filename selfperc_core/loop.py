@@ -116,14 +116,15 @@ class Distributed:
     grad_sync: Callable[[list[Tensor]], None] | None = None
 
 
-OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop", "adafactor")
-DECOUPLED = ("adamw", "adafactor")  # the optimizers whose weight_decay is decoupled from the gradient
+OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop", "adafactor", "prodigy")
+DECOUPLED = ("adamw", "adafactor", "prodigy")  # the optimizers whose weight_decay is decoupled from the gradient
 LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
 def make_optimizer(name: str, params: list[Tensor], lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """The optimizers core Train LoRA offers, and torch's Adafactor, with torch's defaults but for weight decay: 0
-    unless asked (the LoRA starts at zero, and decay pulls it back there), decoupled where given."""
+    """The optimizers core Train LoRA offers, torch's Adafactor and Prodigy (the prodigyopt package, when installed),
+    with their defaults but for weight decay: 0 unless asked (the LoRA starts at zero, and decay pulls it back
+    there), decoupled where given."""
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "adafactor":
@@ -134,6 +135,13 @@ def make_optimizer(name: str, params: list[Tensor], lr: float, weight_decay: flo
         # eps2 1e-3 makes steps 1000x smaller than lr says: with eps2 1 the step is lr x the normalised update, as
         # for AdamW, so learning rates carry over
         return torch.optim.Adafactor(params, lr=lr, weight_decay=weight_decay, eps=(None, 1.0))
+    if name == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError:
+            raise ValueError("optimizer 'prodigy' needs the prodigyopt package (pip install prodigyopt)") from None
+        # Prodigy estimates the step size itself; lr multiplies its estimate (1.0, its authors' advice)
+        return Prodigy(params, lr=lr, weight_decay=weight_decay, decouple=True)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)
     if name == "sgd":

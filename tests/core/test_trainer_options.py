@@ -147,3 +147,27 @@ def test_caption_dropout_replaces_that_fraction_of_samples_by_the_empty_caption(
     assert seen[-1] == ["empty" if d else "own" for d in draw[4].tolist()]
     with pytest.raises(ValueError, match="caption_dropout 1.0 must be within"):
         TrainSettings(caption_dropout=1.0).validate()
+
+
+def test_prodigy_is_prodigyopts_own_trains_resumes_exactly_and_is_refused_by_name_without_its_package(monkeypatch):
+    import builtins
+
+    prodigyopt = pytest.importorskip("prodigyopt")
+    tr, params = trainer(batch_size=2, seed=1, optimizer="prodigy", learning_rate=1.0, weight_decay=0.01)
+    assert type(tr.optimizer) is prodigyopt.Prodigy and tr.optimizer.param_groups[0]["decouple"]
+    first = [tr.step().loss.item() for _ in range(6)]
+    assert tr.optimizer.param_groups[0]["d"] > 2e-6  # the step-size estimate grew from its d0 1e-6
+    state = copy.deepcopy(tr.state_dict())
+    weights = [p.detach().clone() for p in params]
+    after = [tr.step().loss.item() for _ in range(2)]
+    again, p2 = trainer(batch_size=2, seed=1, optimizer="prodigy", learning_rate=1.0, weight_decay=0.01)
+    with torch.no_grad():
+        for p, w in zip(p2, weights):
+            p.copy_(w)
+    again.load_state_dict(state)
+    assert [again.step().loss.item() for _ in range(2)] == after and all(math.isfinite(x) for x in first)
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name == "prodigyopt" else real_import(name, *a, **k))
+    with pytest.raises(ValueError, match="needs the prodigyopt package"):
+        make_optimizer("prodigy", params, 1.0)
