@@ -1,7 +1,7 @@
 # The two commands of README: `make demo` (the main job) and `make test`. Each builds .venv if needed.
 PY := .venv/bin/python
 
-.PHONY: venv test test-core demo bench bench-wide bench-quick bench-profile bench-pairs lint clean
+.PHONY: venv test test-core demo bench bench-wide bench-quick bench-profile bench-pairs bench-gpu lint clean
 
 venv:
 	@bash dev/setup_venv.sh
@@ -35,3 +35,6 @@ bench-pairs: venv
 
 bench-wide: venv
 	$(PY) -m bench.wide
+
+bench-gpu: venv
+	$(PY) -m bench.gpu

@@ -55,14 +55,15 @@ def build(name: str, dtype: torch.dtype = torch.float32, **config_overrides):
     return build_model(arch.cls_name, {**arch.config, **config_overrides}, seed=0, dtype=dtype)
 
 
-def conditioning(name: str) -> list:
-    """A CONDITIONING shaped like this architecture's text encoders' output (seeded random values)."""
+def conditioning(name: str, tokens: int = 0) -> list:
+    """A CONDITIONING shaped like this architecture's text encoders' output (seeded random values); ``tokens``: text
+    tokens instead of the benchmark's."""
     arch = ARCHS[name]
     g = torch.Generator().manual_seed(1)
     extras = dict(arch.extras)
     if arch.pooled:
         extras["pooled_output"] = torch.randn((1, arch.pooled), generator=g)
-    return [[torch.randn((1, arch.tokens, arch.context), generator=g), extras]]
+    return [[torch.randn((1, tokens or arch.tokens, arch.context), generator=g), extras]]
 
 
 def latent_shape(model_patcher, side: int) -> tuple:

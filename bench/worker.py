@@ -17,6 +17,7 @@ import torch
 from dev.host import REPO_ROOT, import_comfy, import_pack
 
 CACHE = REPO_ROOT / ".cache" / "bench"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}
 
 
 def sd15_unet_config() -> dict:
@@ -39,7 +40,7 @@ def load_model(which: str, dtype: str = "fp32", overrides: dict | None = None):
     from dev.tiny_models import write_unet
 
     if which in archs.ARCHS:
-        return archs.build(which, {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype], **(overrides or {}))
+        return archs.build(which, DTYPES[dtype], **(overrides or {}))
     if which == "sd15":
         path = write_unet(CACHE / "sd15_unet_random.safetensors", seed=0, config=sd15_unet_config())
     else:
@@ -55,12 +56,12 @@ def latents_for(size: int, n: int, model=None) -> torch.Tensor:
     return torch.randn(n, *shape, generator=g)
 
 
-def conditioning_for(which: str) -> list | None:
+def conditioning_for(which: str, tokens: int = 0) -> list | None:
     """The CONDITIONING every configuration trains on: None (the node's empty prompt) for the SD1.5 UNets,
-    text-encoder-shaped for the others (which need one)."""
+    text-encoder-shaped for the others (which need one); ``tokens``: text tokens instead of the architecture's."""
     from bench import archs
 
-    return archs.conditioning(which) if which in archs.ARCHS else None
+    return archs.conditioning(which, tokens) if which in archs.ARCHS else None
 
 
 def per_image_inputs(mp, conditioning: list | None, lat: torch.Tensor) -> list:
@@ -289,7 +290,9 @@ def main() -> None:
                                        "selfperc_batched", "selfperc_separate", "naive", "flops",
                                        "activations"])
     ap.add_argument("--model", default="sd15", choices=["sd15", "tiny", "sdxl", "flux", "qwen_image"])
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights of the built architectures")
+    ap.add_argument("--dtype", default="fp32", choices=list(DTYPES),
+                    help="weights of the built architectures (fp8: stored in fp8, computed in bf16)")
+    ap.add_argument("--text-tokens", type=int, default=0, help="text tokens per prompt (0: the architecture's)")
     ap.add_argument("--depth", type=float, default=0.5, help="tap depth fraction (transformers)")
     ap.add_argument("--config", default="{}", help="JSON overrides of the architecture's unet_config (block counts)")
     ap.add_argument("--size", type=int, default=32, help="latent side")
@@ -303,7 +306,7 @@ def main() -> None:
     import_pack()
     model = load_model(a.model, a.dtype, json.loads(a.config))
     lat = latents_for(a.size, max(4, a.batch), model)
-    a.conditioning = conditioning_for(a.model)
+    a.conditioning = conditioning_for(a.model, a.text_tokens)
     if a.method == "flops":
         print(json.dumps(count_flops(model, lat, a)))
         return

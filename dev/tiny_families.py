@@ -127,6 +127,8 @@ def _init_params(module: torch.nn.Module, seed: int) -> None:
                     p.zero_()
                 elif p.ndim == 1 and is_norm:
                     p.fill_(1.0)
+                elif p.element_size() == 1:  # fp8 weights: no normal_ of their own; drawn in fp32 and stored
+                    p.copy_(torch.empty(p.shape).normal_(0.0, 0.02, generator=gen))
                 else:
                     p.normal_(0.0, 0.02, generator=gen)
             for name, b in mod.named_buffers(recurse=False):
@@ -143,7 +145,8 @@ def tiny_model(family: str, seed: int = 0):
 def build_model(cls_name: str, unet_config: dict, seed: int = 0, dtype: torch.dtype = torch.float32,
                 v_prediction: bool = False):
     """A ModelPatcher around a random model of the ``comfy.supported_models`` class ``cls_name`` built from
-    ``unet_config`` (detection skipped), weights N(0, 0.02) in ``dtype``."""
+    ``unet_config`` (detection skipped), weights N(0, 0.02) in ``dtype`` (an fp8 dtype: stored in it, computed in
+    bf16, as ComfyUI runs fp8 checkpoints)."""
     import_comfy()
     import comfy.model_base
     import comfy.model_management
@@ -153,7 +156,8 @@ def build_model(cls_name: str, unet_config: dict, seed: int = 0, dtype: torch.dt
     model_config = getattr(comfy.supported_models, cls_name)(unet_config)
     if v_prediction:  # SD20.model_type() detects v-prediction from checkpoint weight statistics
         model_config.model_type = lambda state_dict, prefix="": comfy.model_base.ModelType.V_PREDICTION
-    model_config.set_inference_dtype(dtype, None)
+    model_config.set_inference_dtype(dtype, torch.bfloat16 if torch.empty((), dtype=dtype).element_size() == 1
+                                     else None)
     model = model_config.get_model({}, "")
     _init_params(model.diffusion_model, seed)
     model = model.to(comfy.model_management.unet_offload_device())
