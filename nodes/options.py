@@ -155,7 +155,7 @@ class SelfPerceptualTrainingOptions(io.ComfyNode):
                                 tooltip="Absolute dataset folder instead of dataset_folder; only if the server owner "
                                         f"set {files.ALLOW_ANY_DATASET_PATH}=1."),
                 io.Float.Input("weight_decay", optional=True, default=d.weight_decay, min=0.0, max=1.0, step=0.001,
-                               tooltip="Decoupled weight decay (adamw, adafactor); 0: none (the LoRA starts at zero "
+                               tooltip="Decoupled weight decay (adamw, adafactor, prodigy); 0: none (the LoRA starts at zero "
                                        "and decay pulls it back there)."),
                 io.Float.Input("max_grad_norm", optional=True, default=d.max_grad_norm, min=0.0, max=1000.0,
                                step=0.01, tooltip="Clip the gradients' total norm to this before each update (1.0 is "

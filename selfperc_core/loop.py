@@ -97,7 +97,7 @@ class TrainSettings:
             raise ValueError(f"weight_decay {self.weight_decay} (<= 1) or min_snr_gamma {self.min_snr_gamma} "
                              "(<= 1000) is out of range")
         if self.weight_decay and self.optimizer not in DECOUPLED:
-            raise ValueError(f"weight_decay is decoupled weight decay, for {' or '.join(DECOUPLED)}; the optimizer "
+            raise ValueError(f"weight_decay is decoupled weight decay, for {', '.join(DECOUPLED[:-1])} or {DECOUPLED[-1]}; the optimizer "
                              f"{self.optimizer!r} would add it to the gradient instead")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"caption_dropout {self.caption_dropout} must be within [0, 1)")

@@ -137,7 +137,7 @@ def check_args(a: argparse.Namespace) -> None:
 
 def add_trainer_options(ap: argparse.ArgumentParser) -> None:
     """The options trainer users expect, as the node's option nodes have them (defaults: off / the paper's)."""
-    ap.add_argument("--weight-decay", type=float, default=0.0, help="decoupled (adamw, adafactor); 0: none")
+    ap.add_argument("--weight-decay", type=float, default=0.0, help="decoupled (adamw, adafactor, prodigy); 0: none")
     ap.add_argument("--max-grad-norm", type=float, default=0.0, help="clip the gradients' total norm; 0: no clipping")
     ap.add_argument("--t-law", choices=T_LAWS, default="uniform", help="the online level t's law (the paper's: "
                                                                         "uniform)")

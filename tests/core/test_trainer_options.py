@@ -89,7 +89,7 @@ def test_weight_decay_is_decoupled_and_only_where_the_optimizer_decouples_it():
     opt.step()
     torch.testing.assert_close(p.detach(), torch.full((3,), 1 - 0.1 * 0.5))  # a zero gradient: decay alone
     for name in ("adam", "sgd", "rmsprop"):
-        with pytest.raises(ValueError, match=f"weight_decay is decoupled weight decay, for adamw or adafactor; the "
+        with pytest.raises(ValueError, match=f"weight_decay is decoupled weight decay, for adamw, adafactor or prodigy; the "
                                              f"optimizer '{name}'"):
             TrainSettings(optimizer=name, weight_decay=0.01).validate()
 
