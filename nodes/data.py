@@ -74,18 +74,16 @@ def shuffled_conditionings(clip, captions: list[str | None], n_data: int, traini
     """Per image, the CONDITIONINGs of up to ``training.shuffle_tags`` orders of its caption's tags (the first
     ``keep_first_tags`` kept; the caption prefix before the dataset's own images'), each encoded once; None for an
     image without a caption or tags to move. Their memory is bounded like the decoded images'."""
-    from ..selfperc_core.dataset import shuffled_tags, with_prefix
+    from ..selfperc_core.dataset import caption_orders
     from .inputs import with_guidance
 
     cache: dict[str, list] = {}
     budget, used, out = cache_budget(), 0, []
-    for i, cap in enumerate(captions):
-        orders = shuffled_tags(cap, training.keep_first_tags, training.shuffle_tags, seed + i)
+    for orders in caption_orders(captions, n_data, training.caption_prefix, training.keep_first_tags,
+                                 training.shuffle_tags, seed):
         if len(orders) < 2:
             out.append(None)
             continue
-        if i < n_data:
-            orders = with_prefix(orders, training.caption_prefix)
         for text in orders:
             if text not in cache:
                 cache[text] = with_guidance(clip.encode_from_tokens_scheduled(clip.tokenize(text)), guidance)

@@ -96,6 +96,18 @@ def table_image(lines: list[str]) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, np.float32) / 255.0)[None]
 
 
+def sampling_inputs(cfg_tooltip: str) -> list:
+    """seed, steps, sampler_name, scheduler, cfg: how the evaluators sample every model from the same noise."""
+    return [io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                         tooltip="Seed of the sampling noise (shared by all models) and of the resampling."),
+            io.Int.Input("steps", default=20, min=1, max=1000, tooltip="Sampling steps."),
+            io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
+                           tooltip="ComfyUI sampler."),
+            io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal",
+                           tooltip="ComfyUI scheduler."),
+            io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip=cfg_tooltip)]
+
+
 class SelfPerceptualEvaluate(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -119,15 +131,7 @@ class SelfPerceptualEvaluate(io.ComfyNode):
                 io.Int.Input("sample_count", default=32, min=MIN_IMAGES, max=MAX_SAMPLES,
                              tooltip="Samples per model. KID is unbiased at small counts; FD needs more samples "
                                      "than the feature width to be unbiased."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
-                             tooltip="Seed of the sampling noise (shared by all models) and of the resampling."),
-                io.Int.Input("steps", default=20, min=1, max=1000, tooltip="Sampling steps."),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
-                               tooltip="ComfyUI sampler."),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal",
-                               tooltip="ComfyUI scheduler."),
-                io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance; 1.0 = none, as the paper evaluates."),
+                *sampling_inputs("Classifier-free guidance; 1.0 = none, as the paper evaluates."),
                 io.Conditioning.Input("positive", optional=True,
                                       tooltip="Prompt for sampling and for reading features; none = unconditional "
                                               "(SD1.x/SD2.x only; others need e.g. CLIPTextEncode with an empty "

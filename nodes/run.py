@@ -18,8 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..selfperc_core import run_log
-from ..selfperc_core.dataset import load_dataset, mask_at, pick_order, repeated, with_prefix
-from ..selfperc_core.loop import Hooks, NonFiniteLoss, SampleExtras, Trainer, TrainSettings, fit
+from ..selfperc_core.dataset import load_dataset, mask_at, repeated, with_prefix
+from ..selfperc_core.loop import Hooks, NonFiniteLoss, SampleExtras, Trainer, TrainSettings, fit, pick_fresh
 from . import bridge, data, diffusion_clip, families, files, inputs, latent_cache, lora, plots, preview, saving
 from . import super_resolution as sr_task
 from .host_compat import is_oom
@@ -135,8 +135,7 @@ def read_dataset(plan: RunPlan) -> tuple:
     n_reg = 0
     if plan.regularization is not None:
         reg = read(plan.regularization)
-        for name in ("images", "captions", "files", "masks", "repeats", "skipped", "notes"):
-            getattr(ds, name).extend(getattr(reg, name))
+        ds.extend(reg)
         n_reg = len(reg.images)
         log.info("selfperc: %d regularization images from %s", n_reg, plan.regularization)
     if any(r > 1 for r in ds.repeats):
@@ -288,12 +287,7 @@ def fresh_conditions(plan: RunPlan, ses, prep: Prepared, conds: list, train_idx:
                                                                   plan.settings.seed) for c in v]
                      for i, v in enumerate(prep.variants)]
 
-        def shuffled(k, c, seed):
-            options = per_image[train_idx[k]]
-            if options is None or (empty is not None and c is empty[k]):  # no tags to move, or a dropped caption
-                return c
-            return options[pick_order(seed, len(options))]
-        steps.append(shuffled)
+        steps.append(pick_fresh([per_image[i] for i in train_idx], empty))
     sr = plan.settings.objective.super_resolution
     if sr is not None:
         every = sr_task.condition_fn(ses.mp, prep.lows, [tuple(lat.shape) for lat in prep.latents], sr)

@@ -24,7 +24,7 @@ from ..selfperc_core.super_resolution import bicubic, downscale, psnr
 from . import bridge, families, files, inputs
 from . import super_resolution as sr_task
 from .data import cache_budget
-from .evaluate import CHUNK, GRID_ROWS, parse_levels, table_image
+from .evaluate import CHUNK, GRID_ROWS, parse_levels, sampling_inputs, table_image
 from .sample import Sampling, frames, labelled_grid, sample_model
 from .settings import check_step_size
 
@@ -118,15 +118,7 @@ class SelfPerceptualUpscaleEvaluate(io.ComfyNode):
                 io.Int.Input("resolution", default=512, min=64, max=4096, step=8,
                              tooltip="The high-res side: images are centre-cropped to it, then averaged down by "
                                      "the factor to make the low-res input."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
-                             tooltip="Seed of the sampling noise (shared by all models) and of the resampling."),
-                io.Int.Input("steps", default=20, min=1, max=1000, tooltip="Sampling steps."),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
-                               tooltip="ComfyUI sampler."),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal",
-                               tooltip="ComfyUI scheduler."),
-                io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance (1.0 = none)."),
+                *sampling_inputs("Classifier-free guidance (1.0 = none)."),
                 io.Float.Input("noise_augmentation", default=0.0, min=0.0, max=1.0, step=0.001,
                                tooltip="The low-res input's noise augmentation, as SD_4XUpscale_Conditioning's."),
                 io.Conditioning.Input("positive", optional=True,

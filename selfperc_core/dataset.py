@@ -64,6 +64,11 @@ class Dataset:
     notes: list[Skipped] = field(default_factory=list)          # used, with a change (e.g. caption cut)
     repeats: list[int] = field(default_factory=list)            # how many times each image counts (N_name folders)
 
+    def extend(self, other: "Dataset") -> None:
+        """``other``'s images (and what belongs to them) after this one's, e.g. regularization images."""
+        for name in ("images", "captions", "files", "masks", "repeats", "skipped", "notes"):
+            getattr(self, name).extend(getattr(other, name))
+
 
 def repeats_of(path: Path, folder: Path) -> int:
     """N for an image under ``folder``/N_name/..., else 1; an N outside 1..MAX_REPEATS is refused, naming the
@@ -105,6 +110,17 @@ def shuffled_tags(caption: str | None, keep: int, n: int, seed: int) -> list[str
         order = ", ".join(head + [tail[i] for i in torch.randperm(len(tail), generator=g).tolist()])
         if order not in out:
             out.append(order)
+    return out
+
+
+def caption_orders(captions: list[str | None], n_prefixed: int, prefix: str, keep: int, n: int,
+                   seed: int) -> list[list[str | None]]:
+    """Per image, its caption's tag orders (``shuffled_tags``, image i from ``seed + i``), ``prefix`` before those
+    of the first ``n_prefixed`` images (the dataset's own; regularization images follow without it)."""
+    out = []
+    for i, cap in enumerate(captions):
+        orders = shuffled_tags(cap, keep, n, seed + i)
+        out.append(with_prefix(orders, prefix) if i < n_prefixed else orders)
     return out
 
 

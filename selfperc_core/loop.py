@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .dataset import pick_order
 from .model_view import ModelView
 from .objective import MSE_SPACES, LossConfig, LossParts, LossWeights, min_snr_weight, self_perceptual_loss
 from .timesteps import T_PRIME_STRATEGIES, TLaw, check_t_prime_range, draw_t, draw_t_prime
@@ -187,6 +188,17 @@ class SampleExtras:
     fresh: Callable[[int, Any, int], Any] | None = None
     masks: list | None = None
     weights: list[float] | None = None
+
+
+def pick_fresh(options: list[list | None], empty: list | None = None) -> Callable[[int, Any, int], Any]:
+    """SampleExtras.fresh choosing, per sample and step, one of sample k's ``options`` (e.g. its caption's tag
+    orders) from the step's seed; a sample without options, or one dropped to its ``empty`` caption, keeps its
+    conditioning."""
+    def fresh(k: int, cond, seed: int):
+        if options[k] is None or len(options[k]) < 2 or (empty is not None and cond is empty[k]):
+            return cond
+        return options[k][pick_order(seed, len(options[k]))]
+    return fresh
 
 
 class NonFiniteLoss(FloatingPointError):

@@ -27,11 +27,10 @@ from selfperc_core.dataset import (
     MAX_SHUFFLES,
     RESIZE_MODES,
     as_float,
+    caption_orders,
     load_dataset,
     mask_at,
-    pick_order,
     repeated,
-    shuffled_tags,
     with_prefix,
 )
 from selfperc_core.features import DEFAULT_DEPTH, check_depth
@@ -45,6 +44,7 @@ from selfperc_core.loop import (
     TrainSettings,
     fit,
     make_optimizer,
+    pick_fresh,
 )
 from selfperc_core.model_view import ModelView, frozen_features_fn
 from selfperc_core.objective import DISTANCES, MSE_SPACES
@@ -259,8 +259,7 @@ def training_data(a, acc, family: fam.Family, net) -> tuple[list[torch.Tensor], 
     if a.reg_data is not None:
         reg = load_dataset(a.reg_data, a.resolution, a.resize_mode, repeat_folders=a.repeat_folders,
                            masks=a.masked_loss)
-        for name in ("images", "captions", "files", "masks", "repeats", "skipped"):
-            getattr(ds, name).extend(getattr(reg, name))
+        ds.extend(reg)
     for s in ds.skipped:
         say(f"selfperc: skipped {s.path}: {s.reason}")
     say(f"selfperc: {family.name} model, {n_data} images + {len(ds.images) - n_data} regularization "
@@ -268,11 +267,8 @@ def training_data(a, acc, family: fam.Family, net) -> tuple[list[torch.Tensor], 
     conds, empty, orders = [None] * len(ds.images), None, None
     if a.captions == "auto" and has_text_encoder(a.model, family.text):
         texts = with_prefix(ds.captions[:n_data], a.caption_prefix) + ds.captions[n_data:]
-        orders = [[t] for t in texts]
-        if a.shuffle_tags:
-            orders = [[t if i >= n_data else with_prefix([t], a.caption_prefix)[0]
-                       for t in shuffled_tags(c, a.keep_first_tags, a.shuffle_tags, a.seed + i)]
-                      for i, c in enumerate(ds.captions)]
+        orders = [[t] for t in texts] if not a.shuffle_tags else caption_orders(
+            ds.captions, n_data, a.caption_prefix, a.keep_first_tags, a.shuffle_tags, a.seed)
         flat = [t for o in orders for t in o] + ([""] if a.caption_dropout else [])  # "": the dropped samples'
         with acc.main_process_first():  # the main process encodes and caches; the others then read the cache
             bf16 = DTYPES[acc.mixed_precision] == torch.bfloat16
@@ -295,20 +291,10 @@ def training_data(a, acc, family: fam.Family, net) -> tuple[list[torch.Tensor], 
     latents = encode(vae, ds.images, dev)
     extras = SampleExtras(
         empty=[empty[i] for i in order] if empty is not None else None,
-        fresh=shuffle_fn([orders[i] for i in order], empty) if a.shuffle_tags and orders else None,
+        fresh=pick_fresh([orders[i] for i in order], empty) if a.shuffle_tags and orders else None,
         masks=[mask_at(ds.masks[i], tuple(latents[i].shape)) for i in order] if a.masked_loss else None,
         weights=[1.0 if i < n_data else a.reg_weight for i in order] if a.reg_data is not None else None)
     return [latents[i] for i in order], [conds[i] for i in order], extras
-
-
-def shuffle_fn(orders: list[list], empty: list | None):
-    """SampleExtras.fresh for --shuffle-tags: one of the sample's caption orders per step (a dropped sample keeps
-    the empty caption)."""
-    def fresh(k, c, seed):
-        if len(orders[k]) < 2 or (empty is not None and c is empty[k]):
-            return c
-        return orders[k][pick_order(seed, len(orders[k]))]
-    return fresh
 
 
 def trainable(a, acc, family: fam.Family, net) -> tuple[torch.nn.Module, list, object, torch.nn.Module, object]:

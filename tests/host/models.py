@@ -84,3 +84,17 @@ def fine_tune_inputs(**flat):
 
     base, groups = split_flat(flat)
     return dict(base, **{g: OPTION_GROUPS[g](**v) for g, v in groups.items()})
+
+
+def watch_trainers(monkeypatch) -> list:
+    """The core Trainers the fine-tune node's runs make, appended as they are made."""
+    from selfperc_pack.nodes import run
+
+    trainers = []
+
+    class Watched(run.Trainer):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            trainers.append(self)
+    monkeypatch.setattr(run, "Trainer", Watched)
+    return trainers

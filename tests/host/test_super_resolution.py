@@ -11,6 +11,7 @@ import torch
 from dev.datasets import make_dataset
 from dev.stand_ins import PatchVAE
 from dev.tiny_families import tiny_model
+from tests.host.models import watch_trainers
 from tests.host.test_nodes_inprocess import train
 
 pytestmark = pytest.mark.host
@@ -238,18 +239,11 @@ def test_each_sample_is_conditioned_on_its_own_image_with_held_out_and_repeated_
     """Trainer index k is dataset image train_idx[k] (held-out images left out, N_name folders repeated): with no
     degradation, each sample's low-res input is its own image's box average, which the stand-in VAE's latent is a
     projection of."""
-    from selfperc_pack.nodes import run
 
     folder = comfy / "input" / "sr_repeats"
     make_dataset(folder / "2_twice", names=["astronaut", "coffee"], captions=False)
     make_dataset(folder, names=["chelsea", "camera"], captions=False)
-    trainers = []
-
-    class Watched(run.Trainer):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            trainers.append(self)
-    monkeypatch.setattr(run, "Trainer", Watched)
+    trainers = watch_trainers(monkeypatch)
     vae = PatchVAE((1, 4, 16, 16), F)
     from selfperc_pack.nodes.super_resolution import SuperResolution
 

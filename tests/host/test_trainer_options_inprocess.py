@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dev.datasets import make_dataset
-from tests.host.models import as_parameterization
+from tests.host.models import as_parameterization, watch_trainers
 from tests.host.test_nodes_inprocess import train
 
 pytestmark = pytest.mark.host
@@ -22,18 +22,13 @@ def uncaptioned(comfy):
 
 def test_the_caption_prefix_and_the_empty_caption_reach_the_text_encoder(pack, models, captioned, uncaptioned,
                                                                        monkeypatch):
-    from selfperc_pack.nodes import run
 
     model, clip, vae = models
-    seen, trainers = [], []
+    seen = []
     tokenize = clip.tokenize
     monkeypatch.setattr(clip, "tokenize", lambda text, *a, **k: seen.append(text) or tokenize(text, *a, **k))
 
-    class Watched(run.Trainer):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            trainers.append(self)
-    monkeypatch.setattr(run, "Trainer", Watched)
+    trainers = watch_trainers(monkeypatch)
     out = train(pack, model, vae, captioned, clip=clip, lora_name="opt/prefix", steps=2, caption_prefix="sks, ",
                 caption_dropout=0.5)
     assert len(out.args[2]["loss"]) == 2
@@ -179,7 +174,6 @@ def test_masks_tag_orders_and_regularization_images_reach_the_loop(pack, models,
     import numpy as np
     from PIL import Image
     from safetensors import safe_open
-    from selfperc_pack.nodes import run
 
     model, clip, vae = models
     folder = make_dataset(comfy / "input" / "options_masked", names=["astronaut", "coffee"], captions=False)
@@ -188,15 +182,11 @@ def test_masks_tag_orders_and_regularization_images_reach_the_loop(pack, models,
     mask[:, :32] = 255
     Image.fromarray(mask).resize(Image.open(folder / "astronaut.png").size).save(folder / "astronaut.mask.png")
     reg = make_dataset(comfy / "input" / "options_reg", names=["chelsea", "camera"], captions=False)
-    seen, trainers = [], []
+    seen = []
     tokenize = clip.tokenize
     monkeypatch.setattr(clip, "tokenize", lambda text, *a, **k: seen.append(text) or tokenize(text, *a, **k))
 
-    class Watched(run.Trainer):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            trainers.append(self)
-    monkeypatch.setattr(run, "Trainer", Watched)
+    trainers = watch_trainers(monkeypatch)
     out = train(pack, model, vae, folder.name, clip=clip, lora_name="opt/masked", steps=6, batch_size=1,
                 masked_loss=True, shuffle_tags=4, keep_first_tags=1, regularization_folder=reg.name,
                 regularization_weight=0.5)
