@@ -17,7 +17,7 @@ from ..selfperc_core import attention_edit as core
 from ..selfperc_core import inversion as inv_core
 from .host_compat import is_oom, training_mode
 from .inversion import EULER_FUNCTIONS, sampler_name
-from .prompt_to_prompt import Plan, Prompt, PromptToPromptGuider, encode, special_ids
+from .prompt_to_prompt import Plan, Prompt, PromptToPromptGuider, encode
 from .session import frozen_weights, make_trainable_tensors
 
 MAX_SENTENCES = 256     # per side: each is one text-encoder call before any sampling
@@ -34,10 +34,10 @@ def parse_sentences(text: str, what: str) -> list[str]:
     return lines
 
 
-def sentence_embeddings(clip, sentences: list[str], shape: tuple, special: set, what: str) -> list[Prompt]:
+def sentence_embeddings(clip, sentences: list[str], shape: tuple, what: str) -> list[Prompt]:
     out = []
     for i, text in enumerate(sentences):
-        p = encode(clip, text, special, f"{what} sentence {i + 1}")
+        p = encode(clip, text, f"{what} sentence {i + 1}")
         if tuple(p.cond.shape) != shape:
             raise ValueError(f"{what}, sentence {i + 1} ({text[:60]!r}) encodes to {p.cond.shape[1]} tokens and the "
                              f"source prompt to {shape[1]} (ComfyUI encodes in chunks of 77): shorten it")
@@ -49,12 +49,11 @@ def edit_plan(clip, source_text: str, source_sentences: str, target_sentences: s
     """The source prompt, and the edited one: its embedding plus ``strength`` times the direction (the pooled
     output, where the encoder gives one, moves along its own direction). Identical sentence sets give an edited
     prompt bit-identical to the source."""
-    special = special_ids(clip)
-    src = encode(clip, source_text, special, "source")
+    src = encode(clip, source_text, "source")
     a = sentence_embeddings(clip, parse_sentences(source_sentences, "source_sentences"), tuple(src.cond.shape),
-                            special, "source_sentences")
+                            "source_sentences")
     b = sentence_embeddings(clip, parse_sentences(target_sentences, "target_sentences"), tuple(src.cond.shape),
-                            special, "target_sentences")
+                            "target_sentences")
     direction = core.edit_direction([p.cond for p in a], [p.cond for p in b])
     extras = dict(src.extras)
     pooled = [p.extras.get("pooled_output") for p in a + b]
@@ -62,7 +61,7 @@ def edit_plan(clip, source_text: str, source_sentences: str, target_sentences: s
         d = core.edit_direction(pooled[:len(a)], pooled[len(a):])
         extras["pooled_output"] = src.extras["pooled_output"] + (strength * d).to(src.extras["pooled_output"])
     target = Prompt(f"{source_text} (+ edit direction)", src.ids, src.real, src.labels,
-                    src.cond + (strength * direction).to(src.cond), extras)
+                    src.cond + (strength * direction).to(src.cond), extras, src.stream)
     return Plan(src, target, "reweight", None, None, 0.0, 0.0, (), (), ())
 
 

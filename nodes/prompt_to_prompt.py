@@ -32,15 +32,22 @@ BLEND_START = 0.2       # local blending starts after this fraction of the steps
 
 # ---- prompts and tokens ----------------------------------------------------------------------------------------
 
-def _ids(tokens: dict) -> list:
-    """The token ids of a ComfyUI tokenize() result (its first encoder's, 'l' where there is one), all 77-token
-    chunks in order; textual-inversion embeddings (tensors) become unique placeholders."""
-    key = "l" if "l" in tokens else sorted(tokens)[0]
-    out = []
-    for chunk in tokens[key]:
-        for j, t in enumerate(chunk):
-            out.append(t[0] if isinstance(t[0], int) else ("embedding", len(out)))
-    return out
+def _stream(tokens: dict, length: int | None = None) -> tuple[str, list]:
+    """The encoder stream of a ComfyUI tokenize(return_word_ids=True) result whose tokens index the
+    cross-attention tensor: the one ``length`` tokens long ('l' first where several are: SDXL's CLIP-L and
+    CLIP-G share positions; Flux's T5 stream is 256+ long where its CLIP-L is 77), all chunks in order, as
+    (token id, segment id: 0 for start / end / padding) pairs; textual-inversion embeddings (tensors) become
+    unique placeholders."""
+    keys = sorted(tokens, key=lambda k: (k != "l", k))
+    for key in keys:
+        flat = [t for chunk in tokens[key] for t in chunk]
+        if length is None or len(flat) == length:
+            return key, [(t[0] if isinstance(t[0], int) else ("embedding", j), t[2] if len(t) > 2 else 1)
+                         for j, t in enumerate(flat)]
+    sizes = {k: sum(len(c) for c in tokens[k]) for k in keys}
+    raise ValueError(f"the text encoder gives {length} positions but its tokenizer's streams have {sizes} tokens: "
+                     "this CLIP's tokens do not index its tensor (SD3 joins CLIP and T5 streams), so words cannot "
+                     "be mapped")
 
 
 @dataclass(frozen=True)
@@ -51,49 +58,53 @@ class Prompt:
     labels: list               # a readable label per real position
     cond: torch.Tensor         # (1, K, C) cross-attention tensor
     extras: dict               # pooled_output etc.
+    stream: str = "l"          # the tokenizer stream the positions are of
 
 
-def encode(clip, text: str, special: set, what: str) -> Prompt:
+def encode(clip, text: str, what: str) -> Prompt:
     if not text.strip():
         raise ValueError(f"the {what} prompt is empty")
-    tokens = clip.tokenize(text)
-    ids = _ids(tokens)
+    tokens = clip.tokenize(text, return_word_ids=True)
     conds = clip.encode_from_tokens_scheduled(tokens)
     if len(conds) != 1:
         raise ValueError(f"the {what} prompt encodes to {len(conds)} scheduled conditionings (prompt scheduling or "
                          "hooks on the CLIP): Prompt-to-Prompt needs one tensor per prompt")
     cond, extras = conds[0]
-    if cond.shape[1] != len(ids):
-        raise ValueError(f"the {what} prompt has {len(ids)} tokens but its text encoder gives {cond.shape[1]} "
-                         "positions: this CLIP's tokens do not index its tensor, so words cannot be mapped")
-    real = [j for j, t in enumerate(ids) if t not in special]
-    labels = _labels(clip, tokens, ids, real)
-    return Prompt(text, ids, real, labels, cond, dict(extras))
+    key, stream = _stream(tokens, cond.shape[1])
+    ids = [t for t, _ in stream]
+    # the tokenizer marks start / end / padding with segment 0: SD2's and CLIP-G's padding is token 0, which is
+    # also the vocabulary's "!", so ids alone cannot tell them apart
+    real = [j for j, (_, seg) in enumerate(stream) if seg != 0]
+    return Prompt(text, ids, real, _labels(clip, key, ids, real), cond, dict(extras), key)
 
 
-def _labels(clip, tokens, ids, real) -> list[str]:
+def _labels(clip, key: str, ids: list, real: list) -> list[str]:
     try:
-        key = "l" if "l" in tokens else sorted(tokens)[0]
-        flat = [p for chunk in tokens[key] for p in chunk]
-        words = [w for _, w in clip.tokenizer.untokenize(flat)]
-        return [str(words[j]).replace("</w>", "") for j in real]
+        tok = clip.tokenizer
+        sub = getattr(tok, key, None) or getattr(tok, f"clip_{key}", None) or tok
+        words = [w for _, w in sub.untokenize([(t, 1.0) for t in ids])]
+        return [str(words[j]).replace("</w>", "").replace("\u2581", "") or f"#{j}" for j in real]
     except Exception:  # a tokenizer without a vocabulary to read back: positions still identify the tokens
         return [f"#{j}" for j in real]
 
 
-def special_ids(clip) -> set:
-    """Start, end and padding tokens: everything the empty prompt is made of."""
-    return set(_ids(clip.tokenize("")))
+def _keys(prompt: Prompt) -> list:
+    """What alignment compares: the token and whether it is the prompt's own (a real "!" is not padding 0)."""
+    real = set(prompt.real)
+    return [(t, j in real) for j, t in enumerate(prompt.ids)]
 
 
-def word_positions(clip, prompt: Prompt, word: str, special: set) -> list[int]:
+def word_positions(clip, prompt: Prompt, word: str) -> list[int]:
     """Positions in ``prompt`` of every occurrence of ``word``'s tokens (a word may be several tokens)."""
-    sub = [t for t in _ids(clip.tokenize(word)) if t not in special]
+    tokens = clip.tokenize(word, return_word_ids=True)
+    if prompt.stream not in tokens:
+        return []
+    sub = [t for t, seg in _stream({prompt.stream: tokens[prompt.stream]})[1] if seg != 0]
     if not sub:
         return []
-    ids, n, out = prompt.ids, len(sub), []
+    ids, n, real, out = prompt.ids, len(sub), set(prompt.real), []
     for j in range(len(ids) - n + 1):
-        if ids[j:j + n] == sub:
+        if j in real and ids[j:j + n] == sub:
             out += range(j, j + n)
     return out
 
@@ -148,9 +159,8 @@ def make_plan(clip, source_text: str, target_text: str, mode: str, cross: float,
     for name, v in (("cross_replace", cross), ("self_replace", self_), ("blend_threshold", threshold)):
         if not 0.0 <= v <= 1.0:
             raise ValueError(f"{name} {v:g} is outside 0..1")
-    special = special_ids(clip)
-    src = encode(clip, source_text, special, "source")
-    tgt = encode(clip, target_text, special, "target")
+    src = encode(clip, source_text, "source")
+    tgt = encode(clip, target_text, "target")
     if src.cond.shape[1:] != tgt.cond.shape[1:]:
         raise ValueError(f"the source prompt encodes to {src.cond.shape[1]} tokens and the target to "
                          f"{tgt.cond.shape[1]} (ComfyUI encodes in chunks of 77): shorten the longer one so both "
@@ -162,19 +172,19 @@ def make_plan(clip, source_text: str, target_text: str, mode: str, cross: float,
                              f"tokens and the target {len(tgt.real)} ({' '.join(src.labels)!r} vs "
                              f"{' '.join(tgt.labels)!r}): use mode refine for added or removed words")
     elif mode == "refine":
-        mapper = tuple(core.align(src.ids, tgt.ids))
+        mapper = tuple(core.align(_keys(src), _keys(tgt)))
     weights = None
     entries = parse_words(reweight, True, "reweight")
     if entries:
         weights = torch.ones(tgt.cond.shape[1])
         for word, w in entries:
-            pos = word_positions(clip, tgt, word, special)
+            pos = word_positions(clip, tgt, word)
             if not pos:
                 raise ValueError(f"reweight: {word!r} is not in the target prompt {target_text!r}")
             weights[pos] = w
     bs, bt, words = [], [], []
     for word, _ in parse_words(blend, False, "blend_words"):
-        ps, pt = word_positions(clip, src, word, special), word_positions(clip, tgt, word, special)
+        ps, pt = word_positions(clip, src, word), word_positions(clip, tgt, word)
         if not ps and not pt:
             raise ValueError(f"blend_words: {word!r} is in neither the source prompt {source_text!r} nor the "
                              f"target prompt {target_text!r}")
