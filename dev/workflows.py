@@ -231,6 +231,38 @@ P2P_PHOTO = _p2p("selfperc_prompt_to_prompt_photo",
                  "source prompt (in the guider and the Invert node's text box) and the edit as the target. Keep "
                  "KSamplerSelect 'euler' (or 'ddim') and the Invert node's sigmas and noise latent.\n\n"
                  + _P2P_COMMON, True)
+P2P_FLUX = {
+    "title": "selfperc_prompt_to_prompt_flux",
+    "note": "Prompt-to-Prompt on Flux.1 (experimental): the source and the target prompt are sampled together from "
+            "the same noise and the target's joint attention takes the source's image-to-text maps (the text part "
+            "of each image token's attention) and, during self_replace, its image-to-image distribution. Words are "
+            "T5's tokens. Flux dev is guidance-distilled: keep cfg 1 (the guidance is the model's own, 3.5). The "
+            "saved batch is the source image(s) then the edited one(s); the map grid shows where each T5 token "
+            "attended (the double-stream blocks). Pick your Flux.1 dev or schnell files in the three loaders. Not "
+            "validated on a real Flux model here: judge the maps before trusting an edit.",
+    "nodes": {
+        1: ("UNETLoader", {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"}, (40, 120), (320, 90)),
+        2: ("DualCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors",
+                               "type": "flux"}, (40, 240), (320, 130)),
+        13: ("VAELoader", {"vae_name": "ae.safetensors"}, (40, 400), (320, 60)),
+        14: ("CLIPTextEncode", {"clip": (2, 0), "text": ""}, (40, 500), (320, 100)),
+        3: ("SelfPerceptualPromptToPrompt", {"model": (1, 0), "clip": (2, 0), "negative": (14, 0), "cfg": 1.0},
+            (400, 120), (360, 520)),
+        4: ("EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, (800, 420), (320, 110)),
+        5: ("KSamplerSelect", {"sampler_name": "euler"}, (800, 120), (320, 60)),
+        6: ("RandomNoise", {"noise_seed": 0}, (800, 220), (320, 80)),
+        7: ("BasicScheduler", {"model": (1, 0), "scheduler": "simple", "steps": 28}, (800, 320), (320, 110)),
+        8: ("SamplerCustomAdvanced", {"noise": (6, 0), "guider": (3, 0), "sampler": (5, 0), "sigmas": (7, 0),
+                                      "latent_image": (4, 0)}, (1160, 120), (300, 180)),
+        9: ("VAEDecode", {"samples": (8, 0), "vae": (13, 0)}, (1500, 120), (200, 50)),
+        10: ("SaveImage", {"images": (9, 0), "filename_prefix": "selfperc/prompt_to_prompt_flux"}, (1740, 120),
+             (420, 460)),
+        11: ("SelfPerceptualAttentionMaps", {"guider": (3, 0), "samples": (8, 0)}, (1160, 360), (300, 80)),
+        12: ("SaveImage", {"images": (11, 0), "filename_prefix": "selfperc/prompt_to_prompt_flux_maps"},
+             (1500, 360), (620, 300)),
+    },
+}
+P2P_FLUX["nodes"] = dict(sorted(P2P_FLUX["nodes"].items()))
 _PIX2PIX_ZERO_COMMON = (
     "The edit direction is the mean embedding of the target sentences minus that of the source sentences (one "
     "sentence per line; the same sets on both sides make no edit); strength scales it. guidance moves the edit's "
@@ -363,7 +395,7 @@ SUPER_RESOLUTION = {
         17: ("CLIPTextEncode", {"clip": (1, 1), "text": ""}, (1200, 120), (320, 100)),
     },
 }
-SPECS = [FINE_TUNE, DISTANCE, LOAD_LORA, EVALUATE, REAL_IMAGE_AB, NULL_TEXT_EDIT, DIRECT_EDIT, P2P, P2P_PHOTO,
+SPECS = [FINE_TUNE, DISTANCE, LOAD_LORA, EVALUATE, REAL_IMAGE_AB, NULL_TEXT_EDIT, DIRECT_EDIT, P2P, P2P_PHOTO, P2P_FLUX,
          PIX2PIX_ZERO, PIX2PIX_ZERO_PHOTO, IMAGIC, DIFFUSION_CLIP,
          SUPER_RESOLUTION]
 

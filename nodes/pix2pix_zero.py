@@ -84,6 +84,10 @@ class Pix2PixZeroGuider(PromptToPromptGuider):
 
     def __init__(self, model, plan: Plan, negative, cfg: float, guidance: float, inversion=None):
         super().__init__(model, plan, negative, cfg, inversion)
+        if self.joint is not None:
+            raise ValueError(f"{self.joint.family}: Pix2Pix-Zero's map guidance here differentiates UNet "
+                             "cross-attention (SD1.x, SD2.x, SDXL), not Flux's joint attention; on Flux the "
+                             "Prompt-to-Prompt Guider (experimental) edits by attention")
         if not 0.0 <= guidance <= 100.0:
             raise ValueError(f"guidance {guidance:g} is outside 0..100")
         self.guidance = float(guidance)

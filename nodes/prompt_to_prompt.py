@@ -19,6 +19,7 @@ import torch
 from ..selfperc_core import attention_edit as core
 from ..selfperc_core import inversion as inv_core
 from .inversion import Inversion, _StartAt, check_same_family, check_sampler, check_sigmas
+from .joint_attention import check_override_free, joint_layout, override
 
 MODES = core.EDIT_MODES
 # Deterministic k-diffusion steps: the source and target rows start from the same noise and stay comparable only
@@ -83,7 +84,8 @@ def _labels(clip, key: str, ids: list, real: list) -> list[str]:
         tok = clip.tokenizer
         sub = getattr(tok, key, None) or getattr(tok, f"clip_{key}", None) or tok
         words = [w for _, w in sub.untokenize([(t, 1.0) for t in ids])]
-        return [str(words[j]).replace("</w>", "").replace("\u2581", "") or f"#{j}" for j in real]
+        # CLIP ends words with </w>; T5's sentencepiece starts them with U+2581, alone before some words
+        return [str(words[j]).replace("</w>", "").replace("\u2581", "") or "_" for j in real]
     except Exception:  # a tokenizer without a vocabulary to read back: positions still identify the tokens
         return [f"#{j}" for j in real]
 
@@ -224,9 +226,10 @@ def unet_blocks(model):
 
     dm = model.model.diffusion_model
     if not all(hasattr(dm, a) for a in ("input_blocks", "middle_block", "output_blocks")):
-        raise ValueError(f"{type(model.model).__name__} ({type(dm).__name__}) is not a UNet with attention blocks: "
-                         "Prompt-to-Prompt here patches UNet cross-attention (SD1.x, SD2.x, SDXL); transformer "
-                         "families (Flux, SD3, ...) are not supported yet")
+        raise ValueError(f"{type(model.model).__name__} ({type(dm).__name__}) is not a UNet with attention blocks "
+                         "nor Flux.1: Prompt-to-Prompt here patches UNet cross-attention (SD1.x, SD2.x, SDXL) and "
+                         "Flux.1's joint attention (experimental); other transformers (SD3, Flux.2, Chroma, "
+                         "Qwen-Image, ...) are not supported yet")
     ds, levels, keys = 1, set(), []
     for i, blk in enumerate(dm.input_blocks):
         for m in blk:
@@ -287,7 +290,11 @@ class Run:
         return core.pair_rows([c == 0 for c in chunks], self.pairs)
 
     def record(self, ps: torch.Tensor, pt: torch.Tensor, grid: tuple) -> None:
-        m = torch.cat([ps.mean(1), pt.mean(1)])  # (2 pairs, Q, K)
+        self.add_maps(ps.mean(1), pt.mean(1), grid)
+
+    def add_maps(self, ms: torch.Tensor, mt: torch.Tensor, grid: tuple) -> None:
+        """Adds one layer's head-averaged maps (pairs, Q, K) of the source and target rows."""
+        m = torch.cat([ms, mt])  # (2 pairs, Q, K)
         if self.maps is None:
             self.maps, self.grid = torch.zeros_like(m), grid
         self.maps += m
@@ -378,8 +385,10 @@ class PromptToPromptGuider(comfy.samplers.CFGGuider):
         self.plan, self.inv, self.negative = plan, inversion, negative
         if inversion is not None:
             check_same_family(model, inversion, "Prompt-to-Prompt")
-        self.keys, self.levels = unet_blocks(model)
+        self.joint = joint_layout(model)
+        self.keys, self.levels = unet_blocks(model) if self.joint is None else ([], set())
         check_free(model.model_options)
+        check_override_free(model.model_options)
         self.set_cfg(cfg)
         self.run: Run | None = None
         self.inner_set_conds({"positive": paired_conditioning(plan, 1), "negative": negative})
@@ -409,15 +418,11 @@ class PromptToPromptGuider(comfy.samplers.CFGGuider):
                 raise ValueError(f"the latent has {latent_image.shape[1]} channels, but this model's latent space "
                                  f"has {want}: make it with this model's VAE or EmptyLatentImage")
         s = sigmas.detach().float().cpu()
-        self.run = run = Run(self.plan, n, s.tolist(), tuple(latent_image.shape[-2:]), map_level(self.levels))
+        self.run = run = Run(self.plan, n, s.tolist(), tuple(latent_image.shape[-2:]),
+                             map_level(self.levels) if self.levels else 0)
         self.inner_set_conds({"positive": paired_conditioning(self.plan, n), "negative": self.negative})
-        cross, self_attn = patches(run)
         orig = self.model_options
-        opts = comfy.model_patcher.create_model_options_clone(orig)
-        for key in self.keys:
-            opts = comfy.model_patcher.set_model_options_patch_replace(opts, cross, "attn2", *key)
-            opts = comfy.model_patcher.set_model_options_patch_replace(opts, self_attn, "attn1", *key)
-        self.model_options = opts
+        self.model_options = self.patched_options(orig, run)
         two = lambda t: None if t is None else torch.cat([t, t])  # noqa: E731  same noise for both branches
         if start is not None:
             sampler = _StartAt(sampler, start)
@@ -426,6 +431,17 @@ class PromptToPromptGuider(comfy.samplers.CFGGuider):
                                   disable_pbar, seed)
         finally:
             self.model_options = orig
+
+    def patched_options(self, orig: dict, run: Run) -> dict:
+        opts = comfy.model_patcher.create_model_options_clone(orig)
+        if self.joint is not None:
+            opts.setdefault("transformer_options", {})["optimized_attention_override"] = override(run, self.joint)
+            return opts
+        cross, self_attn = patches(run)
+        for key in self.keys:
+            opts = comfy.model_patcher.set_model_options_patch_replace(opts, cross, "attn2", *key)
+            opts = comfy.model_patcher.set_model_options_patch_replace(opts, self_attn, "attn1", *key)
+        return opts
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         run = self.run

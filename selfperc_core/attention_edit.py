@@ -153,3 +153,44 @@ def map_guidance_loss(edit: Tensor, reference: Tensor) -> Tensor:
         raise ValueError(f"edited and reference maps differ in shape: {tuple(edit.shape)} vs "
                          f"{tuple(reference.shape)}")
     return (edit.float() - reference.detach().float()).square().sum((-2, -1)).mean()
+
+
+def joint_target_probs(ps: Tensor, pt: Tensor, n_txt: int, text: Tensor | None, inject_self: bool) -> Tensor:
+    """The target's edited probabilities in a joint (MM-DiT) attention, where image queries attend the text
+    tokens (the first ``n_txt`` keys) and the image tokens in one softmax: ``ps`` / ``pt`` (..., Q, n_txt + N).
+
+    The text part becomes ``text`` (the edited cross-attention maps; None: the target's own); the image part
+    keeps its distribution (the source's when ``inject_self``, the target's otherwise) and takes the mass the
+    text part leaves, so every row still sums to 1 (exactly the target's own row when nothing is edited)."""
+    txt = pt[..., :n_txt] if text is None else text
+    img = (ps if inject_self else pt)[..., n_txt:]
+    share = (1.0 - txt.sum(-1, keepdim=True)).clamp_min(0.0)
+    return torch.cat([txt, img * (share / img.sum(-1, keepdim=True).clamp_min(1e-30))], dim=-1)
+
+
+def joint_edit(qs: Tensor, ks: Tensor, qt: Tensor, kt: Tensor, vt: Tensor, n_txt: int, edit_text=None,
+               inject_self: bool = False, edit: bool = True, budget: int = 2 ** 28):
+    """Prompt-to-Prompt in a joint attention, for the image queries of paired source / target rows:
+    q, k, v (B, H, L, D) with the text tokens first (L = n_txt + N image tokens).
+
+    Returns (out, maps_src, maps_tgt): the target's attention output at the image positions (B, N, H*D), float32,
+    from its edited probabilities (None when not ``edit``), and both branches' image-to-text maps (B, N, n_txt)
+    averaged over heads. ``edit_text(ps_txt, pt_txt)`` edits the text part (Prompt-to-Prompt's replace / refine /
+    reweight); None keeps the target's. Queries go in chunks so the float32 probabilities of one chunk stay under
+    ``budget`` bytes."""
+    b, h, length, d = qt.shape
+    chunk = max(1, budget // max(1, 2 * b * h * length * 4))
+    scale = d ** -0.5
+    outs, m_s, m_t = [], [], []
+    for c0 in range(n_txt, length, chunk):
+        c1 = min(length, c0 + chunk)
+        ps = torch.softmax(qs[:, :, c0:c1].float() @ ks.float().transpose(-1, -2) * scale, dim=-1)
+        pt = torch.softmax(qt[:, :, c0:c1].float() @ kt.float().transpose(-1, -2) * scale, dim=-1)
+        m_s.append(ps[..., :n_txt].mean(1))
+        m_t.append(pt[..., :n_txt].mean(1))
+        if edit:
+            text = None if edit_text is None else edit_text(ps[..., :n_txt], pt[..., :n_txt])
+            p = joint_target_probs(ps, pt, n_txt, text, inject_self)
+            outs.append((p @ vt.float()).transpose(1, 2).reshape(b, c1 - c0, h * d))
+    out = torch.cat(outs, dim=1) if edit else None
+    return out, torch.cat(m_s, dim=1), torch.cat(m_t, dim=1)

@@ -10,6 +10,8 @@ from selfperc_core.attention_edit import (
     blend_mask,
     edit_cross_attention,
     edit_direction,
+    joint_edit,
+    joint_target_probs,
     local_blend,
     map_guidance_loss,
     pair_rows,
@@ -122,3 +124,42 @@ def test_map_guidance_loss_is_the_summed_squared_map_difference_and_its_gradient
     loss.backward()
     assert loss == 0 and not torch.count_nonzero(same.grad)  # exactly zero at equal maps
     assert reference.grad is None  # the reference is a target: no gradient reaches it
+
+
+def _joint(seed, b=2, h=3, n_txt=5, n_img=12, d=8):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, n_txt + n_img, d, generator=g) for _ in range(3)]
+
+
+def test_joint_edit_without_an_edit_is_the_joint_attention_of_the_image_queries():
+    q, k, v = _joint(0)
+    n_txt = 5
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)[:, :, n_txt:].transpose(1, 2).flatten(2)
+    for budget in (2 ** 28, 1):  # one chunk, and one query per chunk
+        out, ms, mt = joint_edit(q, k, q, k, v, n_txt, budget=budget)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        assert ms.shape == mt.shape == (2, 12, n_txt) and torch.equal(ms, mt)
+    # the source's text maps handed to an identical target (replace) change nothing, bit for bit
+    same, _, _ = joint_edit(q, k, q, k, v, n_txt, edit_text=lambda ps, pt: ps)
+    assert torch.equal(same, joint_edit(q, k, q, k, v, n_txt)[0])
+    assert joint_edit(q, k, q, k, v, n_txt, edit=False)[0] is None
+
+
+def test_joint_target_probs_take_the_edited_text_part_and_keep_rows_summing_to_one():
+    qs, ks, _ = _joint(1)
+    qt, kt, _ = _joint(2)
+    n_txt = 5
+    sm = lambda q, k: torch.softmax(q @ k.transpose(-1, -2) * 8 ** -0.5, -1)[:, :, n_txt:]  # noqa: E731
+    ps, pt = sm(qs, ks), sm(qt, kt)
+    p = joint_target_probs(ps, pt, n_txt, ps[..., :n_txt], inject_self=False)
+    assert torch.equal(p[..., :n_txt], ps[..., :n_txt])  # the source's maps over the text tokens
+    torch.testing.assert_close(p.sum(-1), torch.ones(p.shape[:-1]))
+    img = p[..., n_txt:] / p[..., n_txt:].sum(-1, keepdim=True)  # the target's own image distribution
+    torch.testing.assert_close(img, pt[..., n_txt:] / pt[..., n_txt:].sum(-1, keepdim=True))
+    inj = joint_target_probs(ps, pt, n_txt, None, inject_self=True)
+    torch.testing.assert_close(inj[..., n_txt:] / inj[..., n_txt:].sum(-1, keepdim=True),
+                               ps[..., n_txt:] / ps[..., n_txt:].sum(-1, keepdim=True))
+    torch.testing.assert_close(joint_target_probs(ps, pt, n_txt, None, False), pt)
+    # a reweighted text part larger than 1 leaves the image part no mass, never a negative one
+    big = joint_target_probs(ps, pt, n_txt, ps[..., :n_txt] * 100, False)
+    assert float(big[..., n_txt:].min()) == 0.0

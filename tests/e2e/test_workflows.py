@@ -12,13 +12,14 @@ pytestmark = pytest.mark.e2e
 NAMES = sorted(p.name for p in workflows.WORKFLOWS.glob("*.json"))
 
 
-def test_fourteen_workflows_ship_with_what_each_is_for():
+def test_the_shipped_workflows_are_there_with_what_each_is_for():
     assert NAMES == ["selfperc_diffusion_clip.json", "selfperc_direct_inversion_edit.json", "selfperc_evaluate.json",
                      "selfperc_fine_tune_compare.json", "selfperc_imagic.json", "selfperc_load_lora_compare.json",
                      "selfperc_null_text_edit.json", "selfperc_perceptual_distance.json",
                      "selfperc_pix2pix_zero.json", "selfperc_pix2pix_zero_photo.json",
-                     "selfperc_prompt_to_prompt.json", "selfperc_prompt_to_prompt_photo.json",
-                     "selfperc_real_image_ab.json", "selfperc_super_resolution.json"]
+                     "selfperc_prompt_to_prompt.json", "selfperc_prompt_to_prompt_flux.json",
+                     "selfperc_prompt_to_prompt_photo.json", "selfperc_real_image_ab.json",
+                     "selfperc_super_resolution.json"]
     kinds = {n: sorted(node["type"] for node in workflows.load(n)["nodes"]) for n in NAMES}
     assert {"SelfPerceptualFineTune", "SelfPerceptualSampler", "LossGraphNode", "SaveImage"} <= set(
         kinds["selfperc_fine_tune_compare.json"])
@@ -36,6 +37,8 @@ def test_fourteen_workflows_ship_with_what_each_is_for():
     assert p2p | {"EmptyLatentImage", "RandomNoise"} <= set(kinds["selfperc_prompt_to_prompt.json"])
     assert p2p | {"LoadImage", "SelfPerceptualInvert", "DisableNoise"} <= set(
         kinds["selfperc_prompt_to_prompt_photo.json"])
+    assert p2p | {"UNETLoader", "DualCLIPLoader", "VAELoader", "EmptySD3LatentImage"} <= set(
+        kinds["selfperc_prompt_to_prompt_flux.json"])
     p2z = p2p - {"SelfPerceptualPromptToPrompt"} | {"SelfPerceptualPix2PixZero"}
     assert p2z | {"EmptyLatentImage", "RandomNoise"} <= set(kinds["selfperc_pix2pix_zero.json"])
     assert p2z | {"LoadImage", "SelfPerceptualInvert", "DisableNoise"} <= set(kinds["selfperc_pix2pix_zero_photo.json"])
@@ -289,6 +292,36 @@ def test_prompt_to_prompt_refuses_bad_input_by_name_and_the_server_keeps_working
         p["50"] = {"class_type": "SelfPercTestTinyFamily", "inputs": {"family": "sd3", "side": 4}}
         p["3"]["inputs"]["model"] = ["50", 0]
     assert "not a UNet" in error_of(transformer)
+    entry = server.run(base)
+    assert execution_error(entry) is None, execution_error(entry)
+
+
+def test_prompt_to_prompt_flux_workflow_runs_on_a_tiny_flux_and_refuses_bad_input_by_name(server):
+    info = server.get("/object_info")
+    base = workflows.set_widgets(workflows.to_api(workflows.load("selfperc_prompt_to_prompt_flux.json"), info),
+                                 steps=3, width=64, height=64)
+    # the three loaders' files cannot exist here: the tiny Flux of the host's class, its tiny CLIP-L + T5 encoder
+    # (the real tokenizers) and the stand-in VAE take their places
+    base["1"] = {"class_type": "SelfPercTestTinyFamily", "inputs": {"family": "flux", "side": 8}}
+    base["2"] = {"class_type": "SelfPercTestTinyClip", "inputs": {"family": "flux"}}
+    del base["13"]
+    base["9"]["inputs"]["vae"] = ["1", 2]
+    entry = server.run(base)
+    assert execution_error(entry) is None, execution_error(entry)
+    source, target = images(server, entry, "10")
+    assert source.shape == target.shape == (64, 64, 3)
+    (maps,) = images(server, entry, "12")
+    assert maps.shape[1] % 96 == 0 and maps.shape[1] // 96 >= len("a photo of a dog riding a bicycle".split())
+    error_of = _error_of(server, base)
+    assert "'zebra' is not in the target prompt" in error_of(
+        lambda p: p["3"]["inputs"].update(mode="reweight", reweight="zebra:2"))
+
+    def pix2pix_zero(p):
+        p["3"] = {"class_type": "SelfPerceptualPix2PixZero",
+                  "inputs": {"model": ["1", 0], "clip": ["2", 0], "negative": ["14", 0], "cfg": 1.0,
+                             "source_prompt": "a cat", "source_sentences": "a cat", "target_sentences": "a dog",
+                             "strength": 1.0, "guidance": 1.0}}
+    assert "Pix2Pix-Zero's map guidance here differentiates UNet" in error_of(pix2pix_zero)
     entry = server.run(base)
     assert execution_error(entry) is None, execution_error(entry)
 

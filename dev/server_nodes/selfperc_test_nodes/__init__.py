@@ -13,6 +13,7 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 from dev.stand_ins import CaptionEncoder, PatchVAE  # noqa: E402
+from dev.tiny_clips import FAMILY_CLIPS, tiny_clip  # noqa: E402
 from dev.tiny_families import FAMILIES, UPSCALERS, latent_shape, spec, tiny_conditioning, tiny_model  # noqa: E402
 
 
@@ -32,4 +33,19 @@ class SelfPercTestTinyFamily:
                 {"samples": torch.zeros(shape)})
 
 
-NODE_CLASS_MAPPINGS = {"SelfPercTestTinyFamily": SelfPercTestTinyFamily}
+class SelfPercTestTinyClip:
+    """A tiny text encoder of the host's own class with the family's real tokenizer (dev/tiny_clips.py)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"family": (list(FAMILY_CLIPS),)}}
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "build"
+    CATEGORY = "selfperc_tests"
+
+    def build(self, family):
+        return (tiny_clip(family),)
+
+
+NODE_CLASS_MAPPINGS = {"SelfPercTestTinyFamily": SelfPercTestTinyFamily, "SelfPercTestTinyClip": SelfPercTestTinyClip}
