@@ -20,11 +20,11 @@ class SelfPerceptualPromptToPrompt(io.ComfyNode):
             category="selfperc/editing",
             description="Samples every latent twice, with the source and the target prompt, and edits the target's "
                         "cross-attention with the source's maps (Hertz et al.). The output LATENT holds the sources "
-                        "then the targets. UNet models (SD1.x, SD2.x, SDXL); Flux.1 experimental (its joint "
-                        "attention's image-to-text part, T5's tokens). Connect a deterministic sampler; with "
+                        "then the targets. UNet models (SD1.x, SD2.x, SDXL); Flux.1 and SD3.x experimental (their "
+                        "joint attention's image-to-text part). Connect a deterministic sampler; with "
                         "an inversion, KSamplerSelect 'euler' and the Invert node's sigmas and noise latent.",
             inputs=[
-                io.Model.Input("model", tooltip="A UNet model (SD1.x, SD2.x, SDXL) or Flux.1 (experimental), with or "
+                io.Model.Input("model", tooltip="A UNet model (SD1.x, SD2.x, SDXL) or Flux.1 / SD3.x (experimental), with or "
                                               "without a LoRA."),
                 io.Clip.Input("clip", tooltip="The model's CLIP: it encodes both prompts, and its tokenizer maps "
                                               "the words between them."),

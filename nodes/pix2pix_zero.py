@@ -17,7 +17,8 @@ from ..selfperc_core import attention_edit as core
 from ..selfperc_core import inversion as inv_core
 from .host_compat import is_oom, training_mode
 from .inversion import EULER_FUNCTIONS, sampler_name
-from .prompt_to_prompt import Plan, Prompt, PromptToPromptGuider, encode
+from .prompt_to_prompt import Plan, PromptToPromptGuider
+from .prompt_tokens import Prompt, encode
 from .session import frozen_weights, make_trainable_tensors
 
 MAX_SENTENCES = 256     # per side: each is one text-encoder call before any sampling
@@ -61,7 +62,7 @@ def edit_plan(clip, source_text: str, source_sentences: str, target_sentences: s
         d = core.edit_direction(pooled[:len(a)], pooled[len(a):])
         extras["pooled_output"] = src.extras["pooled_output"] + (strength * d).to(src.extras["pooled_output"])
     target = Prompt(f"{source_text} (+ edit direction)", src.ids, src.real, src.labels,
-                    src.cond + (strength * direction).to(src.cond), extras, src.stream)
+                    src.cond + (strength * direction).to(src.cond), extras, src.spans)
     return Plan(src, target, "reweight", None, None, 0.0, 0.0, (), (), ())
 
 

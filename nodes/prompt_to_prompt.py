@@ -20,6 +20,7 @@ from ..selfperc_core import attention_edit as core
 from ..selfperc_core import inversion as inv_core
 from .inversion import Inversion, _StartAt, check_same_family, check_sampler, check_sigmas
 from .joint_attention import check_override_free, joint_layout, override
+from .prompt_tokens import Prompt, aligned, encode, word_positions
 
 MODES = core.EDIT_MODES
 # Deterministic k-diffusion steps: the source and target rows start from the same noise and stay comparable only
@@ -31,85 +32,7 @@ MAX_WORDS = 32          # reweight / blend entries
 BLEND_START = 0.2       # local blending starts after this fraction of the steps (the maps settle first)
 
 
-# ---- prompts and tokens ----------------------------------------------------------------------------------------
-
-def _stream(tokens: dict, length: int | None = None) -> tuple[str, list]:
-    """The encoder stream of a ComfyUI tokenize(return_word_ids=True) result whose tokens index the
-    cross-attention tensor: the one ``length`` tokens long ('l' first where several are: SDXL's CLIP-L and
-    CLIP-G share positions; Flux's T5 stream is 256+ long where its CLIP-L is 77), all chunks in order, as
-    (token id, segment id: 0 for start / end / padding) pairs; textual-inversion embeddings (tensors) become
-    unique placeholders."""
-    keys = sorted(tokens, key=lambda k: (k != "l", k))
-    for key in keys:
-        flat = [t for chunk in tokens[key] for t in chunk]
-        if length is None or len(flat) == length:
-            return key, [(t[0] if isinstance(t[0], int) else ("embedding", j), t[2] if len(t) > 2 else 1)
-                         for j, t in enumerate(flat)]
-    sizes = {k: sum(len(c) for c in tokens[k]) for k in keys}
-    raise ValueError(f"the text encoder gives {length} positions but its tokenizer's streams have {sizes} tokens: "
-                     "this CLIP's tokens do not index its tensor (SD3 joins CLIP and T5 streams), so words cannot "
-                     "be mapped")
-
-
-@dataclass(frozen=True)
-class Prompt:
-    text: str
-    ids: list                  # every token position of the encoded tensor
-    real: list                 # positions of the prompt's own tokens (not start / end / padding)
-    labels: list               # a readable label per real position
-    cond: torch.Tensor         # (1, K, C) cross-attention tensor
-    extras: dict               # pooled_output etc.
-    stream: str = "l"          # the tokenizer stream the positions are of
-
-
-def encode(clip, text: str, what: str) -> Prompt:
-    if not text.strip():
-        raise ValueError(f"the {what} prompt is empty")
-    tokens = clip.tokenize(text, return_word_ids=True)
-    conds = clip.encode_from_tokens_scheduled(tokens)
-    if len(conds) != 1:
-        raise ValueError(f"the {what} prompt encodes to {len(conds)} scheduled conditionings (prompt scheduling or "
-                         "hooks on the CLIP): Prompt-to-Prompt needs one tensor per prompt")
-    cond, extras = conds[0]
-    key, stream = _stream(tokens, cond.shape[1])
-    ids = [t for t, _ in stream]
-    # the tokenizer marks start / end / padding with segment 0: SD2's and CLIP-G's padding is token 0, which is
-    # also the vocabulary's "!", so ids alone cannot tell them apart
-    real = [j for j, (_, seg) in enumerate(stream) if seg != 0]
-    return Prompt(text, ids, real, _labels(clip, key, ids, real), cond, dict(extras), key)
-
-
-def _labels(clip, key: str, ids: list, real: list) -> list[str]:
-    try:
-        tok = clip.tokenizer
-        sub = getattr(tok, key, None) or getattr(tok, f"clip_{key}", None) or tok
-        words = [w for _, w in sub.untokenize([(t, 1.0) for t in ids])]
-        # CLIP ends words with </w>; T5's sentencepiece starts them with U+2581, alone before some words
-        return [str(words[j]).replace("</w>", "").replace("\u2581", "") or "_" for j in real]
-    except Exception:  # a tokenizer without a vocabulary to read back: positions still identify the tokens
-        return [f"#{j}" for j in real]
-
-
-def _keys(prompt: Prompt) -> list:
-    """What alignment compares: the token and whether it is the prompt's own (a real "!" is not padding 0)."""
-    real = set(prompt.real)
-    return [(t, j in real) for j, t in enumerate(prompt.ids)]
-
-
-def word_positions(clip, prompt: Prompt, word: str) -> list[int]:
-    """Positions in ``prompt`` of every occurrence of ``word``'s tokens (a word may be several tokens)."""
-    tokens = clip.tokenize(word, return_word_ids=True)
-    if prompt.stream not in tokens:
-        return []
-    sub = [t for t, seg in _stream({prompt.stream: tokens[prompt.stream]})[1] if seg != 0]
-    if not sub:
-        return []
-    ids, n, real, out = prompt.ids, len(sub), set(prompt.real), []
-    for j in range(len(ids) - n + 1):
-        if j in real and ids[j:j + n] == sub:
-            out += range(j, j + n)
-    return out
-
+# ---- the plan ----------------------------------------------------------------------------------------------
 
 def parse_words(text: str, weighted: bool, what: str) -> list[tuple[str, float]]:
     """``word:weight, other words:weight`` (weighted) or ``word, other words``."""
@@ -174,7 +97,7 @@ def make_plan(clip, source_text: str, target_text: str, mode: str, cross: float,
                              f"tokens and the target {len(tgt.real)} ({' '.join(src.labels)!r} vs "
                              f"{' '.join(tgt.labels)!r}): use mode refine for added or removed words")
     elif mode == "refine":
-        mapper = tuple(core.align(_keys(src), _keys(tgt)))
+        mapper = aligned(src, tgt)
     weights = None
     entries = parse_words(reweight, True, "reweight")
     if entries:
@@ -215,7 +138,7 @@ def paired_conditioning(plan: Plan, pairs: int) -> list:
 
 def unet_blocks(model):
     """The UNet's block keys and the downsampling levels that have attention; a model without ComfyUI's UNet
-    block layout (transformers: Flux, SD3, ...) is refused by name."""
+    block layout (transformers other than the joint-attention ones joint_attention handles) is refused by name."""
     try:  # host internals, looked up when used (a newer ComfyUI may move them)
         from comfy.ldm.modules.attention import SpatialTransformer
         from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample
@@ -227,9 +150,9 @@ def unet_blocks(model):
     dm = model.model.diffusion_model
     if not all(hasattr(dm, a) for a in ("input_blocks", "middle_block", "output_blocks")):
         raise ValueError(f"{type(model.model).__name__} ({type(dm).__name__}) is not a UNet with attention blocks "
-                         "nor Flux.1: Prompt-to-Prompt here patches UNet cross-attention (SD1.x, SD2.x, SDXL) and "
-                         "Flux.1's joint attention (experimental); other transformers (SD3, Flux.2, Chroma, "
-                         "Qwen-Image, ...) are not supported yet")
+                         "nor a joint-attention model it knows: Prompt-to-Prompt here patches UNet cross-attention "
+                         "(SD1.x, SD2.x, SDXL) and Flux.1's and SD3's joint attention (experimental); other "
+                         "transformers (Flux.2, Chroma, Qwen-Image, Wan, ...) are not supported yet")
     ds, levels, keys = 1, set(), []
     for i, blk in enumerate(dm.input_blocks):
         for m in blk:
@@ -247,6 +170,20 @@ def unet_blocks(model):
         raise ValueError(f"{type(model.model).__name__} has no cross-attention to text: nothing for "
                          "Prompt-to-Prompt to edit")
     return keys, levels
+
+
+def check_text_width(model, plan: Plan) -> None:
+    """The prompts' tensors must be as wide as the text the model reads (a CLIP of another family fails deep in
+    the model otherwise)."""
+    dm = model.model.diffusion_model
+    want = model.model.model_config.unet_config.get("context_dim")
+    for name in ("context_embedder", "txt_in"):  # SD3, Flux: the text input projection
+        layer = getattr(dm, name, None)
+        want = getattr(layer, "in_features", want)
+    have = plan.source.cond.shape[-1]
+    if isinstance(want, int) and have != want:
+        raise ValueError(f"the CLIP's text is {have} wide but {type(model.model).__name__} reads {want}-wide text: "
+                         "connect the model's own text encoder")
 
 
 def map_level(levels) -> int:
@@ -387,6 +324,7 @@ class PromptToPromptGuider(comfy.samplers.CFGGuider):
             check_same_family(model, inversion, "Prompt-to-Prompt")
         self.joint = joint_layout(model)
         self.keys, self.levels = unet_blocks(model) if self.joint is None else ([], set())
+        check_text_width(model, plan)
         check_free(model.model_options)
         check_override_free(model.model_options)
         self.set_cfg(cfg)

@@ -289,7 +289,7 @@ def test_prompt_to_prompt_refuses_bad_input_by_name_and_the_server_keeps_working
         lambda p: p["5"]["inputs"].update(sampler_name="euler_ancestral"))
 
     def transformer(p):
-        p["50"] = {"class_type": "SelfPercTestTinyFamily", "inputs": {"family": "sd3", "side": 4}}
+        p["50"] = {"class_type": "SelfPercTestTinyFamily", "inputs": {"family": "qwen_image", "side": 4}}
         p["3"]["inputs"]["model"] = ["50", 0]
     assert "not a UNet" in error_of(transformer)
     entry = server.run(base)
@@ -315,6 +315,7 @@ def test_prompt_to_prompt_flux_workflow_runs_on_a_tiny_flux_and_refuses_bad_inpu
     error_of = _error_of(server, base)
     assert "'zebra' is not in the target prompt" in error_of(
         lambda p: p["3"]["inputs"].update(mode="reweight", reweight="zebra:2"))
+    assert "reads 64-wide text" in error_of(lambda p: p["2"]["inputs"].update(family="sd3"))  # another family's CLIP
 
     def pix2pix_zero(p):
         p["3"] = {"class_type": "SelfPerceptualPix2PixZero",
@@ -341,7 +342,7 @@ def test_pix2pix_zero_workflow_makes_source_and_edit_and_refuses_bad_input_by_na
     assert "sampler 'dpmpp_2m'" in error_of(lambda p: p["5"]["inputs"].update(sampler_name="dpmpp_2m"))
 
     def transformer(p):
-        p["50"] = {"class_type": "SelfPercTestTinyFamily", "inputs": {"family": "sd3", "side": 4}}
+        p["50"] = {"class_type": "SelfPercTestTinyFamily", "inputs": {"family": "qwen_image", "side": 4}}
         p["3"]["inputs"]["model"] = ["50", 0]
     assert "not a UNet" in error_of(transformer)
     entry = server.run(prompt)

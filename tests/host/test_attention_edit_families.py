@@ -48,13 +48,14 @@ def test_the_source_is_a_plain_sample_and_identity_edits_are_exact(fam):
 
 def test_the_prompts_own_tokens_are_the_ones_between_start_and_end(fam):
     from selfperc_pack.nodes import prompt_to_prompt as p2p
+    from selfperc_pack.nodes import prompt_tokens as tok
 
     family, (model, clip), neg = fam
-    p = p2p.encode(clip, "a cat !", "source")
+    p = tok.encode(clip, "a cat !", "source")
     assert p.real == [1, 2, 3] and p.labels == ["a", "cat", "!"]
     # OpenCLIP-H (SD2) pads with token 0 (a vocabulary entry, '!' without end-of-word), CLIP-L with the end token
     assert p.ids[-1] == (0 if family == "sd20_v" else 49407)
-    assert p2p.word_positions(clip, p, "!") == [p.real[-1]]
+    assert tok.word_positions(clip, p, "!") == [p.real[-1]]
     plan = p2p.make_plan(clip, "a cat !", "a big cat !", "refine", 0.8, 0.4, "", "")
     tgt = plan.target
     assert [plan.mapper[j] for j in tgt.real] == [p.real[0], -1, p.real[1], p.real[2]]

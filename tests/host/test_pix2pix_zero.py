@@ -161,7 +161,7 @@ def test_bad_input_is_refused_before_work_naming_it(models, neg, monkeypatch):
         guider(models, neg, guidance=200.0)
     with pytest.raises(ValueError, match="cfg nan is outside"):
         guider(models, neg, cfg=float("nan"))
-    with pytest.raises(ValueError, match="SD3 .* not a UNet"):
-        guider(models, neg, model=tiny_model("sd3"))
+    with pytest.raises(ValueError, match="QwenImage .* not a UNet"):
+        guider(models, neg, model=tiny_model("qwen_image"))
     with pytest.raises(ValueError, match="sampler 'dpmpp_2m': Pix2Pix-Zero's guidance"):
         sample(models[0], guider(models, neg)[0], sampler="dpmpp_2m")

@@ -101,14 +101,15 @@ def test_local_blend_keeps_the_source_exactly_outside_the_mask(models, neg):
 
 def test_word_alignment_uses_the_real_clip_tokenizer(models):
     from selfperc_pack.nodes import prompt_to_prompt as p2p
+    from selfperc_pack.nodes import prompt_tokens as tok
 
     clip = models[1]
     word = "hippopotamus"
-    toks = [t for t, seg in p2p._stream(clip.tokenize(word, return_word_ids=True))[1] if seg]
+    toks = [t for t, seg in tok._flat(clip.tokenize(word, return_word_ids=True), "l") if seg]
     assert len(toks) > 1, "the test needs a word CLIP splits into several tokens"
-    src = p2p.encode(clip, f"a {word} in a river", "source")
-    tgt = p2p.encode(clip, f"a big grey {word} in a river", "target")
-    pos_s, pos_t = p2p.word_positions(clip, src, word), p2p.word_positions(clip, tgt, word)
+    src = tok.encode(clip, f"a {word} in a river", "source")
+    tgt = tok.encode(clip, f"a big grey {word} in a river", "target")
+    pos_s, pos_t = tok.word_positions(clip, src, word), tok.word_positions(clip, tgt, word)
     assert len(pos_s) == len(pos_t) == len(toks)
     mapper = p2p.make_plan(clip, src.text, tgt.text, "refine", 0.8, 0.4, "", "").mapper
     assert [mapper[j] for j in pos_t] == pos_s  # every token of the multi-token word keeps its source map
@@ -184,7 +185,9 @@ def test_bad_input_is_refused_before_work_naming_it(models, neg, monkeypatch):
         guider(models, neg, mode="reweight", reweight="cat:lots")
     with pytest.raises(ValueError, match="ComfyUI encodes in chunks of 77"):
         guider(models, neg, target=" ".join(["a photo of a cat"] * 20), mode="refine")
-    with pytest.raises(ValueError, match="SD3 .* not a UNet"):
+    with pytest.raises(ValueError, match="QwenImage .* not a UNet"):
+        guider(models, neg, model=tiny_model("qwen_image"))
+    with pytest.raises(ValueError, match="the CLIP's text is 768 wide but SD3 reads 64-wide text"):
         guider(models, neg, model=tiny_model("sd3"))
     patched = models[0].clone()
     patched.set_model_attn2_replace(lambda q, k, v, e: q, "middle", 0)

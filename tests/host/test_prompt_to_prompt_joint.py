@@ -1,6 +1,6 @@
-"""Prompt-to-Prompt on Flux.1's joint attention (experimental) in-process: a tiny random Flux of the host's own
-class and a tiny Flux text encoder (CLIP-L + T5 of the host's classes, the real tokenizers: the maps index T5's
-256 token positions), sampled through core SamplerCustomAdvanced."""
+"""Prompt-to-Prompt on joint attention (experimental) in-process: tiny random Flux.1 and SD3 models of the host's
+own classes with tiny text encoders of the host's classes and the real tokenizers (Flux: the maps index T5's 256
+positions; SD3: CLIP's 77 positions then T5's 77), sampled through core SamplerCustomAdvanced."""
 import pytest
 import torch
 
@@ -12,19 +12,23 @@ SRC = "a photo of a cat riding a bicycle"
 DOG = "a photo of a dog riding a bicycle"
 
 
-@pytest.fixture(scope="module")
-def flux(comfy, pack):
-    from dev.tiny_clips import tiny_clip
-    from dev.tiny_families import tiny_model
+SPANS = {"flux": (("t5xxl", 0, 256),), "sd3": (("l", 0, 77), ("t5xxl", 77, 154))}
+SPANS["sd35"] = SPANS["sd3"]
 
-    model, clip = tiny_model("flux"), tiny_clip("flux")
+
+# SD3.5's first blocks add an image-only self-attention, which the edit leaves to the host
+@pytest.fixture(scope="module", params=["flux", "sd3", "sd35"])
+def flux(request, comfy, pack):
+    from dev.tiny_clips import model_for, tiny_clip
+
+    model, clip = model_for(request.param), tiny_clip(request.param)
     # at the tiny models' N(0, 0.02) the random Flux barely reads its prompt (two prompts' samples differ by 1e-4);
     # N(0, 0.06) matrices make it read it (1e-2) so that edits show
     with torch.no_grad():
         for p in model.model.diffusion_model.parameters():
             if p.ndim == 2:
                 p.mul_(3.0)
-    return (model, clip), clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    return (model, clip), clip.encode_from_tokens_scheduled(clip.tokenize("")), request.param
 
 
 def latent(batch=1, side=8):
@@ -47,9 +51,9 @@ def plain(models, neg, text, cfg=1.0):
 
 @pytest.mark.parametrize("cfg", [1.0, 3.5])
 def test_the_source_is_a_plain_flux_sample_and_the_edit_reaches_only_the_target(flux, cfg):
-    models, neg = flux
+    models, neg, family = flux
     g, out = run(models, neg, cfg, target=DOG)
-    assert g.plan.source.stream == "t5xxl" and g.plan.source.cond.shape[1] == 256
+    assert g.plan.source.spans == SPANS[family]
     assert torch.equal(out[0], plain(models, neg, SRC, cfg)[0])  # core CFGGuider, the same batch and noise
     _, same = run(models, neg, cfg)
     assert torch.equal(same[0], out[0]) and (out[1] - same[1]).abs().max() > 1e-4
@@ -60,7 +64,7 @@ def test_the_source_is_a_plain_flux_sample_and_the_edit_reaches_only_the_target(
 
 
 def test_identity_edits_are_exact_and_identical_prompts_give_the_source(flux):
-    models, neg = flux
+    models, neg, family = flux
     _, rep = run(models, neg, mode="replace")
     _, ref = run(models, neg, mode="refine")
     assert torch.equal(rep, ref)  # refine's word map is the identity for identical prompts
@@ -74,13 +78,14 @@ def test_identity_edits_are_exact_and_identical_prompts_give_the_source(flux):
 
 
 def test_maps_local_blend_and_the_map_image(flux):
-    models, neg = flux
+    models, neg, family = flux
     # the random model's pooled word maps span 0.34-1 of their maximum at this size: 0.85 makes a region
     g, out = run(models, neg, target=DOG, blend="cat, dog", threshold=0.85, sampler="dpmpp_2m", side=16)
     r = g.run
-    assert r.grid == (8, 8) and r.maps.shape == (2, 64, 256)  # 16x16 latent in 2x2 patches, T5's 256 positions
+    # 16x16 latent in 2x2 patches; every text position
+    assert r.grid == (8, 8) and r.maps.shape == (2, 64, SPANS[family][-1][-1])
     kinds = {c[:2] for c in r.calls}
-    assert ("joint", "double") in kinds and ("joint", "single") in kinds
+    assert kinds == ({("joint", "double"), ("joint", "single")} if family == "flux" else {("joint", None)})
     mask = r.mask.bool().expand_as(out[:1])[0]
     if not 0 < mask.float().mean() < 1:
         pytest.fail(f"the blend mask covers {float(mask.float().mean()):.2f} of the latent; pick a threshold "
@@ -94,13 +99,13 @@ def test_maps_local_blend_and_the_map_image(flux):
 def test_flux_refusals_name_the_problem(flux):
     from dev.tiny_families import tiny_model
 
-    models, neg = flux
+    models, neg, family = flux
     with pytest.raises(ValueError, match="Pix2Pix-Zero's map guidance here differentiates UNet"):
         node("SelfPerceptualPix2PixZero").execute(
             model=models[0], clip=models[1], source_prompt=SRC, source_sentences="a cat", target_sentences="a dog",
             negative=neg, cfg=1.0, strength=1.0, guidance=1.0, inversion=None)
-    with pytest.raises(ValueError, match="SD3, Flux.2, Chroma"):
-        guider((tiny_model("sd3"), models[1]), neg)
+    with pytest.raises(ValueError, match="Flux.2, Chroma"):
+        guider((tiny_model("qwen_image"), models[1]), neg)
     m = models[0].clone()
     m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = lambda f, *a, **k: f(*a, **k)
     with pytest.raises(ValueError, match="already has an attention override"):
@@ -112,7 +117,7 @@ def test_flux_refusals_name_the_problem(flux):
 def test_a_latent_reconstructs_from_its_inversion_on_flux_and_is_edited(flux):
     from comfy_extras.nodes_custom_sampler import DisableNoise
 
-    models, neg = flux
+    models, neg, family = flux
     model, clip = models
     x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(5))
     pos = clip.encode_from_tokens_scheduled(clip.tokenize(SRC))
@@ -131,11 +136,15 @@ def test_a_latent_reconstructs_from_its_inversion_on_flux_and_is_edited(flux):
 
 
 def test_labels_are_t5_words(flux):
-    from selfperc_pack.nodes import prompt_to_prompt as p2p
+    from selfperc_pack.nodes import prompt_tokens as tok
 
-    models, _ = flux
-    p = p2p.encode(models[1], "a cat on a hippopotamus", "source")
-    # T5 splits off a bare word-start piece before some words; it is labelled '_'
-    assert "".join(p.labels).replace("_", "") == "acatonahippopotamus" and len(p.labels) > 5
-    assert p2p.word_positions(models[1], p, "hippopotamus") == p.real[-len(p2p.word_positions(
-        models[1], p, "hippopotamus")):]
+    models, _, family = flux
+    p = tok.encode(models[1], "a cat on a hippopotamus", "source")
+    # T5 splits off a bare word-start piece before some words; it is labelled '_'. SD3: CLIP's words, then T5's
+    words = "acatonahippopotamus" * len(SPANS[family])
+    assert "".join(p.labels).replace("_", "") == words and len(p.labels) > 5
+    pos = tok.word_positions(models[1], p, "hippopotamus")
+    ends = [end for _, _, end in SPANS[family]]
+    for _, start, end in SPANS[family]:  # the word's tokens are the last real ones of each stream
+        inside = [j for j in pos if start <= j < end]
+        assert inside and inside == [j for j in p.real if start <= j < end][-len(inside):], (pos, ends)
