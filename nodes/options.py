@@ -197,6 +197,13 @@ class SelfPerceptualTrainingOptions(io.ComfyNode):
                 io.Float.Input("regularization_weight", optional=True, default=d.regularization_weight, min=0.01,
                                max=100.0, step=0.01,
                                tooltip="Weight of the regularization images' loss (kohya's prior_loss_weight)."),
+                io.Float.Input("weights_on_device_gb", optional=True, default=d.weights_on_device_gb, min=0.0,
+                               max=1024.0, step=0.5,
+                               tooltip="Memory lever for small GPUs: keep at most this many GB of the model's "
+                                       "weights on the GPU; the rest stays in system RAM and each layer's weights "
+                                       "are copied in when it runs (ComfyUI's own partial loading; forward, "
+                                       "recompute and backward alike). The same step, slower by the copies. 0: "
+                                       "ComfyUI decides from the free memory."),
             ],
             outputs=[TRAINING.Output(display_name="training", tooltip="Into the fine-tune's training input.")],
         )

@@ -63,7 +63,8 @@ class RunPlan:
         return SessionSpec(rank=s.rank, alpha=s.lora.alpha, seed=s.seed, algorithm=s.lora.algorithm,
                            lora_dtype=TORCH_DTYPES[s.lora.lora_dtype], layer=s.objective.feature_layer,
                            depth=s.objective.tap_depth, checkpointing=s.training.gradient_checkpointing,
-                           latent_shape=latent_shape, batch=s.batch_size)
+                           latent_shape=latent_shape, batch=s.batch_size,
+                           weights_on_device_gb=s.training.weights_on_device_gb)
 
 
 def plan_run(settings: FineTuneSettings, model, clip, conditioning, dataset_folder: str, vae=None) -> RunPlan:

@@ -39,6 +39,7 @@ class SessionSpec:
     latent_shape: tuple | None = None  # (C, ...) of one image: with it, ComfyUI loads the model with room for a step
     batch: int = 1
     adapter: bool = True  # False: no LoRA, the whole model frozen (something else trains, e.g. an embedding)
+    weights_on_device_gb: float = 0.0  # > 0: at most this much of the weights stays on the device (stream_weights)
 
 
 @dataclass
@@ -107,6 +108,18 @@ def release(mp) -> None:
             mm.current_loaded_models.pop(i).model_unload()
 
 
+def stream_weights(mp, budget: int) -> int:
+    """Keep at most ``budget`` bytes of the model's weights on its device: ComfyUI's own partial unloading moves
+    the other layers to the offload device (system RAM) and marks them to be cast onto the compute device each time
+    they run, which checkpointing's recompute and the backward do too. Returns the bytes left on the device."""
+    loaded = mp.loaded_size()
+    if loaded > budget:
+        mp.partially_unload(mp.offload_device, loaded - budget)
+    log.info("selfperc: %.2f of %.2f GB of weights on %s, the rest streamed from %s", mp.loaded_size() / 2 ** 30,
+             mp.model_size() / 2 ** 30, mp.load_device, mp.offload_device)
+    return mp.loaded_size()
+
+
 def memory_estimate(mp, latent_shape: tuple, batch: int, checkpointing: bool) -> float:
     """Bytes to keep free for one training step, from ComfyUI's own per-model inference estimate: a step runs
     about three forward passes (online + two frozen) and keeps activations for backward (fewer when checkpointed).
@@ -153,6 +166,8 @@ def _session(model, spec: SessionSpec, existing: dict | None, start: dict | None
         need = memory_estimate(mp, spec.latent_shape, spec.batch, spec.checkpointing) if spec.latent_shape else 0
         comfy.model_management.load_models_gpu([mp], memory_required=need)
         make_trainable_tensors(dm)
+        if spec.weights_on_device_gb > 0:
+            stream_weights(mp, int(spec.weights_on_device_gb * 2 ** 30))
         blocks = families.checkpointed_blocks(dm)
         if families.adds_in_place(dm):
             for b in blocks:

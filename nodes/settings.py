@@ -73,6 +73,7 @@ class TrainingOptions:
     keep_first_tags: int = 1  # tags that stay first when shuffling (kohya's keep_tokens)
     regularization_folder: str = NONE  # prior-preservation images, trained beside the dataset
     regularization_weight: float = 1.0  # their loss's weight (kohya's prior_loss_weight)
+    weights_on_device_gb: float = 0.0  # 0: ComfyUI decides; else at most this much of the weights on the device
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,9 @@ class FineTuneSettings:
                              f"{t.keep_first_tags} at least 0")
         if not (math.isfinite(t.regularization_weight) and 0 < t.regularization_weight <= 100):
             raise ValueError(f"regularization_weight {t.regularization_weight} must be within (0, 100]")
+        if not (math.isfinite(t.weights_on_device_gb) and 0 <= t.weights_on_device_gb <= 1024):
+            raise ValueError(f"weights_on_device_gb {t.weights_on_device_gb} must be within [0, 1024] (0: ComfyUI "
+                             "decides)")
         if (t.masked_loss or t.regularization_folder != NONE) and o.direction is not None:
             raise ValueError("masked_loss and regularization_folder weigh the self-perceptual fine-tune; not with a "
                              "direction")
