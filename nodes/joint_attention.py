@@ -89,6 +89,9 @@ def override(run, layout: JointLayout):
         if not (edit or inject or record):
             return out
         q, k, v, heads = _heads(args, kwargs, out)
+        src, tgt = run.rows(opts, q.shape[0])
+        if not src:  # only unconditional rows (a negative of another length runs alone): nothing is edited
+            return out
         if kwargs.get("mask") is not None:
             raise ValueError(f"the conditioning carries an attention mask: Prompt-to-Prompt on {layout.family} "
                              "edits unmasked joint attention only")
@@ -99,9 +102,6 @@ def override(run, layout: JointLayout):
             raise RuntimeError(f"the joint attention has {q.shape[2]} tokens, not the prompt's {n_txt} + the "
                                f"latent's {grid[0]}x{grid[1]}: reference images or other extra tokens are not "
                                "supported by Prompt-to-Prompt")
-        src, tgt = run.rows(opts, q.shape[0])
-        if not src:
-            return out
         o, ms, mt = core.joint_edit(q[src], k[src], q[tgt], k[tgt], v[tgt], n_txt, edit_text if edit else None,
                                     inject, edit or inject)
         run.calls.append(("joint", opts.get("block_type"), run.step))

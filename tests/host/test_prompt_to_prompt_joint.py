@@ -63,6 +63,20 @@ def test_the_source_is_a_plain_flux_sample_and_the_edit_reaches_only_the_target(
     assert (out[1] - free[1]).abs().max() > 1e-4  # ... and the edit moved it
 
 
+def test_a_negative_of_another_length_runs_beside_the_edit(flux):
+    from comfy_extras.nodes_custom_sampler import CFGGuider
+
+    models, _, family = flux
+    clip = models[1]
+    long_neg = clip.encode_from_tokens_scheduled(clip.tokenize(", ".join(["a blurry red picture"] * 70)))
+    assert long_neg[0][0].shape[1] != SPANS[family][-1][-1]  # so ComfyUI runs it in a model call of its own
+    _, out = run(models, long_neg, 3.5, target=DOG)
+    pos = clip.encode_from_tokens_scheduled(clip.tokenize(SRC))
+    ref = sample(models[0], CFGGuider.execute(models[0], pos, long_neg, 3.5).args[0], noise=SameNoise(),
+                 latent=latent(2))
+    assert torch.equal(out[0], ref[0])
+
+
 def test_identity_edits_are_exact_and_identical_prompts_give_the_source(flux):
     models, neg, family = flux
     _, rep = run(models, neg, mode="replace")
