@@ -112,6 +112,9 @@ def stream_weights(mp, budget: int) -> int:
     """Keep at most ``budget`` bytes of the model's weights on its device: ComfyUI's own partial unloading moves
     the other layers to the offload device (system RAM) and marks them to be cast onto the compute device each time
     they run, which checkpointing's recompute and the backward do too. Returns the bytes left on the device."""
+    if not all(hasattr(mp, a) for a in ("partially_unload", "loaded_size", "model_size")):
+        raise RuntimeError("weights_on_device_gb needs ComfyUI's ModelPatcher.partially_unload / loaded_size / "
+                           "model_size, which this ComfyUI lacks (tested with 0.3.75): set it to 0")
     loaded = mp.loaded_size()
     if loaded > budget:
         mp.partially_unload(mp.offload_device, loaded - budget)

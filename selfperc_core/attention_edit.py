@@ -182,15 +182,16 @@ def joint_edit(qs: Tensor, ks: Tensor, qt: Tensor, kt: Tensor, vt: Tensor, n_txt
     chunk = max(1, budget // max(1, 2 * b * h * length * 4))
     scale = d ** -0.5
     outs, m_s, m_t = [], [], []
+    ks_t, kt_t, vt = ks.float().transpose(-1, -2), kt.float().transpose(-1, -2), vt.float()  # once, not per chunk
     for c0 in range(n_txt, length, chunk):
         c1 = min(length, c0 + chunk)
-        ps = torch.softmax(qs[:, :, c0:c1].float() @ ks.float().transpose(-1, -2) * scale, dim=-1)
-        pt = torch.softmax(qt[:, :, c0:c1].float() @ kt.float().transpose(-1, -2) * scale, dim=-1)
+        ps = torch.softmax(qs[:, :, c0:c1].float() @ ks_t * scale, dim=-1)
+        pt = torch.softmax(qt[:, :, c0:c1].float() @ kt_t * scale, dim=-1)
         m_s.append(ps[..., :n_txt].mean(1))
         m_t.append(pt[..., :n_txt].mean(1))
         if edit:
             text = None if edit_text is None else edit_text(ps[..., :n_txt], pt[..., :n_txt])
             p = joint_target_probs(ps, pt, n_txt, text, inject_self)
-            outs.append((p @ vt.float()).transpose(1, 2).reshape(b, c1 - c0, h * d))
+            outs.append((p @ vt).transpose(1, 2).reshape(b, c1 - c0, h * d))
     out = torch.cat(outs, dim=1) if edit else None
     return out, torch.cat(m_s, dim=1), torch.cat(m_t, dim=1)
