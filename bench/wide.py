@@ -9,11 +9,13 @@ each configuration in its own process (bench/worker.py, the harness of `make ben
 Targets: time b/floor <= 1.15, peak memory b/a <= 1.15, time b/a <= 1.0.
 
 Then the memory model: activation memory of (b) (checkpointing on) measured above the weights at two sizes per
-architecture (and two depths for Flux), fitted as linear in tokens (pixels) and blocks, and used to predict
-full-depth Flux.1 and SDXL at 1024x1024 on a GPU (bf16 activations).
+architecture (and two depths for the transformers: Flux.1, Qwen-Image, SD3.5 Large, Wan 14B), fitted as linear in
+tokens (pixels) and blocks, and used to predict each at full depth at 1024x1024 on a GPU (bf16 activations), and
+what fits on an 8 / 12 / 16 / 24 GiB card.
 
-``python -m bench.wide [sdxl flux qwen_image scaling memory]`` runs those parts (default all) and rewrites the wide
-section of bench/results.md; results are kept in bench/results-wide.json, so parts can be rerun alone.
+``python -m bench.wide [sdxl flux qwen_image scaling memory memory:NAME,...]`` runs those parts (default all; memory:
+those architectures' probes only) and rewrites the wide section of bench/results.md; results are kept in
+bench/results-wide.json, so parts can be rerun alone.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import os
 import sys
 import time
 
-from bench.archs import ARCHS, FLUX1
+from bench.archs import ARCHS
 from bench.run import STEPS, WARMUP, summary, worker
 from bench.run import WIDE_MARKER as MARKER
 from dev.host import REPO_ROOT
@@ -31,18 +33,28 @@ from dev.host import REPO_ROOT
 SIZES = {"sdxl": 32, "flux": 16, "qwen_image": 16}  # latent side benchmarked (32: 256 px; 16: 128 px)
 # Weights: SDXL in bf16, because core Train LoRA without checkpointing keeps a patched copy of every weight for
 # backward and with fp32 weights (10.3 GB) that ran this 24 GB machine out of memory; the rest in fp32.
-DTYPES = {"sdxl": "bf16", "flux": "fp32", "qwen_image": "fp32"}
+DTYPES = {"sdxl": "bf16", "flux": "fp32", "qwen_image": "fp32", "sd35_large": "fp32", "wan21_14b": "fp32"}
 DEPTHS = (0.25, 0.5, 0.75)
 TARGETS = {"time_b/floor": 1.15, "memory_b/a": 1.15, "time_b/a": 1.0}
 JSON = REPO_ROOT / "bench" / "results-wide.json"
 MD = REPO_ROOT / "bench" / "results.md"
 GIB = 2**30
 # Memory probes: (architecture, latent side, unet_config overrides); the mmap threshold makes freed tensors
-# leave the RSS at once, so peak RSS minus the RSS before the steps is the step's activation memory.
+# leave the RSS at once, so peak RSS minus the RSS before the steps is the step's activation memory. Per
+# transformer: two sizes at one depth and a second depth, which the fit tokens x (c + blocks x s) needs.
 PROBES = [("sdxl", 32, {}), ("sdxl", 64, {}),
           ("flux", 16, {"depth": 2, "depth_single_blocks": 4}), ("flux", 48, {"depth": 2, "depth_single_blocks": 4}),
-          ("flux", 48, {"depth": 1, "depth_single_blocks": 2})]
+          ("flux", 48, {"depth": 1, "depth_single_blocks": 2}),
+          *[(name, side, {key: n}) for name, key in (("qwen_image", "num_layers"), ("sd35_large", "num_blocks"),
+                                                     ("wan21_14b", "num_layers"))
+            for side, n in ((32, 2), (64, 2), (64, 4))]]
 MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+# Parameters of the released models where the probes cannot extrapolate them (Flux's double and single blocks
+# differ in size); the others: from the probes' two depths, linear in blocks
+KNOWN_PARAMS = {"flux": 11.9e9}
+CARDS_GIB = (8, 12, 16, 24)
+CONTEXT_GIB = 0.5  # CUDA context
+ALLOCATOR_SHARE = 0.1  # of the card, for the allocator's fragmentation
 
 
 def is_unet(name: str) -> bool:
@@ -112,11 +124,14 @@ def run_scaling(steps: int, warmup: int) -> list[dict]:
     return out
 
 
-def run_probes(steps: int) -> list[dict]:
+def run_probes(steps: int, only: set | None = None) -> list[dict]:
+    """The memory probes (``only``: of these architectures)."""
     out = []
     os.environ.update(MALLOC)  # inherited by the worker processes
     try:
         for name, size, cfg in PROBES:
+            if only and name not in only:
+                continue
             print(f"[bench-wide] memory probe {name} latent {size} {cfg}", file=sys.stderr, flush=True)
             r = worker("activations", model=name, size=size, batch=1, rank=8, steps=steps, warmup=1,
                        checkpointing=1, config=json.dumps(cfg, separators=(",", ":")), dtype=DTYPES[name])
@@ -128,19 +143,46 @@ def run_probes(steps: int) -> list[dict]:
 
 
 def tokens(name: str, side: int) -> int:
-    """Sequence length a transformer block sees (image patches + text), or latent pixels for a UNet."""
+    """Sequence length a transformer block sees (image patches, plus the text where it joins them) at the benchmark's
+    text tokens, or latent pixels for a UNet."""
     if is_unet(name):
         return side * side
-    return (side // 2) ** 2 + ARCHS[name].tokens
+    return ARCHS[name].sequence(side, ARCHS[name].tokens)
 
 
 def blocks(name: str, cfg: dict) -> int:
-    c = {**ARCHS[name].config, **cfg}
-    return c.get("depth", 0) + c.get("depth_single_blocks", 0) if name == "flux" else 0
+    return 0 if is_unet(name) else ARCHS[name].blocks(cfg)
+
+
+def _transformer_model(name: str, probes: list[dict]) -> dict | None:
+    """Fit activation bytes = tokens x (c + blocks x s) to one transformer's probes and predict 1024x1024 at full
+    depth (bf16 activations); the weights from the known count or the probes' two depths."""
+    import numpy as np
+
+    arch = ARCHS[name]
+    if len({p["tokens"] for p in probes}) < 2 or len({blocks(name, p["config"]) for p in probes}) < 2:
+        return None
+    a = np.array([[p["tokens"], p["tokens"] * blocks(name, p["config"])] for p in probes], dtype=float)
+    (c, s), *_ = np.linalg.lstsq(a, np.array([p["activation_bytes"] for p in probes], dtype=float), rcond=None)
+    n_tok, n_blk = arch.sequence(128, arch.text_tokens_1024), sum(arch.real_blocks.values())
+    act = n_tok * (c + n_blk * s) * (0.5 if DTYPES[name] == "fp32" else 1.0)
+    if name in KNOWN_PARAMS:
+        params, source = KNOWN_PARAMS[name], "published count"
+    else:
+        by_depth = {blocks(name, p["config"]): p["weight_bytes"] / 4 for p in probes}  # fp32 probes
+        (n1, p1), (n2, p2) = sorted(by_depth.items())[:2]
+        params, source = p1 + (n_blk - n1) * (p2 - p1) / (n2 - n1), "extrapolated from the probes' two depths"
+    return {"c_bytes_per_token": c, "s_bytes_per_token_block": s, "tokens_1024": n_tok, "blocks": n_blk,
+            "fit": [{"tokens": p["tokens"], "blocks": blocks(name, p["config"]),
+                     "measured_mb": p["activation_bytes"] / 2**20, "fitted_mb": f / 2**20}
+                    for p, f in zip(probes, a @ np.array([c, s]))],
+            "params": params, "params_source": source, "activations_gib": act / GIB,
+            "weights_gib": {"fp8": params / GIB, "bf16": 2 * params / GIB}}
 
 
 def memory_model(probes: list[dict]) -> dict:
-    """Fit activation bytes = tokens x (c + blocks x s) (Flux) or pixels x k (SDXL) and predict 1024x1024."""
+    """Fit activation bytes = tokens x (c + blocks x s) (transformers) or c0 + k x pixels (SDXL) and predict
+    1024x1024."""
     import numpy as np
 
     model = {}
@@ -150,26 +192,42 @@ def memory_model(probes: list[dict]) -> dict:
         a = np.array([[1.0, p["tokens"]] for p in sdxl])
         (c0, k), *_ = np.linalg.lstsq(a, np.array([p["activation_bytes"] for p in sdxl], dtype=float), rcond=None)
         act = (c0 + k * 128 * 128) * (0.5 if DTYPES["sdxl"] == "fp32" else 1.0)  # latent 128x128, bf16
-        weights = 2.567e9 * 2  # the SDXL UNet's parameters in fp16/bf16
-        model["sdxl"] = {"constant_bytes": c0, "bytes_per_pixel": k, "weights_gib": weights / GIB,
-                         "activations_gib": act / GIB, "predicted_gib": (weights + act) / GIB}
-    flux = [p for p in probes if p["model"] == "flux"]
-    if len(flux) >= 2:
-        a = np.array([[p["tokens"], p["tokens"] * blocks("flux", p["config"])] for p in flux], dtype=float)
-        y = np.array([p["activation_bytes"] for p in flux], dtype=float)
-        (c, s), *_ = np.linalg.lstsq(a, y, rcond=None)
-        fitted = a @ np.array([c, s])
-        n_tok = (1024 // 16) ** 2 + 512  # 64x64 patches of a 128x128 latent + 512 T5 tokens (Flux.1-dev)
-        n_blk = FLUX1["depth"] + FLUX1["depth_single_blocks"]
-        act = n_tok * (c + n_blk * s) * (0.5 if DTYPES["flux"] == "fp32" else 1.0)  # bf16 activations
-        weights = 11.9e9  # Flux.1's 11.9B parameters in fp8
-        model["flux"] = {"c_bytes_per_token": c, "s_bytes_per_token_block": s,
-                         "fit": [{"tokens": p["tokens"], "blocks": blocks("flux", p["config"]),
-                                  "measured_mb": p["activation_bytes"] / 2**20, "fitted_mb": f / 2**20}
-                                 for p, f in zip(flux, fitted)],
-                         "weights_gib": weights / GIB, "activations_gib": act / GIB,
-                         "predicted_gib": (weights + act) / GIB}
+        params = 2.567e9  # the SDXL UNet's parameters
+        model["sdxl"] = {"constant_bytes": c0, "bytes_per_pixel": k, "params": params,
+                         "params_source": "published count", "activations_gib": act / GIB,
+                         "weights_gib": {"fp16": 2 * params / GIB}}
+    for name in ARCHS:
+        mine = [p for p in probes if p["model"] == name]
+        if not is_unet(name) and (m := _transformer_model(name, mine)):
+            model[name] = m
     return model
+
+
+def card_verdict(weights_gib: float, activations_gib: float, card_gib: float) -> str:
+    """What a card of ``card_gib`` does with this model: "fits (R spare)" when the weights fit beside the activations,
+    "stream: W" (the weights_on_device_gb to set, rounded down to 0.5) when they do not, "no" when even the
+    activations do not."""
+    room = card_gib - CONTEXT_GIB - ALLOCATOR_SHARE * card_gib - activations_gib
+    if room <= 0.5:
+        return "no"
+    if weights_gib <= room:
+        return f"fits ({room - weights_gib:.1f} spare)"
+    return f"stream: {int(room * 2) / 2:g}"
+
+
+FIT_NAMES = {"sdxl": "SDXL UNet", "flux": "Flux.1-dev", "qwen_image": "Qwen-Image", "sd35_large": "SD3.5 Large",
+             "wan21_14b": "Wan 2.1 / 2.2 14B (one frame)"}
+
+
+def fits_table(model: dict) -> list[str]:
+    """The what-fits-where table (markdown lines) of a memory model."""
+    lines = ["| 1024x1024, checkpointing on | weights | activations | "
+             + " | ".join(f"{c} GiB card" for c in CARDS_GIB) + " |", "|" + " --- |" * (3 + len(CARDS_GIB))]
+    for name, m in model.items():
+        for dtype, w in m["weights_gib"].items():
+            lines.append(f"| {FIT_NAMES.get(name, name)}, {dtype} weights | {w:.1f} GiB | {m['activations_gib']:.1f} GiB | "
+                         + " | ".join(card_verdict(w, m["activations_gib"], c) for c in CARDS_GIB) + " |")
+    return lines
 
 
 def load() -> dict:
@@ -239,25 +297,30 @@ def markdown(res: dict) -> str:
     if m:
         lines += ["## Predicted peak memory at 1024x1024 (batch 1, checkpointing on, GPU, bf16 activations)", "",
                   "Model: peak = weights + activations; activations measured on this CPU as peak RSS above "
-                  "the RSS before the step (probes below; SDXL with bf16 weights, Flux fp32), fitted by least "
-                  "squares as SDXL: bytes = c0 + k x latent pixels, Flux: bytes = tokens x (c + blocks x s); fp32 "
-                  "activations are halved for bf16. Assumes attention memory linear in tokens (SDPA's flash / memory-efficient "
-                  "kernels, as on a GPU) and excludes the CUDA context (~0.5 GB) and allocator fragmentation.", "",
+                  "the RSS before the step (probes below; SDXL with bf16 weights, the transformers fp32 at their "
+                  "real width and 2-6 blocks), fitted by least squares as SDXL: bytes = c0 + k x latent pixels, "
+                  "transformers: bytes = tokens x (c + blocks x s); fp32 activations are halved for bf16. Tokens: "
+                  "the image's 2x2 patches plus, where the text joins the sequence, the text (at 1024 px: Flux 512 T5 "
+                  "tokens, SD3.5 77 CLIP + 77 T5, Qwen-Image 256 assumed; Wan's text enters by cross-attention). "
+                  "Parameters: the published count where blocks differ in size (Flux), else extrapolated from the "
+                  "probes' two depths. Assumes attention memory linear in tokens (SDPA's flash / memory-efficient "
+                  "kernels, as on a GPU) and excludes the CUDA context (~0.5 GB) and allocator fragmentation. Where "
+                  "the fit over-predicts the smallest probe, memory grew faster than linear between the probes, so "
+                  "the prediction at 4,000+ tokens may be low.", "",
                   "| probe | tokens (pixels) | blocks | activation (MB) |", "|---|---|---|---|"]
         for p in res.get("probes", []):
             lines.append(f"| {p['model']} latent {p['latent_size']} {p['config'] or ''} | {p['tokens']} | "
                          f"{blocks(p['model'], p['config']) or 'all'} | {p['activation_bytes'] / 2**20:.0f} |")
-        lines += ["", "| model | weights (GiB) | activations (GiB) | predicted peak (GiB) | fits 24 GB |",
+        lines += ["", "| model | parameters | tokens at 1024 px | activations (GiB) | fit (measured / fitted MB) |",
                   "|---|---|---|---|---|"]
-        names = {"sdxl": "SDXL UNet (fp16 weights), latent 128x128",
-                 "flux": "Flux.1-dev, 19+38 blocks (fp8 weights), 4096 image + 512 text tokens"}
         for k, v in m.items():
-            lines.append(f"| {names[k]} | {v['weights_gib']:.1f} | {v['activations_gib']:.1f} | "
-                         f"{v['predicted_gib']:.1f} | {'yes' if v['predicted_gib'] < 22.3 else 'no'} |")
-        if "flux" in m:
-            lines += ["", "Flux fit: " + "; ".join(f"{f['tokens']} tokens x {f['blocks']} blocks: measured "
-                                                   f"{f['measured_mb']:.0f} MB, fitted {f['fitted_mb']:.0f} MB"
-                                                   for f in m["flux"]["fit"])]
+            fit = "; ".join(f"{f['tokens']} x {f['blocks']}: {f['measured_mb']:.0f} / {f['fitted_mb']:.0f}"
+                            for f in v.get("fit", []))
+            lines.append(f"| {FIT_NAMES.get(k, k)} | {v['params'] / 1e9:.2f}B ({v['params_source']}) | "
+                         f"{v.get('tokens_1024', 128 * 128)} | {v['activations_gib']:.2f} | {fit or 'pixels linear'} |")
+        lines += ["", f"What fits where: a card holds the CUDA context ({CONTEXT_GIB} GiB), {ALLOCATOR_SHARE:.0%} of "
+                  "itself for the allocator, the activations and then the weights; where the weights do not fit, "
+                  "`weights_on_device_gb` streams the rest from system RAM.", "", *fits_table(m)]
         lines.append("")
     return "\n".join(lines)
 
@@ -275,8 +338,10 @@ def main() -> None:
         t0 = time.time()
         if part == "scaling":
             res["scaling"] = run_scaling(a.steps, WARMUP)
-        elif part == "memory":
-            res["probes"] = run_probes(1)
+        elif part == "memory" or part.startswith("memory:"):  # memory:NAME,NAME reruns those probes only
+            only = set(part.split(":", 1)[1].split(",")) if ":" in part else None
+            kept = [p for p in res.get("probes", []) if only and p["model"] not in only]
+            res["probes"] = kept + run_probes(1, only)
             res["memory_model"] = memory_model(res["probes"])
         else:
             res["archs"][part] = run_arch(part, a.steps, WARMUP)

@@ -289,7 +289,9 @@ def main() -> None:
     ap.add_argument("method", choices=["core_train_lora", "mse_same_lora", "selfperc", "selfperc_no_early_exit",
                                        "selfperc_batched", "selfperc_separate", "naive", "flops",
                                        "activations"])
-    ap.add_argument("--model", default="sd15", choices=["sd15", "tiny", "sdxl", "flux", "qwen_image"])
+    from bench.archs import ARCHS
+
+    ap.add_argument("--model", default="sd15", choices=["sd15", "tiny", *ARCHS])
     ap.add_argument("--dtype", default="fp32", choices=list(DTYPES),
                     help="weights of the built architectures (fp8: stored in fp8, computed in bf16)")
     ap.add_argument("--text-tokens", type=int, default=0, help="text tokens per prompt (0: the architecture's)")

@@ -61,22 +61,38 @@ def test_profile_memory_replay_sees_an_allocation(pack):
 
 
 def test_wide_memory_model_recovers_a_linear_law_and_reports_the_fit(pack):
-    """bench.wide's fit: activation bytes = tokens x (c + blocks x s) for Flux, bytes per latent pixel for SDXL."""
-    from bench.wide import PROBES, blocks, markdown, memory_model, tokens
+    """bench.wide's fit: activation bytes = tokens x (c + blocks x s) per transformer, bytes per latent pixel for
+    SDXL; parameters linear in blocks; the what-fits-where verdicts follow from the stated budget."""
+    from bench.archs import ARCHS
+    from bench.wide import PROBES, blocks, card_verdict, markdown, memory_model, tokens
 
-    c, s = 3000.0, 500.0
+    law = {name: (3000.0 + 100 * i, 500.0 + 10 * i) for i, name in enumerate(ARCHS)}
+    base, per_block = 1e8, 2e8
     probes = []
     for name, size, cfg in PROBES:
-        n = tokens(name, size)
-        act = n * (c + blocks(name, cfg) * s) if name == "flux" else 5e6 + n * 2000.0
-        probes.append({"model": name, "latent_size": size, "config": cfg, "tokens": n, "activation_bytes": act})
+        n, c, s = tokens(name, size), *law[name]
+        act = 5e6 + n * 2000.0 if name == "sdxl" else n * (c + blocks(name, cfg) * s)
+        probes.append({"model": name, "latent_size": size, "config": cfg, "tokens": n, "activation_bytes": act,
+                       "weight_bytes": 4 * (base + blocks(name, cfg) * per_block)})
     m = memory_model(probes)
-    assert abs(m["flux"]["c_bytes_per_token"] - c) < 1e-6 * c and abs(m["flux"]["s_bytes_per_token_block"] - s) < 1e-6 * s
-    for f in m["flux"]["fit"]:
-        assert abs(f["measured_mb"] - f["fitted_mb"]) < 1e-6
+    assert set(m) == set(ARCHS), "every architecture with probes gets a prediction"
+    for name in ARCHS:
+        if name == "sdxl":
+            continue
+        c, s = law[name]
+        assert abs(m[name]["c_bytes_per_token"] - c) < 1e-6 * c and abs(m[name]["s_bytes_per_token_block"] - s) < 1e-6 * s
+        assert all(abs(f["measured_mb"] - f["fitted_mb"]) < 1e-6 for f in m[name]["fit"])
+        n_blk = sum(ARCHS[name].real_blocks.values())
+        if name != "flux":  # Flux's count is the published one
+            assert abs(m[name]["params"] - (base + n_blk * per_block)) < 1e-3 * per_block
+        assert m[name]["tokens_1024"] == 64 * 64 + (ARCHS[name].text_tokens_1024 if ARCHS[name].joint else 0)
     assert abs(m["sdxl"]["activations_gib"] - (5e6 + 2000.0 * 128 * 128) / 2**30) < 1e-9
+    # a 16 GiB card keeps 0.5 + 1.6 GiB; 2 GiB of activations leave 11.9 GiB of room for the weights
+    assert card_verdict(11.0, 2.0, 16) == "fits (0.9 spare)"
+    assert card_verdict(12.0, 2.0, 16) == "stream: 11.5"
+    assert card_verdict(5.0, 7.0, 8) == "no"
     text = markdown({"archs": {}, "probes": probes, "memory_model": m})
-    assert "Predicted peak memory" in text and "fits 24 GB" in text
+    assert "Predicted peak memory" in text and "8 GiB card" in text and "SD3.5 Large, bf16 weights" in text
 
 
 def test_make_bench_profile_runs_on_the_tiny_unet(tmp_path):
