@@ -12,12 +12,15 @@ bench/results-gpu.md. About 6 minutes on an H100/H200-class GPU.
 
 ``--set smoke`` runs the same harness on this CPU with 1 block per stack and 128 px, to check it before a GPU is
 lent (its numbers mean nothing); ``--set tokens`` measures the Flux.1-width step at 4096 + 512 tokens with one block
-per stack on whatever device there is (bench/results-tokens.*); ``--only NAME`` runs one row.
+per stack on whatever device there is (bench/results-tokens.*); ``--only NAME`` runs one row. ``--exact-rss`` (CPU):
+glibc returns freed memory at once (MALLOC_MMAP_THRESHOLD_), so peak RSS is the peak of live memory rather than of
+what the allocator kept; slower steps, rows named NAME+mmap.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 
@@ -51,7 +54,8 @@ SETS = {"gpu": CONFIGS, "smoke": SMOKE, "tokens": TOKENS}
 def run(configs: dict, steps: int, warmup: int) -> dict:
     rows = {}
     for name, (arch, dtype, config, side, tokens) in configs.items():
-        row = {"arch": arch, "dtype": dtype, "config": config, "latent_side": side, "text_tokens": tokens}
+        row = {"arch": arch, "dtype": dtype, "config": config, "latent_side": side, "text_tokens": tokens,
+               "steps": steps, "warmup": warmup}
         for key, method in METHODS:
             t0 = time.time()
             r = worker(method, model=arch, dtype=dtype, config=json.dumps(config), size=side, steps=steps,
@@ -71,15 +75,18 @@ def markdown(res: dict) -> str:
              "tokens": "Real token counts (`python -m bench.gpu --set tokens`)"}[res["set"]]
     device = sorted({r[k]["device"] for r in res["rows"].values() for k in ("a", "a2", "b")})
     lines = [f"# {title}",
-             "", f"{res['machine']} ({', '.join(device)}); {res['steps']} timed steps after {res['warmup']}; gradient "
+             "", f"{res['machine']} ({', '.join(device)}); timed steps after warm-up steps per row; gradient "
              "checkpointing on; a: core Train LoRA, a2: an MSE step with our adapter, b: ours.", "",
-             "| row | weights | latent | text tokens | a s/step | a2 s/step | b s/step | b/a | b/a2 | memory b/a |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| row | weights | latent | text tokens | steps | a s/step | a2 s/step | b s/step | b/a | b/a2 | memory b/a |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in res["rows"].items():
         q = r["ratios"]
-        lines.append(f"| {name} | {r['dtype']} | {r['latent_side']}x{r['latent_side']} | {r['text_tokens']} | "
-                     f"{r['a']['median_s']:.3f} | {r['a2']['median_s']:.3f} | {r['b']['median_s']:.3f} | "
-                     f"{q['time_b/a']:.2f} | {q['time_b/a2']:.2f} | {q['memory_b/a']:.2f} |")
+        steps = f"{r.get('steps', res['steps'])} after {r.get('warmup', res['warmup'])}"
+        times = [f"{r[k]['median_s']:.3f}" for k in ("a", "a2", "b")] + [f"{q['time_b/a']:.2f}", f"{q['time_b/a2']:.2f}"]
+        if not r.get("times_valid", True):  # memory-only rows (another process shared the CPU)
+            times = ["n/a"] * len(times)
+        lines.append(f"| {name} | {r['dtype']} | {r['latent_side']}x{r['latent_side']} | {r['text_tokens']} | {steps} | "
+                     + " | ".join(times) + f" | {q['memory_b/a']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -91,10 +98,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--only", action="append", help="run only these rows")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--exact-rss", action="store_true",
+                    help="CPU: freed memory leaves the RSS at once (peak of live memory; slower steps)")
     a = ap.parse_args(argv)
-    configs = {k: v for k, v in SETS[a.set].items() if not a.only or k in a.only}
+    configs = {k + ("+mmap" if a.exact_rss else ""): v for k, v in SETS[a.set].items() if not a.only or k in a.only}
+    if a.exact_rss:
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # inherited by the worker processes
+    try:
+        rows = run(configs, a.steps, a.warmup)
+    finally:
+        os.environ.pop("MALLOC_MMAP_THRESHOLD_", None) if a.exact_rss else None
     res = {"set": a.set, "machine": platform.node() or platform.machine(), "steps": a.steps, "warmup": a.warmup,
-           "rows": run(configs, a.steps, a.warmup)}
+           "rows": rows}
     path = OUT / f"results-{a.set}.json"
     if a.only and path.exists():  # rows run alone join the set's earlier rows (each stays dated by its own run)
         res["rows"] = {**json.loads(path.read_text()).get("rows", {}), **res["rows"]}
