@@ -100,6 +100,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--fsdp", action="store_true",
                     help="shard the denoiser over the processes with accelerate's FSDP plugin (FSDP2, one unit per "
                          "block); needs GPUs")
+    ap.add_argument("--fsdp-offload", action="store_true",
+                    help="with --fsdp: keep the shards (frozen and LoRA weights, gradients, optimizer state) in host "
+                         "RAM and run the optimizer there; each block is copied to the GPU for its forward/backward "
+                         "(FSDP2's CPUOffloadPolicy): the least GPU memory, at the cost of the transfers")
     ap.add_argument("--save-every", type=int, default=0, help="resumable state every N steps (OUT/state-NNNNNN)")
     ap.add_argument("--resume", type=Path, default=None, help="a state folder written by --save-every")
     ap.add_argument("--captions", choices=["auto", "off"], default="auto",
@@ -112,14 +116,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         check_args(a)
     except ValueError as e:
         ap.error(str(e))
-    if a.fsdp and (a.save_every or a.resume or a.full):
-        ap.error("--save-every, --resume and --full are not supported with --fsdp yet (sharded optimizer state; "
-                 "an unsharded frozen copy)")
     return a
 
 
 def check_args(a: argparse.Namespace) -> None:
-    """The core's rules, as the node applies them; raises ValueError naming the flag."""
+    """The core's rules, as the node applies them, and the flags' combinations; raises ValueError naming the flag."""
     check_depth(a.tap_depth)
     settings_of(a).validate()
     if a.tensorboard:
@@ -133,6 +134,11 @@ def check_args(a: argparse.Namespace) -> None:
         raise ValueError(f"--reg-weight {a.reg_weight} must be within (0, 100]")
     if a.reg_data is not None and not a.reg_data.is_dir():
         raise ValueError(f"--reg-data {a.reg_data} is not a folder")
+    if a.fsdp_offload and not a.fsdp:
+        raise ValueError("--fsdp-offload offloads FSDP's shards: add --fsdp")
+    if a.fsdp and (a.save_every or a.resume or a.full):
+        raise ValueError("--save-every, --resume and --full are not supported with --fsdp yet (sharded optimizer "
+                         "state; an unsharded frozen copy)")
 
 
 def add_trainer_options(ap: argparse.ArgumentParser) -> None:
@@ -209,14 +215,15 @@ def add_lora(net: torch.nn.Module, rank: int, alpha: float, seed: int) -> list[t
     return params
 
 
-def fsdp_plugin():
+def fsdp_plugin(offload: bool = False):
     from accelerate.utils import FullyShardedDataParallelPlugin
 
     # FSDP2: one unit per block (the class names are set from the loaded model, see main), the root holding the
-    # embedders; weights resharded after each forward; the LoRA weights are gathered to full tensors for saving
+    # embedders; weights resharded after each forward; the LoRA weights are gathered to full tensors for saving;
+    # offload: accelerate's CPUOffloadPolicy (pinned host shards)
     return FullyShardedDataParallelPlugin(
         fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
-        state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False)
+        state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False, cpu_offload=offload)
 
 
 @dataclass
@@ -239,7 +246,7 @@ def accelerator(a: argparse.Namespace):
     from accelerate.utils import DistributedType, set_seed
 
     acc = Accelerator(mixed_precision=a.mixed_precision, cpu=not torch.cuda.is_available() or None,
-                      fsdp_plugin=fsdp_plugin() if a.fsdp else None)
+                      fsdp_plugin=fsdp_plugin(a.fsdp_offload) if a.fsdp else None)
     if a.fsdp and acc.distributed_type != DistributedType.FSDP:
         raise SystemExit("--fsdp: accelerate enables its FSDP plugin on GPUs only (this run is "
                          f"{acc.distributed_type}); leave --fsdp off here")

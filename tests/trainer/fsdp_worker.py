@@ -3,7 +3,8 @@
 accelerate turns its FSDP plugin on only on GPUs, so this worker shards with torch's ``fully_shard`` -- the call
 accelerate's FSDP2 plugin makes for each block and then the root -- and otherwise runs the trainer's own pieces
 (LoRA, adapter switch, tap without early exit, checkpointed blocks, the core loop). Run under
-``python -m torch.distributed.run --nproc_per_node N tests/trainer/fsdp_worker.py MODEL DATA OUT.json [--shard]``.
+``python -m torch.distributed.run --nproc_per_node N tests/trainer/fsdp_worker.py MODEL DATA OUT.json [--shard]
+[--offload]``.
 """
 import json
 import os
@@ -25,7 +26,7 @@ from selfperc_headless.train import add_lora, encode, make_view  # noqa: E402
 
 
 def main(model_dir: Path, data_dir: Path, out: Path, shard: bool, steps: int = 2, batch: int = 1,
-         weights: torch.dtype = torch.float32) -> None:
+         weights: torch.dtype = torch.float32, offload: bool = False) -> None:
     from diffusers import AutoencoderKL
 
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -45,11 +46,13 @@ def main(model_dir: Path, data_dir: Path, out: Path, shard: bool, steps: int = 2
     for blk in fam.blocks(net, family):
         checkpoint_forward(blk, switch)
     if shard:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
+        # --fsdp-offload's policy (accelerate passes CPUOffloadPolicy()); unpinned: no accelerator here
+        policy = CPUOffloadPolicy(pin_memory=False) if offload else OffloadPolicy()
         for blk in fam.blocks(net, family):
-            fully_shard(blk)
-        fully_shard(net)
+            fully_shard(blk, offload_policy=policy)
+        fully_shard(net, offload_policy=policy)
     params = [p for p in net.parameters() if p.requires_grad]
     schedule = fam.load_schedule(model_dir, family, (8, 8))
     view = make_view(net, net, family, schedule, switch, 0.5, 3.5, early_exit=not shard)
@@ -76,4 +79,4 @@ def main(model_dir: Path, data_dir: Path, out: Path, shard: bool, steps: int = 2
 if __name__ == "__main__":
     main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), "--shard" in sys.argv,
          batch=int(sys.argv[sys.argv.index("--batch") + 1]) if "--batch" in sys.argv else 1,
-         weights=torch.bfloat16 if "--bf16" in sys.argv else torch.float32)
+         weights=torch.bfloat16 if "--bf16" in sys.argv else torch.float32, offload="--offload" in sys.argv)

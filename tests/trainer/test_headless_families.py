@@ -367,12 +367,28 @@ def test_fsdp_without_gpus_is_refused_with_a_clear_error(folders, data_dir, tmp_
     assert not (tmp_path / "out" / "selfperc_lora.safetensors").exists()
 
 
-@pytest.mark.parametrize("family,weights", [("flux", "fp32"), ("flux", "bf16")])
-def test_the_step_on_an_fsdp2_sharded_model_equals_one_process(folders, data_dir, tmp_path, family, weights):
+def test_fsdp_offload_is_accelerates_cpu_offload_policy_and_needs_fsdp(tmp_path, capsys):
+    """--fsdp-offload hands accelerate's FSDP2 plugin the host-offload policy (the one the sharded test below runs
+    with), and alone, without --fsdp, it is refused naming both flags."""
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    from selfperc_headless.train import fsdp_plugin, parse_args
+
+    assert isinstance(fsdp_plugin(True).cpu_offload, CPUOffloadPolicy)
+    assert not isinstance(fsdp_plugin(False).cpu_offload, CPUOffloadPolicy)
+    with pytest.raises(SystemExit):
+        parse_args(["--model", str(tmp_path), "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--fsdp-offload"])
+    assert "--fsdp-offload offloads FSDP's shards: add --fsdp" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family,weights,offload", [("flux", "fp32", False), ("flux", "bf16", False),
+                                                    ("flux", "fp32", True)])
+def test_the_step_on_an_fsdp2_sharded_model_equals_one_process(folders, data_dir, tmp_path, family, weights, offload):
     """What --fsdp relies on, checked on CPU processes: the self-perceptual step (several forwards per step, the
     adapter toggled for the frozen passes, checkpointed blocks, a tap without early exit) on a denoiser sharded
     with FSDP2's fully_shard over 2 processes x batch 1 equals the unsharded step on 1 process x batch 2; also with
-    bf16 frozen weights beside fp32 LoRA weights in one FSDP unit (as --mixed-precision bf16 stores them)."""
+    bf16 frozen weights beside fp32 LoRA weights in one FSDP unit (as --mixed-precision bf16 stores them), and
+    with --fsdp-offload's CPUOffloadPolicy (the shards and the optimizer step on the host)."""
     worker = str(REPO_ROOT / "tests" / "trainer" / "fsdp_worker.py")
 
     def run(n, out, *extra):
@@ -384,7 +400,7 @@ def test_the_step_on_an_fsdp2_sharded_model_equals_one_process(folders, data_dir
 
     extra = ["--bf16"] if weights == "bf16" else []
     one, lora_one = run(1, tmp_path / "one.json", "--batch", "2", *extra)
-    two, lora_two = run(2, tmp_path / "two.json", "--shard", "--batch", "1", *extra)
+    two, lora_two = run(2, tmp_path / "two.json", "--shard", "--batch", "1", *extra, *(["--offload"] if offload else []))
     assert two["sharded"] == ["DTensor"] and one["sharded"] == ["Parameter"]
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-5 if weights == "fp32" else 1e-3)
     assert lora_one.keys() == lora_two.keys()
