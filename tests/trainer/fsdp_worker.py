@@ -73,6 +73,7 @@ def main(model_dir: Path, data_dir: Path, out: Path, shard: bool, steps: int = 2
         save_file(lora, str(out.with_suffix(".safetensors")))
         out.write_text(json.dumps({"losses": losses, "sharded": [type(p).__name__ for p in params[:1]]}))
     if world > 1:
+        dist.barrier()  # no rank tears gloo down while another still gathers or writes
         dist.destroy_process_group()
 
 
@@ -80,3 +81,8 @@ if __name__ == "__main__":
     main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), "--shard" in sys.argv,
          batch=int(sys.argv[sys.argv.index("--batch") + 1]) if "--batch" in sys.argv else 1,
          weights=torch.bfloat16 if "--bf16" in sys.argv else torch.float32, offload="--offload" in sys.argv)
+    # The result is written; skip the interpreter's teardown, where a rank of the CPU-offload run once aborted
+    # ("terminate called without an active exception": a C++ thread freed while still joinable).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
